@@ -1,0 +1,27 @@
+# Fresh clone -> `make demo` (4-rank CPU/gloo demo) or `make test` (the test suite).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+NPROC ?= 4
+DEMO_ARGS ?=
+
+.PHONY: demo test venv clean
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]' $(TORCH)
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) examples/demo.py $(DEMO_ARGS)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,130 @@
+"""The autograd function, the functional API and the ``RingEoDAttention`` module."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .comm import run_backward, run_forward
+from .kernels import get_backend
+from .layout import DocLayout
+from .plan import COMM_SHAPES, rank_plan
+
+__all__ = ["ring_eod_attention", "RingEoDAttention", "DEFAULT_COMM", "resolve_group"]
+
+DEFAULT_COMM = "ring"
+
+
+def resolve_group(group, layout: DocLayout):
+    """``(group, rank, size)`` for ``layout``: the world group by default, none for CP size 1."""
+    if group is None:
+        if layout.cp_size == 1:
+            return None, 0, 1
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                f"group: layout.cp_size={layout.cp_size} needs an initialised process group, but torch.distributed "
+                "is not initialised"
+            )
+        group = dist.group.WORLD
+    size = dist.get_world_size(group)
+    if size != layout.cp_size:
+        raise ValueError(f"group: expected {layout.cp_size} ranks (layout.cp_size), got a group of size {size}")
+    return group, dist.get_rank(group), size
+
+
+def check_inputs(q, k, v, layout: DocLayout, rank: int) -> None:
+    """Raise ``ValueError`` naming the problem if q/k/v do not fit ``layout`` on ``rank``."""
+    if not isinstance(layout, DocLayout):
+        raise ValueError(f"layout: expected a DocLayout, got {type(layout).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name}: expected a tensor, got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"{name}: expected shape [tokens, heads, head_dim], got {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"{name}: expected a floating dtype, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"dtype: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"device: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    n = layout.local_tokens(rank)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.shape[0] != n:
+            raise ValueError(
+                f"{name}: expected {n} tokens on rank {rank} (the layout's local count), got {x.shape[0]}"
+            )
+    if k.shape != v.shape:
+        raise ValueError(f"k/v: expected equal shapes, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"head_dim: q has {q.shape[2]}, k/v have {k.shape[2]}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"heads: q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
+
+
+class _RingEoDFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, group, scale, kernel):
+        kv = torch.stack([k, v], dim=1)
+        out, lse = run_forward(plan, q, kv, group, kernel, scale)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, kv, out, lse)
+        ctx.plan, ctx.group, ctx.scale, ctx.kernel = plan, group, scale, kernel
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, kv, out, lse = ctx.saved_tensors
+        dq, dkv = run_backward(ctx.plan, dout, q, kv, out, lse, ctx.group, ctx.kernel, ctx.scale)
+        return dq.to(q.dtype), dkv[:, 0].to(kv.dtype), dkv[:, 1].to(kv.dtype), None, None, None, None
+
+
+def ring_eod_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: DocLayout,
+    group=None,
+    softmax_scale: float | None = None,
+    *,
+    comm: str | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Document-causal attention of this rank's queries over the whole packed batch.
+
+    q ``[T_local, Hq, D]``, k/v ``[T_local, Hkv, D]`` hold this rank's tokens in the layout's
+    local order (``layout.local_indices(rank)``); returns ``[T_local, Hq, D]`` in q's dtype,
+    differentiable in q, k, v. ``group``: the CP process group (default: the world group;
+    none needed for ``layout.cp_size == 1``). ``softmax_scale`` defaults to ``D ** -0.5``.
+    ``comm``: plan shape (``"ring"``, ``"direct"`` or the baseline ``"plain"``).
+    ``backend``: kernel backend name (default: from ``q.device.type``).
+    """
+    if not isinstance(layout, DocLayout):
+        raise ValueError(f"layout: expected a DocLayout, got {type(layout).__name__}")
+    comm = comm or DEFAULT_COMM
+    if comm not in COMM_SHAPES:
+        raise ValueError(f"comm: expected one of {COMM_SHAPES}, got {comm!r}")
+    group, rank, _ = resolve_group(group, layout)
+    check_inputs(q, k, v, layout, rank)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"softmax_scale: expected a positive finite float, got {softmax_scale!r}")
+    kernel = get_backend(q.device.type, backend)
+    plan = rank_plan(layout, rank, comm)
+    return _RingEoDFunction.apply(q, k, v, plan, group, scale, kernel)
+
+
+class RingEoDAttention(nn.Module):
+    """Module form of :func:`ring_eod_attention`: ``forward(q, k, v, layout) -> out``."""
+
+    def __init__(self, softmax_scale: float | None = None, group=None, *, comm: str | None = None,
+                 backend: str | None = None):
+        super().__init__()
+        self.softmax_scale, self.group, self.comm, self.backend = softmax_scale, group, comm, backend
+
+    def forward(self, q, k, v, layout: DocLayout) -> torch.Tensor:
+        return ring_eod_attention(q, k, v, layout, self.group, self.softmax_scale, comm=self.comm, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"softmax_scale={self.softmax_scale}, comm={self.comm or DEFAULT_COMM!r}"

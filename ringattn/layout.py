@@ -1,0 +1,178 @@
+"""Which global token ranges ("pieces") each context-parallel rank holds.
+
+A :class:`DocLayout` is global metadata, identical on every rank: the documents of the
+micro-batch (``cu_seqlens`` over the flattened ``[b*s]`` tokens), the CP size, and for every
+rank its pieces, in local order. Pieces of one rank are disjoint, sorted by global position,
+and never cross a sample boundary; downstream code (plan, comm) works from pieces only.
+
+Strategies:
+
+* ``zigzag`` — every sample is cut into ``2*cp`` equal chunks; rank ``r`` holds chunks ``r``
+  and ``2*cp-1-r`` of every sample (Megatron's ``get_batch_on_this_cp_rank`` order).
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = ["DocLayout", "STRATEGIES"]
+
+STRATEGIES = ("zigzag",)
+
+Range = tuple[int, int]
+
+
+def _as_int_list(cu_seqlens) -> list[int]:
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dim() != 1:
+            raise ValueError(f"cu_seqlens: expected a 1-D tensor, got shape {tuple(cu_seqlens.shape)}")
+        if cu_seqlens.dtype.is_floating_point:
+            raise ValueError(f"cu_seqlens: expected integers, got dtype {cu_seqlens.dtype}")
+        return [int(x) for x in cu_seqlens.tolist()]
+    return [int(x) for x in cu_seqlens]
+
+
+def _zigzag_pieces(num_samples: int, sample_len: int, cp: int) -> tuple[tuple[Range, ...], ...]:
+    chunk = sample_len // (2 * cp)
+    ranks = []
+    for r in range(cp):
+        pieces = []
+        for b in range(num_samples):
+            base = b * sample_len
+            for c in (r, 2 * cp - 1 - r):
+                pieces.append((base + c * chunk, base + (c + 1) * chunk))
+        ranks.append(tuple(pieces))
+    return tuple(ranks)
+
+
+@dataclass(frozen=True)
+class DocLayout:
+    """Documents and CP pieces of one micro-batch.
+
+    cu_seqlens: global document boundaries, ``(0, ..., num_samples*sample_len)``.
+    pieces: ``pieces[r]`` is rank ``r``'s tuple of ``(start, end)`` global token ranges,
+        sorted; rank ``r``'s local tokens are their concatenation.
+    """
+
+    cu_seqlens: tuple[int, ...]
+    cp_size: int
+    sample_len: int
+    strategy: str
+    pieces: tuple[tuple[Range, ...], ...]
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_cu_seqlens(
+        cls,
+        cu_seqlens,
+        cp_size: int,
+        *,
+        sample_len: int | None = None,
+        strategy: str = "zigzag",
+    ) -> "DocLayout":
+        """Build a layout from global document boundaries.
+
+        cu_seqlens: ints (list or 1-D tensor) starting at 0, strictly increasing, ending at the
+            total token count; every multiple of ``sample_len`` must be a boundary.
+        sample_len: tokens per sample (default: the total, i.e. one sample); must be divisible
+            by ``2 * cp_size``.
+        """
+        cu = _as_int_list(cu_seqlens)
+        if not isinstance(cp_size, int) or isinstance(cp_size, bool) or cp_size < 1:
+            raise ValueError(f"cp_size: expected a positive int, got {cp_size!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+        if len(cu) < 2:
+            raise ValueError(f"cu_seqlens: expected at least 2 entries, got {cu}")
+        if cu[0] != 0:
+            raise ValueError(f"cu_seqlens: expected to start at 0, got {cu[0]}")
+        for i in range(1, len(cu)):
+            if cu[i] <= cu[i - 1]:
+                raise ValueError(
+                    f"cu_seqlens: expected strictly increasing values, got {cu[i - 1]} then {cu[i]} at index {i}"
+                )
+        total = cu[-1]
+        if sample_len is None:
+            sample_len = total
+        if not isinstance(sample_len, int) or sample_len < 1:
+            raise ValueError(f"sample_len: expected a positive int, got {sample_len!r}")
+        if total % sample_len:
+            raise ValueError(
+                f"cu_seqlens: expected to end at a multiple of sample_len={sample_len} (the token count), got {total}"
+            )
+        if sample_len % (2 * cp_size):
+            raise ValueError(
+                f"sample_len: expected a multiple of 2*cp_size={2 * cp_size}, got {sample_len}"
+            )
+        bounds = set(cu)
+        missing = [b for b in range(sample_len, total, sample_len) if b not in bounds]
+        if missing:
+            raise ValueError(
+                f"cu_seqlens: sample boundaries must be document boundaries; missing {missing[:4]}"
+            )
+        pieces = _zigzag_pieces(total // sample_len, sample_len, cp_size)
+        return cls(tuple(cu), cp_size, sample_len, strategy, pieces)
+
+    @classmethod
+    def from_tokens(cls, tokens: torch.Tensor, eod_id: int, cp_size: int, *, strategy: str = "zigzag") -> "DocLayout":
+        """Layout of ``tokens [b, s]`` whose documents end with ``eod_id`` (see :mod:`ringattn.eod`)."""
+        from .eod import cu_seqlens_from_tokens
+
+        cu = cu_seqlens_from_tokens(tokens, eod_id)
+        return cls.from_cu_seqlens(cu, cp_size, sample_len=int(tokens.shape[1]), strategy=strategy)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def total_tokens(self) -> int:
+        return self.cu_seqlens[-1]
+
+    @property
+    def num_samples(self) -> int:
+        return self.total_tokens // self.sample_len
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.cu_seqlens) - 1
+
+    def local_tokens(self, rank: int) -> int:
+        """Number of tokens rank ``rank`` holds."""
+        self._check_rank(rank)
+        return sum(e - s for s, e in self.pieces[rank])
+
+    def doc_of(self, token: int) -> int:
+        """Index of the document holding global token ``token``."""
+        return bisect.bisect_right(self.cu_seqlens, token) - 1
+
+    def local_indices(self, rank: int, device=None) -> torch.Tensor:
+        """int64 ``[local_tokens(rank)]``: global token indices held by ``rank``, local order.
+
+        Shard any per-token tensor of the flattened batch with ``x.reshape(-1, ...)[idx]``.
+        """
+        self._check_rank(rank)
+        return torch.cat([torch.arange(s, e, dtype=torch.int64) for s, e in self.pieces[rank]]).to(device)
+
+    def position_ids(self, rank: int, device=None) -> torch.Tensor:
+        """int64 ``[local_tokens(rank)]``: reset position ids (offset within the document)."""
+        idx = self.local_indices(rank)
+        cu = torch.tensor(self.cu_seqlens, dtype=torch.int64)
+        doc = torch.searchsorted(cu, idx, right=True) - 1
+        return (idx - cu[doc]).to(device)
+
+    def stats(self, comm: str = "ring"):
+        """Per-rank tokens, attention work, block pairs and KV traffic (:class:`ringattn.plan.PlanStats`)."""
+        from .plan import build_plan
+
+        return build_plan(self, comm).stats
+
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.cp_size:
+            raise ValueError(f"rank: expected 0 <= rank < cp_size={self.cp_size}, got {rank}")
+
+    def __repr__(self) -> str:  # the full tuples are long; keep the repr readable
+        return (
+            f"DocLayout(strategy={self.strategy!r}, cp_size={self.cp_size}, samples={self.num_samples}, "
+            f"sample_len={self.sample_len}, docs={self.num_docs}, local_tokens={self.local_tokens(0)})"
+        )

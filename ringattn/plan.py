@@ -1,0 +1,351 @@
+"""The schedule each CP rank runs: pure Python, deterministic, no torch.distributed.
+
+Every rank derives the same global :class:`Plan` from the :class:`~ringattn.layout.DocLayout`,
+so no metadata is exchanged at run time. Per rank, a plan is a list of :class:`Step` s, the
+same step distances on every rank. At step ``t`` rank ``r`` computes on the KV of the
+*origin* rank ``(r - t) % cp``: its own KV at ``t = 0``, a received buffer otherwise.
+
+Facts the planner relies on (pieces of a rank are sorted and disjoint):
+
+* a q piece against an *earlier* KV piece of the same sample shares at most one document
+  (the one holding the q piece's first token), so the pair is one dense rectangle or nothing;
+* a piece against itself is causal per document, with equal q and KV ranges;
+* the KV a q piece reads from one origin, for that document, is contiguous in any buffer
+  that holds the origin's tokens sorted by global position (everything between two read
+  tokens lies in the same document and before the query).
+
+Comm shapes (all run by the one executor in :mod:`ringattn.comm`):
+
+* ``plain``  — the classic ring: every step forwards the origin's whole KV to the next rank
+  (``cp - 1`` steps). Kept as the baseline.
+* ``ring``   — neighbour forwarding of only what this and downstream ranks still read; stops
+  when nothing is left.
+* ``direct`` — shifted exchange: at step ``t`` rank ``r`` sends to ``r + t`` exactly the KV
+  that rank reads; steps in which nobody sends are skipped.
+
+dK/dV partials go back to the origin in one message per step, only for the rows the
+computing rank read (see :mod:`ringattn.comm.executor`).
+
+Work is counted in unmasked score entries (one query-key product per head), tokens in
+KV tokens (one key and one value row per KV head).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+from dataclasses import dataclass, field
+
+from .layout import DocLayout, Range
+
+__all__ = ["COMM_SHAPES", "Segment", "Transfer", "Step", "RankPlan", "PlanStats", "Plan", "build_plan", "rank_plan"]
+
+COMM_SHAPES = ("plain", "ring", "direct")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One block pair given to the kernel.
+
+    q: local query rows ``[start, end)``; kv: rows ``[start, end)`` in the step's KV source
+    (local KV at step 0, the received buffer otherwise). ``causal`` segments have
+    ``q == kv`` ranges; non-causal ones are dense rectangles.
+    """
+
+    q: Range
+    kv: Range
+    causal: bool
+
+    @property
+    def work(self) -> int:
+        lq, lk = self.q[1] - self.q[0], self.kv[1] - self.kv[0]
+        return lq * (lq + 1) // 2 if self.causal else lq * lk
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One P2P message of KV rows (forward) or dK/dV rows (backward).
+
+    peer: the other rank (group rank). rows: sorted row ranges it covers in the local
+    tensor it is read from or added to; ``tokens`` is their total length.
+    """
+
+    peer: int
+    rows: tuple[Range, ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(e - s for s, e in self.rows)
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one rank does at one step distance.
+
+    origin: rank whose KV ``segments`` read. recv: KV arriving into this step's buffer
+    (``rows`` = the whole buffer). send: KV leaving at this step, read from the local KV
+    (``send_from_buffer`` False) or from the previous step's buffer (ring forwarding).
+    grad_send: rows of this step's buffer whose dK/dV partial goes back to ``origin``.
+    grad_recv: local KV rows whose dK/dV partial arrives from the rank that read them.
+    """
+
+    distance: int
+    origin: int
+    segments: tuple[Segment, ...]
+    recv: Transfer | None = None
+    send: Transfer | None = None
+    send_from_buffer: bool = False
+    grad_send: Transfer | None = None
+    grad_recv: Transfer | None = None
+
+    @property
+    def work(self) -> int:
+        return sum(s.work for s in self.segments)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    rank: int
+    cp_size: int
+    comm: str
+    local_tokens: int
+    steps: tuple[Step, ...]
+
+    @property
+    def work(self) -> int:
+        return sum(s.work for s in self.steps)
+
+    @property
+    def max_recv_tokens(self) -> int:
+        return max((s.recv.tokens for s in self.steps if s.recv), default=0)
+
+    def __repr__(self) -> str:
+        return (
+            f"RankPlan(rank={self.rank}, comm={self.comm!r}, steps={len(self.steps)}, local_tokens={self.local_tokens}, "
+            f"work={self.work}, kv_recv_tokens={sum(s.recv.tokens for s in self.steps if s.recv)})"
+        )
+
+
+@dataclass(frozen=True)
+class PlanStats:
+    """Exact per-rank accounting of a plan (lists indexed by rank).
+
+    work: unmasked score entries per head. pairs_computed / pairs_skipped: (q piece, KV piece)
+    pairs of the same sample with / without an unmasked entry (a dense ring computes all).
+    kv_recv_tokens / kv_send_tokens: KV tokens per rank over the forward pass;
+    kv_recv_per_step[r][i]: tokens rank r receives at ``step_distances[i]``.
+    """
+
+    comm: str
+    cp_size: int
+    tokens: tuple[int, ...]
+    work: tuple[int, ...]
+    pairs_computed: tuple[int, ...]
+    pairs_skipped: tuple[int, ...]
+    kv_recv_tokens: tuple[int, ...]
+    kv_send_tokens: tuple[int, ...]
+    step_distances: tuple[int, ...]
+    kv_recv_per_step: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_steps(self) -> int:
+        """Steps with an exchange (step 0 is local)."""
+        return sum(1 for d in self.step_distances if d > 0)
+
+    @property
+    def total_work(self) -> int:
+        return sum(self.work)
+
+    @property
+    def imbalance(self) -> float:
+        """Busiest rank's work over the mean work (1.0 is perfect)."""
+        mean = self.total_work / self.cp_size
+        return max(self.work) / mean if mean else 1.0
+
+    def kv_bytes(self, rank: int, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
+        """Forward KV bytes received by ``rank`` (K and V rows)."""
+        return self.kv_recv_tokens[rank] * 2 * num_kv_heads * head_dim * itemsize
+
+    def __repr__(self) -> str:
+        return (
+            f"PlanStats(comm={self.comm!r}, cp={self.cp_size}, steps={self.num_steps}, imbalance={self.imbalance:.3f}, "
+            f"work={list(self.work)}, kv_recv_tokens={list(self.kv_recv_tokens)}, pairs_skipped={list(self.pairs_skipped)})"
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    comm: str
+    ranks: tuple[RankPlan, ...]
+    stats: PlanStats = field(repr=True)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _merge_ranges(ranges) -> tuple[Range, ...]:
+    out: list[list[int]] = []
+    for s, e in sorted(ranges):
+        if e <= s:
+            continue
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return tuple((s, e) for s, e in out)
+
+
+def _rows_of(ranges: tuple[Range, ...], sub: tuple[Range, ...]) -> tuple[Range, ...]:
+    """Row ranges, inside a buffer laid out as the sorted ``ranges``, of the global ``sub``."""
+    rows = []
+    covered = 0
+    offset = 0
+    for s, e in ranges:
+        for ss, se in sub:
+            lo, hi = max(s, ss), min(e, se)
+            if lo < hi:
+                rows.append((offset + lo - s, offset + hi - s))
+                covered += hi - lo
+        offset += e - s
+    if covered != sum(e - s for s, e in sub):
+        raise AssertionError(f"planner: ranges {sub} are not inside the buffer {ranges}")
+    return _merge_ranges(rows)
+
+
+def _contiguous_rows(ranges: tuple[Range, ...], sub: tuple[Range, ...]) -> Range:
+    rows = _rows_of(ranges, sub)
+    if len(rows) != 1:
+        raise AssertionError(f"planner: KV {sub} is not contiguous in buffer {ranges}")
+    return rows[0]
+
+
+def _doc_segments(layout: DocLayout, start: int, end: int):
+    cu = layout.cu_seqlens
+    d = layout.doc_of(start)
+    while start < end:
+        e = min(end, cu[d + 1])
+        yield start, e
+        start, d = e, d + 1
+
+
+def _reads(layout: DocLayout, x: int, o: int):
+    """Block pairs of rank ``x``'s queries against rank ``o``'s KV.
+
+    Yields ``(q_local_range, kv_global_ranges, causal)``; for ``o != x`` the KV ranges of one
+    query range are merged (they are contiguous in any sorted buffer of ``o``'s tokens).
+    """
+    cu = layout.cu_seqlens
+    q_off = 0
+    for a in layout.pieces[x]:
+        a0, a1 = a
+        if o == x:
+            for s, e in _doc_segments(layout, a0, a1):
+                yield (q_off + s - a0, q_off + e - a0), ((s, e),), True
+        d = layout.doc_of(a0)
+        ds, de = cu[d], cu[d + 1]
+        kv = [(max(b0, ds), b1) for b0, b1 in layout.pieces[o] if (b0, b1) != a and ds < b1 <= a0]
+        if kv:
+            q_len = min(a1, de) - a0
+            yield (q_off, q_off + q_len), _merge_ranges(kv), False
+        q_off += a1 - a0
+
+
+def _pair_counts(layout: DocLayout, x: int) -> tuple[int, int]:
+    """(computed, skipped) (q piece, KV piece) pairs of the same sample for rank ``x``."""
+    cu = layout.cu_seqlens
+    computed = total = 0
+    all_pieces = [p for ps in layout.pieces for p in ps]
+    for a0, a1 in layout.pieces[x]:
+        d = layout.doc_of(a0)
+        sample = a0 // layout.sample_len
+        for b0, b1 in all_pieces:
+            if b0 // layout.sample_len != sample:
+                continue
+            total += 1
+            if (b0, b1) == (a0, a1) or (cu[d] < b1 <= a0):
+                computed += 1
+    return computed, total - computed
+
+
+# ---------------------------------------------------------------------------- planner
+@functools.lru_cache(maxsize=64)
+def build_plan(layout: DocLayout, comm: str = "ring") -> Plan:
+    """The global plan of ``layout`` for comm shape ``comm`` (cached per layout and shape)."""
+    if comm not in COMM_SHAPES:
+        raise ValueError(f"comm: expected one of {COMM_SHAPES}, got {comm!r}")
+    cp = layout.cp_size
+    pieces = layout.pieces
+
+    def local_rows(rank: int, glob: tuple[Range, ...]) -> tuple[Range, ...]:
+        return _rows_of(pieces[rank], glob)
+
+    # reads[x][o] = list of (q rows, kv global ranges, causal)
+    reads = [[list(_reads(layout, x, o)) for o in range(cp)] for x in range(cp)]
+    need = [[_merge_ranges(r for _, kv, _ in reads[x][o] for r in kv) if o != x else () for o in range(cp)]
+            for x in range(cp)]  # need[x][o]: global KV of o that x reads
+
+    def need_at(o: int, t: int) -> tuple[Range, ...]:
+        return need[(o + t) % cp][o]
+
+    # buffer contents at distance t for origin o (what arrives at rank o + t)
+    if comm == "plain":
+        distances = list(range(1, cp))
+        content = {(o, t): _merge_ranges(pieces[o]) for o in range(cp) for t in distances}
+    elif comm == "ring":
+        last = max((t for t in range(1, cp) for o in range(cp) if need_at(o, t)), default=0)
+        distances = list(range(1, last + 1))
+        content = {}
+        for o in range(cp):
+            acc: tuple[Range, ...] = ()
+            for t in reversed(distances):
+                acc = _merge_ranges(acc + need_at(o, t))
+                content[(o, t)] = acc
+    else:  # direct
+        distances = [t for t in range(1, cp) if any(need_at(o, t) for o in range(cp))]
+        content = {(o, t): need_at(o, t) for o in range(cp) for t in distances}
+
+    rank_plans = []
+    for x in range(cp):
+        steps = [Step(0, x, tuple(Segment(q, _contiguous_rows(pieces[x], kv), c) for q, kv, c in reads[x][x]))]
+        for i, t in enumerate(distances):
+            o = (x - t) % cp
+            buf = content[(o, t)]
+            segments = tuple(Segment(q, _contiguous_rows(buf, kv), False) for q, kv, _ in reads[x][o])
+            src_peer = (x - 1) % cp if comm in ("plain", "ring") else o
+            recv = Transfer(src_peer, ((0, sum(e - s for s, e in buf)),)) if buf else None
+            # what leaves x at distance t
+            if comm in ("plain", "ring"):
+                dst, out_origin = (x + 1) % cp, (x + 1 - t) % cp
+                out = content[(out_origin, t)]
+                from_buffer = t > 1
+                src_layout = content[(out_origin, t - 1)] if from_buffer else pieces[x]
+            else:
+                dst, out_origin, from_buffer = (x + t) % cp, x, False
+                out = content[(x, t)]
+                src_layout = pieces[x]
+            send = Transfer(dst, _rows_of(src_layout, out)) if out else None
+            mine = need[x][o]
+            grad_send = Transfer(o, _rows_of(buf, mine)) if mine else None
+            reader = (x + t) % cp
+            theirs = need[reader][x]
+            grad_recv = Transfer(reader, local_rows(x, theirs)) if theirs else None
+            steps.append(Step(t, o, segments, recv, send, from_buffer, grad_send, grad_recv))
+        rank_plans.append(RankPlan(x, cp, comm, layout.local_tokens(x), tuple(steps)))
+
+    pairs = [_pair_counts(layout, x) for x in range(cp)]
+    stats = PlanStats(
+        comm=comm,
+        cp_size=cp,
+        tokens=tuple(rp.local_tokens for rp in rank_plans),
+        work=tuple(rp.work for rp in rank_plans),
+        pairs_computed=tuple(p[0] for p in pairs),
+        pairs_skipped=tuple(p[1] for p in pairs),
+        kv_recv_tokens=tuple(sum(s.recv.tokens for s in rp.steps if s.recv) for rp in rank_plans),
+        kv_send_tokens=tuple(sum(s.send.tokens for s in rp.steps if s.send) for rp in rank_plans),
+        step_distances=tuple(s.distance for s in rank_plans[0].steps),
+        kv_recv_per_step=tuple(tuple(s.recv.tokens if s.recv else 0 for s in rp.steps) for rp in rank_plans),
+    )
+    return Plan(comm, tuple(rank_plans), stats)
+
+
+def rank_plan(layout: DocLayout, rank: int, comm: str = "ring") -> RankPlan:
+    """The plan of one rank (the global plan is built once and cached)."""
+    layout._check_rank(rank)
+    return build_plan(layout, comm).ranks[rank]

@@ -1,0 +1,76 @@
+"""Attention cases run by the multi-rank tests (the same code runs on every rank)."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+import ringattn
+from ringattn import DocLayout
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    cu_seqlens: tuple[int, ...]
+    sample_len: int
+    hq: int = 2
+    hkv: int = 2
+    d: int = 64
+    dtype: str = "float32"
+    seed: int = 0
+    comm: str = "ring"
+    backend: str | None = None
+
+
+def random_cu_seqlens(rng: random.Random, sample_len: int, num_samples: int = 1, p_single: float = 0.2,
+                      max_doc: int | None = None) -> tuple[int, ...]:
+    """Random documents per sample, with single-token documents mixed in."""
+    max_doc = max_doc or sample_len
+    cu = [0]
+    for b in range(num_samples):
+        end = (b + 1) * sample_len
+        while cu[-1] < end:
+            n = 1 if rng.random() < p_single else rng.randint(1, max_doc)
+            cu.append(min(end, cu[-1] + n))
+    return tuple(cu)
+
+
+def global_tensors(case: Case):
+    """Seeded global q, k, v, dout (unit-scale normal) for a case."""
+    g = torch.Generator().manual_seed(case.seed)
+    s = case.cu_seqlens[-1]
+    dtype = getattr(torch, case.dtype)
+    q = torch.randn(s, case.hq, case.d, generator=g).to(dtype)
+    k = torch.randn(s, case.hkv, case.d, generator=g).to(dtype)
+    v = torch.randn(s, case.hkv, case.d, generator=g).to(dtype)
+    dout = torch.randn(s, case.hq, case.d, generator=g).to(dtype)
+    return q, k, v, dout
+
+
+def run_case(rank: int, cp: int, case: Case):
+    """This rank's (local indices, out, dq, dk, dv) for ``case``."""
+    layout = DocLayout.from_cu_seqlens(case.cu_seqlens, cp, sample_len=case.sample_len)
+    idx = layout.local_indices(rank)
+    q, k, v, dout = global_tensors(case)
+    q, k, v = (x[idx].clone().requires_grad_() for x in (q, k, v))
+    out = ringattn.ring_eod_attention(q, k, v, layout, comm=case.comm, backend=case.backend)
+    out.backward(dout[idx])
+    return idx, out.detach(), q.grad, k.grad, v.grad
+
+
+def run_cases(rank: int, cp: int, cases):
+    return [run_case(rank, cp, c) for c in cases]
+
+
+def assemble(per_rank, total: int):
+    """Global (out, dq, dk, dv) from every rank's local results of one case."""
+    outs = []
+    for j in range(4):
+        first = per_rank[0][j + 1]
+        full = torch.full((total,) + tuple(first.shape[1:]), float("nan"), dtype=first.dtype)
+        for res in per_rank:
+            full[res[0]] = res[j + 1]
+        outs.append(full)
+    return outs

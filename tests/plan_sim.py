@@ -1,0 +1,75 @@
+"""Runs a global plan on token ids instead of tensors, in pure Python (no torch.distributed).
+
+Each rank's "KV" is the list of global token ids it holds; messages carry ids. The result
+says which (query, key) global pairs each rank computed and which ids travelled where, so
+tests can compare the plan with what the dense mask requires.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+
+def _take(src, rows):
+    return [x for s, e in rows for x in src[s:e]]
+
+
+def simulate(layout, plan):
+    cp = layout.cp_size
+    local = [layout.local_indices(r).tolist() for r in range(cp)]
+    pairs = [Counter() for _ in range(cp)]  # (q global, k global) -> times computed
+    received = [[] for _ in range(cp)]      # per rank, per step: ids received
+    grads = []                              # (owner, reader, ids) dK/dV returns
+    n_steps = len(plan.ranks[0].steps)
+    assert all(len(rp.steps) == n_steps for rp in plan.ranks), "every rank runs the same steps"
+    prev = [None] * cp
+    for i in range(n_steps):
+        msgs = {}
+        for x, rp in enumerate(plan.ranks):
+            st = rp.steps[i]
+            assert st.distance == plan.ranks[0].steps[i].distance
+            if st.send:
+                src = prev[x] if st.send_from_buffer else local[x]
+                msgs[(x, st.send.peer)] = _take(src, st.send.rows)
+        bufs = []
+        for x, rp in enumerate(plan.ranks):
+            st = rp.steps[i]
+            if st.recv:
+                data = msgs.pop((st.recv.peer, x))
+                assert len(data) == st.recv.tokens
+            else:
+                data = None
+            bufs.append(data)
+            received[x].append(data or [])
+        assert not msgs, f"step {i}: sends nobody receives: {list(msgs)}"
+        for x, rp in enumerate(plan.ranks):
+            st = rp.steps[i]
+            src = local[x] if i == 0 else bufs[x]
+            assert i == 0 or st.origin == (x - st.distance) % cp
+            read = set()
+            for seg in st.segments:
+                assert seg.q[1] > seg.q[0] and seg.kv[1] > seg.kv[0], "empty block pair"
+                qs = local[x][seg.q[0]:seg.q[1]]
+                ks = src[seg.kv[0]:seg.kv[1]]
+                assert all(k in set(local[st.origin]) for k in ks), "KV from the wrong origin"
+                read.update(range(seg.kv[0], seg.kv[1]))
+                for a, qg in enumerate(qs):
+                    for b, kg in enumerate(ks):
+                        if not seg.causal or b <= a:
+                            pairs[x][(qg, kg)] += 1
+            if i > 0:
+                want = sorted(read)
+                got = [r for s, e in st.grad_send.rows for r in range(s, e)] if st.grad_send else []
+                assert got == want, "dK/dV returned for exactly the rows read"
+                if st.grad_send:
+                    assert st.grad_send.peer == st.origin
+                    ids = _take(src, st.grad_send.rows)
+                    orp = plan.ranks[st.origin].steps[i]
+                    assert orp.grad_recv.peer == x and _take(local[st.origin], orp.grad_recv.rows) == ids
+                    grads.append((st.origin, x, ids))
+        # every announced grad_recv has a sender
+        for o, rp in enumerate(plan.ranks):
+            gr = rp.steps[i].grad_recv
+            if gr:
+                assert plan.ranks[gr.peer].steps[i].grad_send.peer == o
+        prev = bufs
+    return pairs, received, grads

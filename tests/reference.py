@@ -1,0 +1,42 @@
+"""Independent float64 dense reference: full [S, S] scores with the document-causal mask.
+
+Shares no code with ringattn: documents come straight from the boundary list.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def doc_ids(cu_seqlens) -> torch.Tensor:
+    cu = [int(x) for x in cu_seqlens]
+    ids = torch.empty(cu[-1], dtype=torch.int64)
+    for d in range(len(cu) - 1):
+        ids[cu[d]:cu[d + 1]] = d
+    return ids
+
+
+def doc_causal_mask(cu_seqlens) -> torch.Tensor:
+    """bool [S, S]: query i may attend key j."""
+    ids = doc_ids(cu_seqlens)
+    s = ids.numel()
+    pos = torch.arange(s)
+    return (ids[:, None] == ids[None, :]) & (pos[None, :] <= pos[:, None])
+
+
+def dense_attention(q, k, v, cu_seqlens, scale):
+    """q [S, Hq, D], k/v [S, Hkv, D] (any dtype, computed in float64) -> out [S, Hq, D] float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1)
+    v = v.repeat_interleave(rep, dim=1)
+    scores = torch.einsum("ihd,jhd->hij", q, k) * scale
+    scores = scores.masked_fill(~doc_causal_mask(cu_seqlens), float("-inf"))
+    return torch.einsum("hij,jhd->ihd", torch.softmax(scores, dim=-1), v)
+
+
+def dense_with_grads(q, k, v, dout, cu_seqlens, scale):
+    """(out, dq, dk, dv) in float64 of the dense reference."""
+    q, k, v = (x.detach().double().requires_grad_() for x in (q, k, v))
+    out = dense_attention(q, k, v, cu_seqlens, scale)
+    out.backward(dout.double())
+    return out.detach(), q.grad, k.grad, v.grad

@@ -1,0 +1,85 @@
+"""Multi-rank correctness against the float64 dense document-causal reference."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from .cases import Case, assemble, global_tensors, random_cu_seqlens, run_case, run_cases
+from .dist import run_ranks, unwrap
+from .reference import dense_with_grads
+
+COMMS = ("plain", "ring", "direct")
+
+
+def layout_cases(cp: int) -> list[Case]:
+    """The acceptance layouts for one CP size (small: the machine has 2 cores)."""
+    rng = random.Random(1000 + cp)
+    chunk = 8
+    s = 2 * cp * chunk
+    cases = [
+        Case("random+single-token docs MHA d64", random_cu_seqlens(rng, s, p_single=0.3, max_doc=s // 2), s,
+             hq=2, hkv=2, d=64, seed=1),
+        Case("chunk-boundary docs GQA d128", tuple(range(0, s + 1, chunk)), s, hq=4, hkv=2, d=128, seed=2),
+        Case("mixed boundaries MQA d64", tuple(sorted({0, s} | {c * chunk for c in range(1, 2 * cp, 3)}
+                                                      | {c * chunk + 1 for c in range(0, 2 * cp, 4)})), s,
+             hq=4, hkv=1, d=64, seed=3),
+        Case("one doc spanning every chunk GQA d64", (0, s), s, hq=4, hkv=2, d=64, seed=4),
+        Case("micro-batch of 2 samples GQA d64", random_cu_seqlens(rng, s, num_samples=2, max_doc=s), s,
+             hq=4, hkv=2, d=64, seed=5),
+        Case("bf16 random GQA d64", random_cu_seqlens(rng, s, max_doc=s), s, hq=4, hkv=2, d=64, dtype="bfloat16",
+             seed=6),
+        Case("bf16 one doc MHA d128", (0, s), s, hq=2, hkv=2, d=128, dtype="bfloat16", seed=7),
+    ]
+    return [Case(**{**c.__dict__, "comm": comm}) for c in cases for comm in COMMS]
+
+
+def single_device_bf16_errors(case: Case, q, k, v, dout, ref):
+    """Error of the single-device bf16 CPU flash kernel (aten op, called directly) per document."""
+    fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    scale = 1.0 / math.sqrt(case.d)
+    res = [torch.empty_like(x) for x in (q, q, k, v)]
+    cu = case.cu_seqlens
+    for a, b in zip(cu, cu[1:]):
+        t = [x[a:b].transpose(0, 1).unsqueeze(0) for x in (q, k, v, dout)]
+        o, lse = fwd(t[0], t[1], t[2], 0.0, True, scale=scale)
+        grads = bwd(t[3], t[0], t[1], t[2], o, lse, 0.0, True, scale=scale)
+        for dst, src in zip(res, (o,) + tuple(grads)):
+            dst[a:b] = src[0].transpose(0, 1)
+    return [(x.double() - r).abs().max().item() for x, r in zip(res, ref)]
+
+
+def check_case(case: Case, got) -> None:
+    q, k, v, dout = global_tensors(case)
+    ref = dense_with_grads(q, k, v, dout, case.cu_seqlens, 1.0 / math.sqrt(case.d))
+    names = ("out", "dq", "dk", "dv")
+    if case.dtype == "float32":
+        for name, x, r in zip(names, got, ref):
+            assert not torch.isnan(x).any(), f"{case}: {name} has rows no rank produced"
+            err = (x.double() - r).abs().max().item()
+            assert err <= 1e-5, f"{case.name} [{case.comm}]: {name} max abs error {err:.3e} > 1e-5"
+    else:
+        base = single_device_bf16_errors(case, q, k, v, dout, ref)
+        for name, x, r, b in zip(names, got, ref, base):
+            err = (x.double() - r).abs().max().item()
+            assert err <= 2e-2, f"{case.name} [{case.comm}]: {name} max abs error {err:.3e} > 2e-2"
+            assert err <= 2 * b, f"{case.name} [{case.comm}]: {name} error {err:.3e} > 2x single-device bf16 {b:.3e}"
+
+
+@pytest.mark.parametrize("cp", [2, 3, 4])
+def test_multi_rank_matches_dense_reference(cp):
+    cases = layout_cases(cp)
+    per_rank = unwrap(run_ranks(cp, run_cases, cases))
+    for i, case in enumerate(cases):
+        check_case(case, assemble([r[i] for r in per_rank], case.cu_seqlens[-1]))
+
+
+def test_cp1_without_process_group_matches_reference():
+    for case in layout_cases(1):
+        if case.comm != "ring":
+            continue
+        res = run_case(0, 1, case)
+        check_case(case, assemble([res], case.cu_seqlens[-1]))
