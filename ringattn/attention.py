@@ -14,7 +14,7 @@ from .plan import COMM_SHAPES, rank_plan
 
 __all__ = ["ring_eod_attention", "RingEoDAttention", "DEFAULT_COMM", "resolve_group"]
 
-DEFAULT_COMM = "ring"
+DEFAULT_COMM = "direct"
 
 
 def resolve_group(group, layout: DocLayout):
@@ -97,7 +97,7 @@ def ring_eod_attention(
     local order (``layout.local_indices(rank)``); returns ``[T_local, Hq, D]`` in q's dtype,
     differentiable in q, k, v. ``group``: the CP process group (default: the world group;
     none needed for ``layout.cp_size == 1``). ``softmax_scale`` defaults to ``D ** -0.5``.
-    ``comm``: plan shape (``"ring"``, ``"direct"`` or the baseline ``"plain"``).
+    ``comm``: plan shape (``"direct"``, the default, ``"ring"`` or the baseline ``"plain"``).
     ``backend``: kernel backend name (default: from ``q.device.type``).
     """
     if not isinstance(layout, DocLayout):

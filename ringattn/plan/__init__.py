@@ -35,7 +35,7 @@ import argparse
 import functools
 from dataclasses import dataclass, field
 
-from .layout import DocLayout, Range
+from ..layout import DocLayout, Range
 
 __all__ = ["COMM_SHAPES", "Segment", "Transfer", "Step", "RankPlan", "PlanStats", "Plan", "build_plan", "rank_plan"]
 
