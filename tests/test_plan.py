@@ -135,3 +135,19 @@ def test_standard_workloads_plan_exactly(name):
     layout = DocLayout.from_cu_seqlens(data["cu_seqlens"], 8, sample_len=data["sample_len"])
     for comm in COMM_SHAPES:
         assert build_plan(layout, comm).stats.total_work == doc_work(data["cu_seqlens"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(layouts(), st.sampled_from(COMM_SHAPES))
+def test_stats_account_for_every_token_sent_and_received(layout, comm):
+    stats = layout.stats(comm)
+    _, received, _ = simulate(layout, build_plan(layout, comm))
+    for r in range(layout.cp_size):
+        assert stats.kv_recv_per_step[r] == tuple(len(x) for x in received[r])
+        assert stats.kv_recv_tokens[r] == sum(stats.kv_recv_per_step[r])
+        assert stats.kv_send_tokens[r] == sum(stats.kv_send_per_step[r])
+        assert stats.tokens[r] == layout.local_tokens(r)
+    assert sum(stats.kv_send_tokens) == sum(stats.kv_recv_tokens)
+    per_step_sent = [sum(col) for col in zip(*stats.kv_send_per_step)]
+    assert per_step_sent == [sum(col) for col in zip(*stats.kv_recv_per_step)]
+    assert stats.num_steps == sum(1 for d in stats.step_distances if d)

@@ -132,7 +132,9 @@ class PlanStats:
     work: unmasked score entries per head. pairs_computed / pairs_skipped: (q piece, KV piece)
     pairs of the same sample with / without an unmasked entry (a dense ring computes all).
     kv_recv_tokens / kv_send_tokens: KV tokens per rank over the forward pass;
-    kv_recv_per_step[r][i]: tokens rank r receives at ``step_distances[i]``.
+    kv_recv_per_step[r][i] / kv_send_per_step[r][i]: tokens rank r receives / sends at
+    ``step_distances[i]``. Bytes: tokens times :meth:`kv_bytes_per_token` (backward replays the
+    forward KV exchange and returns fp32 dK/dV for the rows read).
     """
 
     comm: str
@@ -145,6 +147,7 @@ class PlanStats:
     kv_send_tokens: tuple[int, ...]
     step_distances: tuple[int, ...]
     kv_recv_per_step: tuple[tuple[int, ...], ...]
+    kv_send_per_step: tuple[tuple[int, ...], ...]
 
     @property
     def num_steps(self) -> int:
@@ -161,9 +164,14 @@ class PlanStats:
         mean = self.total_work / self.cp_size
         return max(self.work) / mean if mean else 1.0
 
+    @staticmethod
+    def kv_bytes_per_token(num_kv_heads: int, head_dim: int, itemsize: int) -> int:
+        """Bytes of one KV token: a K row and a V row of ``num_kv_heads * head_dim`` elements."""
+        return 2 * num_kv_heads * head_dim * itemsize
+
     def kv_bytes(self, rank: int, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
-        """Forward KV bytes received by ``rank`` (K and V rows)."""
-        return self.kv_recv_tokens[rank] * 2 * num_kv_heads * head_dim * itemsize
+        """Forward KV bytes received by ``rank``."""
+        return self.kv_recv_tokens[rank] * self.kv_bytes_per_token(num_kv_heads, head_dim, itemsize)
 
     def __repr__(self) -> str:
         return (
@@ -341,6 +349,7 @@ def build_plan(layout: DocLayout, comm: str = "ring") -> Plan:
         kv_send_tokens=tuple(sum(s.send.tokens for s in rp.steps if s.send) for rp in rank_plans),
         step_distances=tuple(s.distance for s in rank_plans[0].steps),
         kv_recv_per_step=tuple(tuple(s.recv.tokens if s.recv else 0 for s in rp.steps) for rp in rank_plans),
+        kv_send_per_step=tuple(tuple(s.send.tokens if s.send else 0 for s in rp.steps) for rp in rank_plans),
     )
     return Plan(comm, tuple(rank_plans), stats)
 
