@@ -36,14 +36,19 @@ def _as_int_list(cu_seqlens) -> list[int]:
 
 
 def _zigzag_pieces(num_samples: int, sample_len: int, cp: int) -> tuple[tuple[Range, ...], ...]:
+    """Chunks ``r`` and ``2cp-1-r`` of every sample; adjacent chunks (rank ``cp-1``) form one piece."""
     chunk = sample_len // (2 * cp)
     ranks = []
     for r in range(cp):
-        pieces = []
+        pieces: list[Range] = []
         for b in range(num_samples):
             base = b * sample_len
             for c in (r, 2 * cp - 1 - r):
-                pieces.append((base + c * chunk, base + (c + 1) * chunk))
+                start, end = base + c * chunk, base + (c + 1) * chunk
+                if pieces and pieces[-1][1] == start and start % sample_len:
+                    pieces[-1] = (pieces[-1][0], end)
+                else:
+                    pieces.append((start, end))
         ranks.append(tuple(pieces))
     return tuple(ranks)
 

@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["merge_"]
+__all__ = ["merge"]
 
 
-def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Merge one partial result into an accumulator, in place.
+def merge(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_q=None):
+    """Merge a partial result into an accumulator; returns ``(out, lse)`` (fp32).
 
-    out_acc: fp32 ``[n, H, D]``; lse_acc: fp32 ``[n, H]`` (``-inf`` where nothing was merged
-    yet, with ``out_acc`` 0 there). out: ``[n, H, D]`` any float dtype; lse: ``[n, H]`` finite.
-    Afterwards ``lse_acc = logaddexp(lse_acc, lse)`` and ``out_acc`` is the softmax-weighted
-    combination of both, as if attention had run over the union of their keys.
+    out_acc: fp32 ``[n, H, D]``; lse_acc: fp32 ``[n, H]`` (finite); out: ``[n, H, D]`` any float
+    dtype; lse: ``[n, H]``. The result is attention over the union of both key sets:
+    ``lse = logaddexp(lse_acc, lse)``, ``out = exp(lse_acc - lse)*out_acc + exp(lse_i - lse)*out``.
+    ``cu_q`` (segment boundaries of the rows) is unused here; fused backends may need it.
     """
     lse = lse.float()
     new = torch.logaddexp(lse_acc, lse)
-    out_acc.mul_(torch.exp(lse_acc - new).unsqueeze(-1))
-    out_acc.add_(out.float() * torch.exp(lse - new).unsqueeze(-1))
-    lse_acc.copy_(new)
+    merged = out_acc * torch.exp(lse_acc - new).unsqueeze(-1) + out.float() * torch.exp(lse - new).unsqueeze(-1)
+    return merged, new

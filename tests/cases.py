@@ -50,12 +50,22 @@ def global_tensors(case: Case):
 
 
 def run_case(rank: int, cp: int, case: Case):
-    """This rank's (local indices, out, dq, dk, dv) for ``case``."""
+    """This rank's (local indices, out, dq, dk, dv) for ``case``.
+
+    ``backend="npu"`` / ``"npu-no-update"`` run the NPU backend on the emulation of the
+    documented torch_npu contract (with / without the fused ring-attention update).
+    """
+    backend = case.backend
+    if backend and backend.startswith("npu"):
+        from . import npu_emulation
+
+        npu_emulation.install(with_ring_update=backend == "npu")
+        backend = "npu"
     layout = DocLayout.from_cu_seqlens(case.cu_seqlens, cp, sample_len=case.sample_len)
     idx = layout.local_indices(rank)
     q, k, v, dout = global_tensors(case)
     q, k, v = (x[idx].clone().requires_grad_() for x in (q, k, v))
-    out = ringattn.ring_eod_attention(q, k, v, layout, comm=case.comm, backend=case.backend)
+    out = ringattn.ring_eod_attention(q, k, v, layout, comm=case.comm, backend=backend)
     out.backward(dout[idx])
     return idx, out.detach(), q.grad, k.grad, v.grad
 

@@ -52,34 +52,66 @@ def single_device_bf16_errors(case: Case, q, k, v, dout, ref):
     return [(x.double() - r).abs().max().item() for x, r in zip(res, ref)]
 
 
+def bf16_ulp(x: float) -> float:
+    return 2.0 ** (math.floor(math.log2(x)) - 7) if x > 0 else 0.0
+
+
 def check_case(case: Case, got) -> None:
+    """fp32: 1e-5 absolute. bf16: 2e-2 absolute and at most twice the single-device kernel's error.
+
+    The NPU contract returns bf16 partial outputs and gradients (flash kernels on GPUs too),
+    so a CP result sums several bf16-rounded partials and its error reaches about one bf16 ulp
+    of the largest value (0.031 for |dv| in [4, 8)), above 2e-2 and above twice a single
+    rounding. On that (emulated) path the bound is therefore one bf16 ulp of the largest
+    reference value (at least 2e-2). The CPU backend computes partials in fp32 and meets the
+    strict bound.
+    """
     q, k, v, dout = global_tensors(case)
     ref = dense_with_grads(q, k, v, dout, case.cu_seqlens, 1.0 / math.sqrt(case.d))
     names = ("out", "dq", "dk", "dv")
+    label = f"{case.name} [{case.comm}, {case.backend or 'cpu'}]"
+    for name, x in zip(names, got):
+        assert not torch.isnan(x).any(), f"{label}: {name} has rows no rank produced"
     if case.dtype == "float32":
         for name, x, r in zip(names, got, ref):
-            assert not torch.isnan(x).any(), f"{case}: {name} has rows no rank produced"
             err = (x.double() - r).abs().max().item()
-            assert err <= 1e-5, f"{case.name} [{case.comm}]: {name} max abs error {err:.3e} > 1e-5"
-    else:
-        base = single_device_bf16_errors(case, q, k, v, dout, ref)
-        for name, x, r, b in zip(names, got, ref, base):
+            assert err <= 1e-5, f"{label}: {name} max abs error {err:.3e} > 1e-5"
+        return
+    if case.backend == "cuda" or (case.backend or "").startswith("npu"):
+        for name, x, r in zip(names, got, ref):
             err = (x.double() - r).abs().max().item()
-            assert err <= 2e-2, f"{case.name} [{case.comm}]: {name} max abs error {err:.3e} > 2e-2"
-            assert err <= 2 * b, f"{case.name} [{case.comm}]: {name} error {err:.3e} > 2x single-device bf16 {b:.3e}"
+            bound = max(2e-2, bf16_ulp(r.abs().max().item()))
+            assert err <= bound, f"{label}: {name} max abs error {err:.3e} > one bf16 ulp {bound:.3e}"
+        return
+    base = single_device_bf16_errors(case, q, k, v, dout, ref)
+    for name, x, r, b in zip(names, got, ref, base):
+        err = (x.double() - r).abs().max().item()
+        assert err <= 2e-2, f"{label}: {name} max abs error {err:.3e} > 2e-2"
+        assert err <= 2 * b, f"{label}: {name} error {err:.3e} > 2x single-device bf16 {b:.3e}"
 
 
+@pytest.mark.parametrize("backend", ["cpu", "npu"])
 @pytest.mark.parametrize("cp", [2, 3, 4])
-def test_multi_rank_matches_dense_reference(cp):
-    cases = layout_cases(cp)
+def test_multi_rank_matches_dense_reference(cp, backend):
+    """backend "npu" runs the NPU backend on the emulation of the documented torch_npu contract."""
+    cases = [Case(**{**c.__dict__, "backend": backend}) for c in layout_cases(cp)]
     per_rank = unwrap(run_ranks(cp, run_cases, cases))
     for i, case in enumerate(cases):
         check_case(case, assemble([r[i] for r in per_rank], case.cu_seqlens[-1]))
 
 
-def test_cp1_without_process_group_matches_reference():
+@pytest.mark.parametrize("backend", ["cpu", "npu", "npu-no-update", "math"])
+def test_cp1_without_process_group_matches_reference(backend):
     for case in layout_cases(1):
-        if case.comm != "ring":
+        if case.comm != "direct":
             continue
+        case = Case(**{**case.__dict__, "backend": backend})
         res = run_case(0, 1, case)
         check_case(case, assemble([res], case.cu_seqlens[-1]))
+
+
+def test_npu_backend_without_fused_update_multi_rank():
+    cases = [Case(**{**c.__dict__, "backend": "npu-no-update"}) for c in layout_cases(3) if c.comm == "direct"]
+    per_rank = unwrap(run_ranks(3, run_cases, cases))
+    for i, case in enumerate(cases):
+        check_case(case, assemble([r[i] for r in per_rank], case.cu_seqlens[-1]))

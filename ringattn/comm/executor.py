@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from ..merge import merge_
+from ..merge import merge as _merge
 from ..plan import RankPlan, Step
 from .p2p import TAG_GRAD, TAG_KV, Batch, post
 
-__all__ = ["run_forward", "run_backward"]
+__all__ = ["run_forward", "run_backward", "forward_step", "backward_step"]
 
 
 def _gather(x: torch.Tensor, rows) -> torch.Tensor:
@@ -80,17 +80,55 @@ class _KVStream:
             yield step, (self.kv if i == 0 else buf)
 
 
+def _scatter(dst: torch.Tensor, rows, src: torch.Tensor, add: bool = False) -> None:
+    """Write (or add) packed ``src`` rows back to ``dst`` at the row ranges ``rows``."""
+    off = 0
+    for s, e in rows:
+        if add:
+            dst[s:e] += src[off:off + e - s]
+        else:
+            dst[s:e] = src[off:off + e - s]
+        off += e - s
+
+
+def forward_step(step: Step, q, src, out, lse, kernel, scale) -> None:
+    """Compute one step's block pairs on KV ``src`` and merge them into fp32 ``out``/``lse``.
+
+    At step 0 the causal segments cover every local query row exactly once, so the first
+    call initialises the accumulators; every later result is merged (finite LSE on both sides).
+    """
+    merge = getattr(kernel, "merge", _merge)
+    for causal, q_rows, kv_rows, cu_q, cu_k in _calls(step):
+        o, l = kernel.forward(
+            _gather(q, q_rows), _gather(src[:, 0], kv_rows), _gather(src[:, 1], kv_rows),
+            cu_q, cu_k, _max_len(cu_q), _max_len(cu_k), causal, scale,
+        )
+        if step.distance == 0 and causal:
+            _scatter(out, q_rows, o)
+            _scatter(lse, q_rows, l)
+        else:
+            o, l = merge(_gather(out, q_rows), _gather(lse, q_rows), o, l, cu_q)
+            _scatter(out, q_rows, o)
+            _scatter(lse, q_rows, l)
+
+
+def backward_step(step: Step, dout, q, src, out, lse, dq, dsrc, kernel, scale) -> None:
+    """Add one step's gradients: dq into fp32 ``dq``, dK/dV into fp32 ``dsrc`` (rows of ``src``)."""
+    for causal, q_rows, kv_rows, cu_q, cu_k in _calls(step):
+        g_q, g_k, g_v = kernel.backward(
+            _gather(dout, q_rows), _gather(q, q_rows), _gather(src[:, 0], kv_rows), _gather(src[:, 1], kv_rows),
+            _gather(out, q_rows), _gather(lse, q_rows), cu_q, cu_k, _max_len(cu_q), _max_len(cu_k), causal, scale,
+        )
+        _scatter(dq, q_rows, g_q, add=True)
+        _scatter(dsrc[:, 0], kv_rows, g_k, add=True)
+        _scatter(dsrc[:, 1], kv_rows, g_v, add=True)
+
+
 def run_forward(plan: RankPlan, q, kv, group, kernel, scale):
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     for step, src in _KVStream(plan, kv, group):
-        for causal, q_rows, kv_rows, cu_q, cu_k in _calls(step):
-            o, l = kernel.forward(
-                _gather(q, q_rows), _gather(src[:, 0], kv_rows), _gather(src[:, 1], kv_rows),
-                cu_q, cu_k, _max_len(cu_q), _max_len(cu_k), causal, scale,
-            )
-            for (s, e), off in zip(q_rows, cu_q):
-                merge_(out[s:e], lse[s:e], o[off:off + e - s], l[off:off + e - s])
+        forward_step(step, q, src, out, lse, kernel, scale)
     return out, lse
 
 
@@ -102,26 +140,15 @@ def run_backward(plan: RankPlan, dout, q, kv, out, lse, group, kernel, scale):
     def land(batch: Batch, step: Step, recv: torch.Tensor | None) -> None:
         batch.wait()
         if recv is not None:
-            off = 0
-            for s, e in step.grad_recv.rows:
-                dkv[s:e] += recv[off:off + e - s]
-                off += e - s
+            _scatter(dkv, step.grad_recv.rows, recv, add=True)
 
     for i, (step, src) in enumerate(_KVStream(plan, kv, group)):
         if i == 0:
             target = dkv
         elif src is not None:
             target = torch.zeros(src.shape, dtype=torch.float32, device=src.device)
-        for causal, q_rows, kv_rows, cu_q, cu_k in _calls(step):
-            g_q, g_k, g_v = kernel.backward(
-                _gather(dout, q_rows), _gather(q, q_rows), _gather(src[:, 0], kv_rows), _gather(src[:, 1], kv_rows),
-                _gather(out, q_rows), _gather(lse, q_rows), cu_q, cu_k, _max_len(cu_q), _max_len(cu_k), causal, scale,
-            )
-            for (s, e), off in zip(q_rows, cu_q):
-                dq[s:e] += g_q[off:off + e - s]
-            for (s, e), off in zip(kv_rows, cu_k):
-                target[s:e, 0] += g_k[off:off + e - s]
-                target[s:e, 1] += g_v[off:off + e - s]
+        if step.segments:
+            backward_step(step, dout, q, src, out, lse, dq, target, kernel, scale)
         sends, recvs, recv = [], [], None
         if step.grad_send is not None:
             sends.append((step.grad_send.peer, _gather(target, step.grad_send.rows).contiguous()))

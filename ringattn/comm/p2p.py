@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["Batch", "post"]
+__all__ = ["Batch", "post", "host_staging"]
 
 TAG_KV = 11
 TAG_GRAD = 12
@@ -25,6 +25,7 @@ class Batch:
     works: list = field(default_factory=list)
     peers: tuple[int, ...] = ()
     tensors: list = field(default_factory=list)  # keep send/recv tensors alive until waited
+    unstage: list = field(default_factory=list)  # (device tensor, host tensor) to copy after the wait
 
     def wait(self) -> None:
         try:
@@ -34,16 +35,40 @@ class Batch:
             raise RuntimeError(f"ringattn: {self.what} with peer rank(s) {list(self.peers)} failed: {exc}") from exc
         finally:
             self.works = []
+        for dst, host in self.unstage:
+            dst.copy_(host)
+        self.unstage = []
+
+
+def host_staging(group, device: torch.device) -> bool:
+    """True when ``group`` cannot move tensors of ``device`` itself (gloo with accelerator tensors).
+
+    That is how several ranks share one GPU/NPU: NCCL/HCCL refuse two ranks on one device,
+    gloo moves host memory, so messages are staged through the host.
+    """
+    return device.type != "cpu" and dist.get_backend(group) == "gloo"
 
 
 def post(group, what: str, sends, recvs, tag: int) -> Batch:
     """Post ``sends``/``recvs`` (lists of ``(group_peer, tensor)``) as one batch.
 
-    Sends come first, then receives, each in the order given, on every rank.
+    Sends come first, then receives, each in the order given, on every rank. Device tensors
+    go through host copies where the group's backend needs it (:func:`host_staging`).
     """
+    unstage = []
+    if sends or recvs:
+        device = (sends or recvs)[0][1].device
+        if host_staging(group, device):
+            sends = [(p, t.to("cpu", copy=True)) for p, t in sends]
+            staged = []
+            for p, t in recvs:
+                host = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+                unstage.append((t, host))
+                staged.append((p, host))
+            recvs = staged
     ops = [dist.P2POp(dist.isend, t, group=group, group_peer=p, tag=tag) for p, t in sends]
     ops += [dist.P2POp(dist.irecv, t, group=group, group_peer=p, tag=tag) for p, t in recvs]
     peers = tuple(sorted({p for p, _ in sends} | {p for p, _ in recvs}))
     if not ops:
         return Batch(what)
-    return Batch(what, dist.batch_isend_irecv(ops), peers, [t for _, t in sends] + [t for _, t in recvs])
+    return Batch(what, dist.batch_isend_irecv(ops), peers, [t for _, t in sends] + [t for _, t in recvs], unstage)

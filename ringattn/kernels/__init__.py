@@ -23,7 +23,12 @@ from types import ModuleType
 
 __all__ = ["BACKENDS", "get_backend"]
 
-BACKENDS = {"cpu": "ringattn.kernels.cpu"}
+BACKENDS = {
+    "cpu": "ringattn.kernels.cpu",
+    "cuda": "ringattn.kernels.cuda",
+    "npu": "ringattn.kernels.npu",
+    "math": "ringattn.kernels.math",
+}
 
 
 def get_backend(device_type: str, override: str | None = None) -> ModuleType:
