@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .agreement import agree, signature
 from .comm import run_backward, run_forward
 from .kernels import get_backend
 from .layout import DocLayout
@@ -18,7 +19,7 @@ DEFAULT_COMM = "direct"
 
 
 def resolve_group(group, layout: DocLayout):
-    """``(group, rank, size)`` for ``layout``: the world group by default, none for CP size 1."""
+    """``(group, rank, size)``: the world group by default; none for CP size 1 without a group."""
     if group is None:
         if layout.cp_size == 1:
             return None, 0, 1
@@ -28,10 +29,7 @@ def resolve_group(group, layout: DocLayout):
                 "is not initialised"
             )
         group = dist.group.WORLD
-    size = dist.get_world_size(group)
-    if size != layout.cp_size:
-        raise ValueError(f"group: expected {layout.cp_size} ranks (layout.cp_size), got a group of size {size}")
-    return group, dist.get_rank(group), size
+    return group, dist.get_rank(group), dist.get_world_size(group)
 
 
 def check_inputs(q, k, v, layout: DocLayout, rank: int) -> None:
@@ -80,6 +78,28 @@ class _RingEoDFunction(torch.autograd.Function):
         return dq.to(q.dtype), dkv[:, 0].to(kv.dtype), dkv[:, 1].to(kv.dtype), None, None, None, None
 
 
+def _local_verdict(q, k, v, layout, rank: int, size: int, scale, comm) -> str | None:
+    """This rank's validation error message, or None."""
+    try:
+        if layout.cp_size != size:
+            raise ValueError(f"group: expected {layout.cp_size} ranks (layout.cp_size), got a group of size {size}")
+        if comm not in COMM_SHAPES:
+            raise ValueError(f"comm: expected one of {COMM_SHAPES}, got {comm!r}")
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"softmax_scale: expected a positive finite float, got {scale!r}")
+        check_inputs(q, k, v, layout, rank)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _agreement_device(group, q) -> torch.device:
+    backend = str(dist.get_backend(group)).lower()
+    if backend == "gloo" or not isinstance(q, torch.Tensor):
+        return torch.device("cpu")
+    return q.device
+
+
 def ring_eod_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -90,6 +110,7 @@ def ring_eod_attention(
     *,
     comm: str | None = None,
     backend: str | None = None,
+    validate: bool = False,
 ) -> torch.Tensor:
     """Document-causal attention of this rank's queries over the whole packed batch.
 
@@ -99,17 +120,32 @@ def ring_eod_attention(
     none needed for ``layout.cp_size == 1``). ``softmax_scale`` defaults to ``D ** -0.5``.
     ``comm``: plan shape (``"direct"``, the default, ``"ring"`` or the baseline ``"plain"``).
     ``backend``: kernel backend name (default: from ``q.device.type``).
+
+    Before any communication the ranks agree (:mod:`ringattn.agreement`) on the first call
+    with a layout and signature, and on every call with ``validate=True``: malformed input
+    on any rank, or ranks that disagree, make every rank raise the same ``ValueError``.
+    Ranks must build their layouts alike (one per batch on every rank, as ``get_batch`` does).
     """
     if not isinstance(layout, DocLayout):
         raise ValueError(f"layout: expected a DocLayout, got {type(layout).__name__}")
     comm = comm or DEFAULT_COMM
-    if comm not in COMM_SHAPES:
-        raise ValueError(f"comm: expected one of {COMM_SHAPES}, got {comm!r}")
-    group, rank, _ = resolve_group(group, layout)
-    check_inputs(q, k, v, layout, rank)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"softmax_scale: expected a positive finite float, got {softmax_scale!r}")
+    group, rank, size = resolve_group(group, layout)
+    head_dim = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() >= 1 and q.shape[-1] else 1
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    verdict = _local_verdict(q, k, v, layout, rank, size, scale, comm)
+    if group is not None:
+        shape = lambda x: tuple(x.shape) if isinstance(x, torch.Tensor) else None  # noqa: E731
+        what = (layout.fingerprint, shape(q)[1:] if shape(q) else None, shape(k)[1:] if shape(k) else None,
+                str(getattr(q, "dtype", None)), scale, comm)
+        sig = signature(what)
+        key = (id(group), sig)
+        if validate or key not in layout.agreed:
+            details = (f"layout {layout.fingerprint:#x} cp={layout.cp_size}, q heads/dim {what[1]}, kv heads/dim {what[2]}, "
+                       f"dtype {what[3]}, scale {scale:.6g}, comm {comm}")
+            agree(group, verdict, sig, details, _agreement_device(group, q))
+            layout.agreed.add(key)
+    if verdict is not None:
+        raise ValueError(verdict)
     kernel = get_backend(q.device.type, backend)
     plan = rank_plan(layout, rank, comm)
     return _RingEoDFunction.apply(q, k, v, plan, group, scale, kernel)
@@ -119,12 +155,14 @@ class RingEoDAttention(nn.Module):
     """Module form of :func:`ring_eod_attention`: ``forward(q, k, v, layout) -> out``."""
 
     def __init__(self, softmax_scale: float | None = None, group=None, *, comm: str | None = None,
-                 backend: str | None = None):
+                 backend: str | None = None, validate: bool = False):
         super().__init__()
         self.softmax_scale, self.group, self.comm, self.backend = softmax_scale, group, comm, backend
+        self.validate = validate
 
     def forward(self, q, k, v, layout: DocLayout) -> torch.Tensor:
-        return ring_eod_attention(q, k, v, layout, self.group, self.softmax_scale, comm=self.comm, backend=self.backend)
+        return ring_eod_attention(q, k, v, layout, self.group, self.softmax_scale, comm=self.comm, backend=self.backend,
+                                  validate=self.validate)
 
     def extra_repr(self) -> str:
         return f"softmax_scale={self.softmax_scale}, comm={self.comm or DEFAULT_COMM!r}"

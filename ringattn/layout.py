@@ -13,7 +13,7 @@ Strategies:
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -67,6 +67,8 @@ class DocLayout:
     sample_len: int
     strategy: str
     pieces: tuple[tuple[Range, ...], ...]
+    #: (group id, signature) pairs the ranks already agreed on for this layout (see ringattn.agreement)
+    agreed: set = field(default_factory=set, compare=False, hash=False, repr=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -130,6 +132,17 @@ class DocLayout:
         return cls.from_cu_seqlens(cu, cp_size, sample_len=int(tokens.shape[1]), strategy=strategy)
 
     # ------------------------------------------------------------------ queries
+    @property
+    def fingerprint(self) -> int:
+        """62-bit hash of the layout's metadata, identical on every rank that built the same layout."""
+        fp = self.__dict__.get("_fingerprint")
+        if fp is None:
+            from .agreement import signature
+
+            fp = signature((self.cu_seqlens, self.cp_size, self.sample_len, self.strategy, self.pieces))
+            object.__setattr__(self, "_fingerprint", fp)
+        return fp
+
     @property
     def total_tokens(self) -> int:
         return self.cu_seqlens[-1]

@@ -9,6 +9,7 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 import traceback
 from datetime import timedelta
 
@@ -39,16 +40,41 @@ def _entry(rank, cp, port, fn, payload, out_dir, timeout_s):
         dist.destroy_process_group()
 
 
-def run_ranks(cp: int, fn, payload=None, timeout_s: float = 60.0):
-    """Per-rank ``("ok", result)`` or ``("error", message)`` of ``fn`` run on ``cp`` gloo ranks."""
+def run_ranks(cp: int, fn, payload=None, timeout_s: float = 60.0, tolerate_exit: bool = False,
+              kill_after_s: float | None = None, hung_ranks: tuple[int, ...] = ()):
+    """Per-rank ``("ok", result)`` or ``("error", message)`` of ``fn`` run on ``cp`` gloo ranks.
+
+    ``timeout_s`` is the process group's timeout. With ``tolerate_exit`` a rank that died
+    reports ``("dead", exit code)`` instead of failing the call, and ranks still running
+    ``kill_after_s`` seconds after the start are killed; ``hung_ranks`` (made to hang on
+    purpose) are killed as soon as every other rank has exited.
+    """
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(
-            _entry, args=(cp, _free_port(), fn, payload, out_dir, timeout_s), nprocs=cp, join=True,
+        ctx = mp.start_processes(
+            _entry, args=(cp, _free_port(), fn, payload, out_dir, timeout_s), nprocs=cp, join=False,
             start_method="spawn",
         )
+        if tolerate_exit:
+            deadline = None if kill_after_s is None else time.monotonic() + kill_after_s
+            order = [r for r in range(cp) if r not in hung_ranks] + list(hung_ranks)
+            for r in order:
+                p = ctx.processes[r]
+                if r in hung_ranks:
+                    p.kill()
+                p.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        else:
+            while not ctx.join():
+                pass
         results = []
         for r in range(cp):
-            with open(os.path.join(out_dir, f"{r}.pkl"), "rb") as f:
+            path = os.path.join(out_dir, f"{r}.pkl")
+            if not os.path.exists(path):
+                results.append(("dead", ctx.processes[r].exitcode))
+                continue
+            with open(path, "rb") as f:
                 results.append(pickle.load(f))
     return results
 
@@ -58,3 +84,58 @@ def unwrap(results):
     if errors:
         raise AssertionError("; ".join(errors))
     return [res for _, res in results]
+
+
+def _pool_entry(rank, cp, port, inbox, outbox, timeout_s):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cp, timeout=timedelta(seconds=timeout_s)
+    )
+    try:
+        while True:
+            job = inbox.get()
+            if job is None:
+                break
+            fn, payload = job
+            try:
+                outbox.put((rank, ("ok", fn(rank, cp, payload))))
+            except Exception as exc:
+                outbox.put((rank, ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")))
+    finally:
+        dist.destroy_process_group()
+
+
+class RankPool:
+    """``cp`` long-lived gloo ranks that run one job after another (saves a spawn per test case).
+
+    Only for jobs that leave the group usable: every rank must finish each job.
+    """
+
+    def __init__(self, cp: int, timeout_s: float = 60.0):
+        ctx = mp.get_context("spawn")
+        self.cp = cp
+        self.inboxes = [ctx.Queue() for _ in range(cp)]
+        self.outbox = ctx.Queue()
+        port = _free_port()
+        self.procs = [ctx.Process(target=_pool_entry, args=(r, cp, port, self.inboxes[r], self.outbox, timeout_s),
+                                  daemon=True) for r in range(cp)]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn, payload=None, timeout_s: float = 300.0):
+        """Per-rank ``("ok", result)`` or ``("error", message)``, as :func:`run_ranks`."""
+        for box in self.inboxes:
+            box.put((fn, payload))
+        results = [None] * self.cp
+        for _ in range(self.cp):
+            rank, res = self.outbox.get(timeout=timeout_s)
+            results[rank] = res
+        return results
+
+    def close(self) -> None:
+        for box in self.inboxes:
+            box.put(None)
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()

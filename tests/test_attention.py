@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from .cases import Case, assemble, global_tensors, random_cu_seqlens, run_case, run_cases
-from .dist import run_ranks, unwrap
+from .dist import unwrap
 from .reference import dense_with_grads
 
 COMMS = ("plain", "ring", "direct")
@@ -92,10 +92,10 @@ def check_case(case: Case, got) -> None:
 
 @pytest.mark.parametrize("backend", ["cpu", "npu"])
 @pytest.mark.parametrize("cp", [2, 3, 4])
-def test_multi_rank_matches_dense_reference(cp, backend):
+def test_multi_rank_matches_dense_reference(cp, backend, rank_pools):
     """backend "npu" runs the NPU backend on the emulation of the documented torch_npu contract."""
     cases = [Case(**{**c.__dict__, "backend": backend}) for c in layout_cases(cp)]
-    per_rank = unwrap(run_ranks(cp, run_cases, cases))
+    per_rank = unwrap(rank_pools(cp).run(run_cases, cases))
     for i, case in enumerate(cases):
         check_case(case, assemble([r[i] for r in per_rank], case.cu_seqlens[-1]))
 
@@ -110,8 +110,8 @@ def test_cp1_without_process_group_matches_reference(backend):
         check_case(case, assemble([res], case.cu_seqlens[-1]))
 
 
-def test_npu_backend_without_fused_update_multi_rank():
+def test_npu_backend_without_fused_update_multi_rank(rank_pools):
     cases = [Case(**{**c.__dict__, "backend": "npu-no-update"}) for c in layout_cases(3) if c.comm == "direct"]
-    per_rank = unwrap(run_ranks(3, run_cases, cases))
+    per_rank = unwrap(rank_pools(3).run(run_cases, cases))
     for i, case in enumerate(cases):
         check_case(case, assemble([r[i] for r in per_rank], case.cu_seqlens[-1]))

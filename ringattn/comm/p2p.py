@@ -71,4 +71,8 @@ def post(group, what: str, sends, recvs, tag: int) -> Batch:
     peers = tuple(sorted({p for p, _ in sends} | {p for p, _ in recvs}))
     if not ops:
         return Batch(what)
-    return Batch(what, dist.batch_isend_irecv(ops), peers, [t for _, t in sends] + [t for _, t in recvs], unstage)
+    try:
+        works = dist.batch_isend_irecv(ops)
+    except Exception as exc:  # a peer that already failed can make posting itself raise
+        raise RuntimeError(f"ringattn: posting {what} with peer rank(s) {list(peers)} failed: {exc}") from exc
+    return Batch(what, works, peers, [t for _, t in sends] + [t for _, t in recvs], unstage)

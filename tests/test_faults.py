@@ -1,0 +1,127 @@
+"""Agreement before communication, and bounded failure when a rank fails mid-exchange."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+import ringattn
+from ringattn import DocLayout
+
+from .dist import run_ranks
+
+CU = [0, 3, 20, 45, 72]  # documents crossing chunks (72 = 2*cp*chunk for cp 2 and 3), so every shape exchanges KV
+
+
+def _inputs(layout, rank, dtype=torch.float32, hkv=2, extra=0):
+    n = layout.local_tokens(rank) + extra
+    g = torch.Generator().manual_seed(rank)
+    return (torch.randn(n, 4, 16, generator=g).to(dtype).requires_grad_(),
+            torch.randn(n, hkv, 16, generator=g).to(dtype).requires_grad_(),
+            torch.randn(n, hkv, 16, generator=g).to(dtype).requires_grad_())
+
+
+def _disagreement_worker(rank, cp, what):
+    cu = CU
+    if what == "layout" and rank == 1:
+        cu = [0, 3, 21, 45, 72]
+    layout = DocLayout.from_cu_seqlens(cu, cp)
+    dtype = torch.bfloat16 if (what == "dtype" and rank == 2) else torch.float32
+    q, k, v = _inputs(layout, rank, dtype=dtype, extra=1 if (what == "tokens" and rank == 1) else 0)
+    scale = 0.5 if (what == "scale" and rank == 0) else None
+    try:
+        ringattn.ring_eod_attention(q, k, v, layout, softmax_scale=scale)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("what, expect", [
+    ("tokens", "rank 1: q: expected"),
+    ("dtype", "ranks disagree"),
+    ("layout", "ranks disagree"),
+    ("scale", "ranks disagree"),
+])
+def test_every_rank_raises_the_same_error(rank_pools, what, expect):
+    results = rank_pools(3).run(_disagreement_worker, what, timeout_s=60)
+    messages = [res for status, res in results]
+    assert all(status == "ok" for status, _ in results), results
+    assert all(m is not None for m in messages), messages
+    assert len(set(messages)) == 1, "every rank raises the same ValueError"
+    assert expect in messages[0]
+
+
+def _agreement_cost_worker(rank, cp, _):
+    layout = DocLayout.from_cu_seqlens(CU, cp)
+    q, k, v = _inputs(layout, rank)
+    calls = []
+    import torch.distributed as dist
+
+    real = dist.all_gather
+    dist.all_gather = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    try:
+        for _ in range(3):
+            ringattn.ring_eod_attention(q, k, v, layout)          # agreed once, then cached on the layout
+        first = len(calls)
+        for _ in range(2):
+            ringattn.ring_eod_attention(q, k, v, layout, validate=True)
+        return first, len(calls)
+    finally:
+        dist.all_gather = real
+
+
+def test_agreement_runs_on_first_use_and_when_asked(rank_pools):
+    for status, res in rank_pools(2).run(_agreement_cost_worker):
+        assert status == "ok", res
+        assert res == (1, 3)
+
+
+def _fault_worker(rank, cp, mode):
+    """Rank 1 fails at its second kernel call (inside the exchange loop); the others must not hang."""
+    from ringattn.kernels import cpu
+
+    layout = DocLayout.from_cu_seqlens(CU, cp)
+    q, k, v = _inputs(layout, rank)
+    ringattn.ring_eod_attention(q, k, v, layout, comm="plain")  # connections up, agreement done
+    if rank == 1:
+        real, count = cpu.forward, [0]
+
+        def failing(*args):
+            count[0] += 1
+            if count[0] == 2:
+                if mode == "die":
+                    os._exit(3)
+                if mode == "hang":
+                    time.sleep(600)
+                raise RuntimeError("injected kernel failure")
+            return real(*args)
+
+        cpu.forward = failing
+    t0 = time.perf_counter()
+    try:
+        for _ in range(3):  # a rank that needs nothing more from rank 1 may finish one pass; not three
+            ringattn.ring_eod_attention(q, k, v, layout, comm="plain").sum().backward()
+    except RuntimeError as exc:
+        return "raised", str(exc), time.perf_counter() - t0
+    return "returned", "", time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("mode", ["raise", "die", "hang"])
+def test_peer_failure_raises_naming_step_and_peer(mode):
+    """The other ranks raise within the group's timeout, naming the step and the peers."""
+    timeout = 5
+    results = run_ranks(3, _fault_worker, mode, timeout_s=timeout, tolerate_exit=True, kill_after_s=60,
+                        hung_ranks=(1,) if mode == "hang" else ())
+    if mode == "die":
+        assert results[1] == ("dead", 3)
+    if mode == "hang":
+        assert results[1][0] == "dead", "the hanging rank was killed by the test"
+    for r in (0, 2):
+        status, res = results[r]
+        assert status == "ok", res
+        outcome, msg, took = res
+        assert outcome == "raised", f"rank {r} returned although rank 1 failed"
+        assert "step" in msg and "peer rank(s) [" in msg, msg
+        assert took < timeout + 10
