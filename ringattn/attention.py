@@ -78,9 +78,10 @@ class _RingEoDFunction(torch.autograd.Function):
         return dq.to(q.dtype), dkv[:, 0].to(kv.dtype), dkv[:, 1].to(kv.dtype), None, None, None, None
 
 
-def _local_verdict(q, k, v, layout, rank: int, size: int, scale, comm) -> str | None:
+def _local_verdict(q, k, v, layout, rank: int, size: int, scale, comm, backend) -> str | None:
     """This rank's validation error message, or None."""
     try:
+        get_backend(q.device.type if isinstance(q, torch.Tensor) else "cpu", backend)
         if layout.cp_size != size:
             raise ValueError(f"group: expected {layout.cp_size} ranks (layout.cp_size), got a group of size {size}")
         if comm not in COMM_SHAPES:
@@ -132,7 +133,7 @@ def ring_eod_attention(
     group, rank, size = resolve_group(group, layout)
     head_dim = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() >= 1 and q.shape[-1] else 1
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    verdict = _local_verdict(q, k, v, layout, rank, size, scale, comm)
+    verdict = _local_verdict(q, k, v, layout, rank, size, scale, comm, backend)
     if group is not None:
         shape = lambda x: tuple(x.shape) if isinstance(x, torch.Tensor) else None  # noqa: E731
         what = (layout.fingerprint, shape(q)[1:] if shape(q) else None, shape(k)[1:] if shape(k) else None,

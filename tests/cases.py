@@ -22,6 +22,7 @@ class Case:
     seed: int = 0
     comm: str = "ring"
     backend: str | None = None
+    qk_scale: float = 1.0  # multiplies q and k (large logits: scale * |qk| ~ qk_scale**2)
 
 
 def random_cu_seqlens(rng: random.Random, sample_len: int, num_samples: int = 1, p_single: float = 0.2,
@@ -42,8 +43,8 @@ def global_tensors(case: Case):
     g = torch.Generator().manual_seed(case.seed)
     s = case.cu_seqlens[-1]
     dtype = getattr(torch, case.dtype)
-    q = torch.randn(s, case.hq, case.d, generator=g).to(dtype)
-    k = torch.randn(s, case.hkv, case.d, generator=g).to(dtype)
+    q = (torch.randn(s, case.hq, case.d, generator=g) * case.qk_scale).to(dtype)
+    k = (torch.randn(s, case.hkv, case.d, generator=g) * case.qk_scale).to(dtype)
     v = torch.randn(s, case.hkv, case.d, generator=g).to(dtype)
     dout = torch.randn(s, case.hq, case.d, generator=g).to(dtype)
     return q, k, v, dout

@@ -1,0 +1,51 @@
+"""Property-based fuzzing against the float64 reference (hypothesis).
+
+Random document layouts, CP 1-4, micro-batches, GQA ratios, head dims, fp32/bf16 and both
+targeted comm shapes. ``pytest --hypothesis-profile thorough`` runs many more examples.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from .cases import Case, assemble, random_cu_seqlens, run_case, run_cases
+from .dist import unwrap
+from .test_attention import check_case
+
+
+@st.composite
+def cases(draw, cp: int) -> Case:
+    chunk = draw(st.integers(1, 6))
+    samples = draw(st.integers(1, 2))
+    s = 2 * cp * chunk
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+    cu = random_cu_seqlens(rng, s, samples, p_single=draw(st.sampled_from([0.0, 0.3, 1.0])),
+                           max_doc=draw(st.sampled_from([1, chunk, 2 * chunk, s])))
+    hkv = draw(st.sampled_from([1, 2]))
+    return Case(
+        name="fuzz", cu_seqlens=cu, sample_len=s, hq=hkv * draw(st.sampled_from([1, 2, 4])), hkv=hkv,
+        d=draw(st.sampled_from([16, 64, 128])), dtype=draw(st.sampled_from(["float32", "bfloat16"])),
+        seed=draw(st.integers(0, 2**16)), comm=draw(st.sampled_from(["ring", "direct"])),
+    )
+
+
+@settings(deadline=None)
+@given(cases(1))
+def test_fuzz_cp1(case):
+    check_case(case, assemble([run_case(0, 1, case)], case.cu_seqlens[-1]))
+
+
+@pytest.mark.parametrize("cp", [2, 3, 4])
+def test_fuzz_multi_rank(cp, rank_pools):
+    pool = rank_pools(cp)
+
+    @settings(deadline=None)
+    @given(cases(cp))
+    def check(case):
+        per_rank = unwrap(pool.run(run_cases, [case]))
+        check_case(case, assemble([r[0] for r in per_rank], case.cu_seqlens[-1]))
+
+    check()
