@@ -65,9 +65,12 @@ class _RingEoDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, group, scale, kernel):
         kv = torch.stack([k, v], dim=1)
-        out, lse = run_forward(plan, q, kv, group, kernel, scale)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, kv, out, lse)
+        out32, lse = run_forward(plan, q, kv, group, kernel, scale)
+        out = out32.to(q.dtype)
+        # kernels that compute in fp32 (cpu, math) get the unrounded merged output for backward:
+        # the rowsum(dout * out) term then carries no bf16 rounding noise into dq/dk/dv
+        saved_out = out32 if getattr(kernel, "BACKWARD_TAKES_FP32_OUT", False) else out
+        ctx.save_for_backward(q, kv, saved_out, lse)
         ctx.plan, ctx.group, ctx.scale, ctx.kernel = plan, group, scale, kernel
         return out
 

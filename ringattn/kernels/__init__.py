@@ -15,6 +15,7 @@ Contract (THD layout, GQA native: k/v may have fewer heads than q, ``Hq % Hkv ==
   the scaled scores. Every query row has at least one key.
 * backward gets the *merged* ``out`` (q's dtype) and ``lse`` (fp32) and returns gradients of
   this block's contribution (dq ``[Tq, Hq, D]``, dk/dv ``[Tk, Hkv, D]``, dtype q's or fp32).
+  A backend that sets ``BACKWARD_TAKES_FP32_OUT = True`` is given the merged out in fp32.
 """
 from __future__ import annotations
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import torch
 
+#: backward may be given the merged output in fp32 (it computes in fp32 anyway)
+BACKWARD_TAKES_FP32_OUT = True
+
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 

@@ -9,6 +9,9 @@ import torch
 from einops import rearrange
 
 
+#: backward may be given the merged output in fp32 (it computes in fp32 anyway)
+BACKWARD_TAKES_FP32_OUT = True
+
 def _segment_scores(q, k, causal, scale):
     """fp32 scores ``[Hkv, g, Lq, Lk]`` (GQA: ``g = Hq // Hkv`` query heads per KV head)."""
     qg = rearrange(q.float(), "t (h g) d -> h g t d", h=k.shape[1])

@@ -1,0 +1,1 @@
+"""Framework adapters (imported explicitly: ``ringattn.adapters.megatron``)."""

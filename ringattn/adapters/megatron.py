@@ -1,0 +1,248 @@
+"""megatron-core adapter: EoD-reset ring attention as a drop-in ``core_attention``.
+
+* :class:`RingEoDCoreAttention` — accepted by a layer spec in place of ``core_attention``
+  (constructor keywords as ``SelfAttention`` passes them); forward takes ``sbhd``
+  (``[s, b, h, d]`` -> ``[s, b, h*d]``) or ``thd`` (``[t, h, d]`` -> ``[t, h*d]``); GQA without
+  expanding k/v; the CP group comes from the model's ``pg_collection``.
+* :class:`RingEoDPackedSeqParams` — Megatron's ``PackedSeqParams`` plus the :class:`DocLayout`;
+  pass it as ``packed_seq_params`` to ``GPTModel.forward`` (sbhd or thd) so attention knows
+  the documents. A plain thd ``PackedSeqParams`` with global ``cu_seqlens_q`` also works
+  (zigzag layout of one sample).
+* :class:`ResetRotaryEmbedding` / :func:`use_reset_position_rope` — the rotary embedding
+  takes the ``position_ids`` given to ``GPTModel.forward`` (reset per document, this rank's
+  shard), in both formats.
+* :func:`get_batch_on_this_cp_rank`, :func:`get_batch`, :func:`is_dataset_built_on_rank` —
+  the batch procedure documented for EoD reset in the Ascend Megatron stack: slice for CP
+  *before* the pipeline-stage early return; the dataset is built on TP rank 0 of every stage.
+
+Attention dropout is not implemented (``config.attention_dropout`` must be 0).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from ..attention import ring_eod_attention
+from ..eod import eod_metadata
+from ..layout import DocLayout
+
+try:
+    from megatron.core import parallel_state
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.packed_seq_params import PackedSeqParams
+except ImportError as exc:  # pragma: no cover - exercised only without megatron-core
+    raise ImportError("ringattn.adapters.megatron needs megatron-core (pip install 'ringattn[megatron]')") from exc
+
+__all__ = [
+    "RingEoDCoreAttention", "RingEoDPackedSeqParams", "ResetRotaryEmbedding", "use_reset_position_rope",
+    "ringattn_layer_spec", "get_batch_on_this_cp_rank", "get_batch", "is_dataset_built_on_rank",
+]
+
+PER_TOKEN_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+@dataclass
+class RingEoDPackedSeqParams(PackedSeqParams):
+    """``PackedSeqParams`` carrying the :class:`DocLayout` of the micro-batch.
+
+    ``cu_seqlens_*`` stay None on purpose: the rotary embedding then applies per-token
+    frequencies from the reset position ids instead of Megatron's own thd CP partition.
+    """
+
+    layout: DocLayout | None = None
+
+
+def _cp_group(pg_collection):
+    group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+    if group is None and parallel_state.model_parallel_is_initialized():
+        group = parallel_state.get_context_parallel_group()
+    return group
+
+
+class RingEoDCoreAttention(nn.Module):
+    """Document-causal ring attention in place of megatron-core's ``core_attention``."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None, comm: str | None = None):
+        super().__init__()
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(f"attention_dropout: ringattn implements no attention dropout; expected 0, got {dropout}")
+        self.config, self.layer_number, self.attention_type = config, layer_number, attention_type
+        self.cp_group = _cp_group(pg_collection)
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
+        self.comm = comm
+
+    def _layout(self, packed_seq_params, total_tokens: int) -> DocLayout:
+        cp = self.cp_group.size() if self.cp_group is not None else 1
+        layout = getattr(packed_seq_params, "layout", None)
+        if layout is None and packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None:
+            layout = DocLayout.from_cu_seqlens(packed_seq_params.cu_seqlens_q.cpu(), cp)
+        if layout is None:
+            raise ValueError("packed_seq_params: ringattn needs the documents; pass RingEoDPackedSeqParams(layout=...) "
+                             "(see get_batch_on_this_cp_rank) or thd PackedSeqParams with cu_seqlens_q")
+        if layout.cp_size != cp:
+            raise ValueError(f"packed_seq_params.layout: cp_size {layout.cp_size} but the CP group has {cp} ranks")
+        return layout
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        """sbhd: q ``[s, b, hq, d]``, k/v ``[s, b, hkv, d]`` -> ``[s, b, hq*d]``; thd: ``[t, h, d]`` -> ``[t, hq*d]``.
+
+        ``attention_mask`` is ignored: the layout defines the document-causal mask.
+        """
+        if attention_bias is not None:
+            raise ValueError("attention_bias: not supported by ringattn")
+        thd = query.dim() == 3
+        if thd:
+            q, k, v = query, key, value
+        else:
+            b = query.shape[1]
+            q, k, v = (rearrange(x, "s b h d -> (b s) h d") for x in (query, key, value))
+        layout = self._layout(packed_seq_params, q.shape[0])
+        group = self.cp_group if layout.cp_size > 1 else None
+        out = ring_eod_attention(q, k, v, layout, group=group, softmax_scale=self.softmax_scale, comm=self.comm)
+        if thd:
+            return rearrange(out, "t h d -> t (h d)")
+        return rearrange(out, "(b s) h d -> s b (h d)", b=b)
+
+
+def ringattn_layer_spec(base_spec=None, comm: str | None = None):
+    """A GPT layer spec with :class:`RingEoDCoreAttention` as core attention.
+
+    base_spec: a megatron-core ``ModuleSpec`` of a transformer layer (default:
+    ``get_gpt_layer_local_spec()``); it is copied, not modified.
+    """
+    if base_spec is None:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        base_spec = get_gpt_layer_local_spec()
+    spec = copy.deepcopy(base_spec)
+    attn = spec.submodules.self_attention
+    attn.submodules.core_attention = RingEoDCoreAttention
+    if comm is not None:
+        attn.submodules.core_attention = _with_comm(comm)
+    return spec
+
+
+def _with_comm(comm: str):
+    class _RingEoDCoreAttention(RingEoDCoreAttention):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, comm=comm, **kwargs)
+
+    return _RingEoDCoreAttention
+
+
+class ResetRotaryEmbedding(RotaryEmbedding):
+    """Megatron's ``RotaryEmbedding`` evaluated at given position ids (reset per document).
+
+    ``position_ids`` ``[b, s_local]`` are set before each forward (see
+    :func:`use_reset_position_rope`); the result is ``[s, b, 1, dim]`` for sbhd and
+    ``[t, 1, dim]`` for thd (``b = 1``), already this rank's shard, so no CP slicing happens.
+    """
+
+    position_ids: torch.Tensor | None = None
+
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
+        if self.position_ids is None:
+            raise ValueError("position_ids: ResetRotaryEmbedding needs the batch's position ids "
+                             "(pass position_ids to GPTModel.forward after use_reset_position_rope)")
+        pos = self.position_ids.to(self.inv_freq.device, self.inv_freq.dtype)
+        if self.seq_len_interpolation_factor is not None:
+            pos = pos / self.seq_len_interpolation_factor
+        freqs = pos.unsqueeze(-1) * self.inv_freq  # [b, s, dim/2]
+        if self.rotary_interleaved:
+            emb = torch.stack((freqs, freqs), dim=-1).flatten(-2)
+        else:
+            emb = torch.cat((freqs, freqs), dim=-1)
+        if packed_seq:
+            return rearrange(emb, "b s d -> (b s) 1 d")
+        return rearrange(emb, "b s d -> s b 1 d")
+
+
+def use_reset_position_rope(model) -> ResetRotaryEmbedding:
+    """Make ``model`` (a megatron-core ``GPTModel`` with RoPE) rotate by its ``position_ids`` argument.
+
+    Replaces ``model.rotary_pos_emb`` by a :class:`ResetRotaryEmbedding` with the same
+    frequencies and registers a forward pre-hook that hands it ``position_ids``.
+    """
+    old = model.rotary_pos_emb
+    new = ResetRotaryEmbedding.__new__(ResetRotaryEmbedding)
+    nn.Module.__init__(new)
+    new.__dict__.update({k: v for k, v in old.__dict__.items() if k not in ("_parameters", "_buffers", "_modules")})
+    new.inv_freq = old.inv_freq
+    model.rotary_pos_emb = new
+
+    def hook(module, args, kwargs):
+        pos = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        new.position_ids = pos
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return new
+
+
+def get_batch_on_this_cp_rank(batch: dict, layout: DocLayout, cp_rank: int | None = None) -> dict:
+    """Shard a ``[b, s]`` batch for CP rank ``cp_rank`` by ``layout``; add attention's metadata.
+
+    Per-token entries (tokens, labels, loss_mask, position_ids) become ``[b, s_local]`` in the
+    layout's local order (zigzag: chunks r and 2cp-1-r of every sample); ``attention_mask`` is
+    dropped (the layout replaces it); ``packed_seq_params`` (sbhd) carries the layout.
+    """
+    if cp_rank is None:
+        cp_rank = parallel_state.get_context_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
+    idx = layout.local_indices(cp_rank)
+    out = {}
+    for key, val in batch.items():
+        if key in PER_TOKEN_KEYS and val is not None:
+            b = val.shape[0]
+            out[key] = val.reshape(-1)[idx.to(val.device)].view(b, -1)
+        elif key != "attention_mask":
+            out[key] = val
+    n = layout.local_tokens(cp_rank)
+    out["packed_seq_params"] = RingEoDPackedSeqParams(qkv_format="sbhd", layout=layout, max_seqlen_q=n,
+                                                      max_seqlen_kv=n)
+    return out
+
+
+def is_dataset_built_on_rank() -> bool:
+    """EoD reset: the dataset is built on TP rank 0 of *every* pipeline stage (not only first/last)."""
+    return parallel_state.get_tensor_model_parallel_rank() == 0
+
+
+def get_batch(data_iterator: Iterator, eod_id: int, *, reset_attention_mask: bool = True,
+              reset_position_ids: bool = True, eod_mask_loss: bool = False,
+              get_batch_on_this_tp_rank: Callable | None = None) -> dict:
+    """Megatron's ``get_batch`` for EoD reset with ring attention.
+
+    1. the TP-rank batch (``get_batch_on_this_tp_rank(data_iterator)`` or ``next(data_iterator)``,
+       a dict with ``tokens``/``labels`` ``[b, s]`` and optionally ``loss_mask``);
+    2. documents (``--reset-attention-mask``; otherwise one document per sample), position ids
+       (reset per document with ``--reset-position-ids``) and the loss mask, from the EoD tokens;
+    3. the CP slice (:func:`get_batch_on_this_cp_rank`), *then*
+    4. the pipeline early return: middle stages keep only what attention and RoPE need
+       (``packed_seq_params``, ``position_ids``) — they receive the document metadata too.
+    """
+    batch = get_batch_on_this_tp_rank(data_iterator) if get_batch_on_this_tp_rank else next(data_iterator)
+    tokens = batch["tokens"]
+    b, s = tokens.shape
+    meta = eod_metadata(tokens, eod_id, reset_position_ids=reset_position_ids, eod_mask_loss=eod_mask_loss)
+    cu = meta.cu_seqlens.cpu() if reset_attention_mask else torch.arange(0, b * s + 1, s)
+    batch = dict(batch)
+    batch["position_ids"] = meta.position_ids
+    if batch.get("loss_mask") is None:
+        batch["loss_mask"] = meta.loss_mask
+    cp = parallel_state.get_context_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+    layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=s)
+    batch = get_batch_on_this_cp_rank(batch, layout)
+    if parallel_state.model_parallel_is_initialized() and not (
+        parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()
+    ):
+        return {"packed_seq_params": batch["packed_seq_params"], "position_ids": batch["position_ids"]}
+    return batch

@@ -1,0 +1,106 @@
+"""Tiny megatron-core GPT runs used by test_megatron (run inside spawned gloo ranks).
+
+Patched inside these test processes only (megatron-core's CUDA calls on CPU):
+* stock attention (the dense reference only): ``parallel_state.get_global_memory_buffer``
+  (its scratch buffer) -> host tensors, and its dropout RNG fork
+  (``tensor_parallel.get_cuda_rng_tracker().fork()``) -> a no-op (dropout is 0);
+* RoPE: the model's rotary embedding is ringattn's ResetRotaryEmbedding (no ``.cuda()``).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+EOD = 0
+VOCAB = 96
+SEQ = 32
+
+
+class _HostBuffer:
+    def get_tensor(self, shape, dtype, name, mem_alloc_context=None):
+        return torch.empty(shape, dtype=dtype)
+
+
+class _NoCudaRngTracker:
+    def fork(self, name=None):
+        return contextlib.nullcontext()
+
+
+def batch_tokens(num_samples=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, VOCAB, (num_samples, SEQ + 1), generator=g)
+    for b, ends in enumerate([(4, 5, 17), (0, 22, 23, 30)][:num_samples]):
+        for e in ends:
+            tokens[b, e] = EOD
+    return {"tokens": tokens[:, :SEQ].contiguous(), "labels": tokens[:, 1:].contiguous()}
+
+
+def build_model(cp: int, spec: str = "ringattn", seed: int = 1234):
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from ringattn.adapters.megatron import ringattn_layer_spec, use_reset_position_rope
+
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(1, 1, context_parallel_size=cp)
+    ps.get_global_memory_buffer = lambda: _HostBuffer()
+    if spec != "ringattn":
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.get_cuda_rng_tracker = lambda *a, **kw: _NoCudaRngTracker()
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                            use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
+                            context_parallel_size=cp, params_dtype=torch.float32)
+    layer = ringattn_layer_spec() if spec == "ringattn" else get_gpt_layer_local_spec()
+    model = GPTModel(config=cfg, transformer_layer_spec=layer, vocab_size=VOCAB, max_sequence_length=SEQ,
+                     position_embedding_type="rope")
+    use_reset_position_rope(model)
+    return model
+
+
+def loss_and_grads(rank, cp, args):
+    """Global mean loss over non-masked tokens and CP-summed gradients (name -> tensor)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from ringattn.adapters.megatron import RingEoDPackedSeqParams, get_batch
+
+    fmt, spec = args.get("format", "sbhd"), args.get("spec", "ringattn")
+    model = build_model(cp, spec)
+    batch = get_batch(iter([batch_tokens(args.get("samples", 2))]), EOD, eod_mask_loss=True)
+    params = batch["packed_seq_params"]
+    mask = None
+    if fmt == "thd":
+        params = RingEoDPackedSeqParams(qkv_format="thd", layout=params.layout, max_seqlen_q=params.max_seqlen_q,
+                                        max_seqlen_kv=params.max_seqlen_kv)
+    if spec == "dense":  # stock attention with the document-causal mask (True = masked out), CP off
+        from .reference import doc_causal_mask
+
+        b, s = batch["tokens"].shape
+        full = doc_causal_mask(params.layout.cu_seqlens)
+        mask = torch.stack([~full[i * s:(i + 1) * s, i * s:(i + 1) * s] for i in range(b)]).unsqueeze(1)
+        params = None
+    losses = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"], packed_seq_params=params)
+    lm = batch["loss_mask"]
+    num = (losses * lm).sum()
+    den = lm.sum()
+    if cp > 1:
+        den = den.detach().clone()
+        dist.all_reduce(den, group=ps.get_context_parallel_group())
+    (num / den).backward()
+    loss = (num / den).detach().clone()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    if cp > 1:
+        dist.all_reduce(loss, group=ps.get_context_parallel_group())
+        for g in grads.values():
+            dist.all_reduce(g, group=ps.get_context_parallel_group())
+    # reset position ids reached the rotary embedding: they restart at every document start
+    layout = batch["packed_seq_params"].layout
+    rank_in_cp = ps.get_context_parallel_rank()
+    used = model.rotary_pos_emb.position_ids.reshape(-1)
+    assert torch.equal(used, layout.position_ids(rank_in_cp)), "RoPE did not get the reset position ids"
+    return loss.item(), grads

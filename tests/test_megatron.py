@@ -1,0 +1,100 @@
+"""megatron-core GPT with ringattn: CP=2 equals CP=1, CP off equals dense document-masked attention."""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("megatron.core", reason="megatron-core not installed (pip install 'ringattn[megatron]')")
+
+from .dist import run_ranks, unwrap  # noqa: E402
+from .megatron_cases import loss_and_grads  # noqa: E402
+
+
+def compare(a, b, rtol=1e-5, atol=1e-6):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    assert abs(loss_a - loss_b) <= rtol * abs(loss_b), (loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        ga, gb = grads_a[name], grads_b[name]
+        err = (ga - gb).abs().max().item()
+        assert err <= atol + rtol * gb.abs().max().item(), f"{name}: max abs difference {err:.3e}"
+
+
+@pytest.fixture(scope="module")
+def cp1_sbhd():
+    return unwrap(run_ranks(1, loss_and_grads, {"format": "sbhd"}))[0]
+
+
+def test_cp2_equals_cp1_sbhd(cp1_sbhd):
+    results = unwrap(run_ranks(2, loss_and_grads, {"format": "sbhd"}))
+    for res in results:  # every CP rank holds the same global loss and summed gradients
+        compare(res, cp1_sbhd)
+
+
+def test_cp2_thd_equals_cp1_sbhd():
+    cp1 = unwrap(run_ranks(1, loss_and_grads, {"format": "sbhd", "samples": 1}))[0]
+    results = unwrap(run_ranks(2, loss_and_grads, {"format": "thd", "samples": 1}))
+    for res in results:
+        compare(res, cp1)
+
+
+def test_cp_off_equals_dense_document_masked_attention(cp1_sbhd):
+    dense = unwrap(run_ranks(1, loss_and_grads, {"spec": "dense"}))[0]
+    compare(cp1_sbhd, dense)
+
+
+def test_get_batch_slices_for_cp_before_the_pipeline_early_return(monkeypatch):
+    """A middle pipeline stage still receives the layout and its shard of the reset position ids."""
+    import torch
+
+    import ringattn.adapters.megatron as adapter
+    from ringattn import DocLayout, eod_metadata
+
+    from .megatron_cases import EOD, batch_tokens
+
+    ps = adapter.parallel_state
+    for name, value in [("model_parallel_is_initialized", True), ("get_context_parallel_world_size", 2),
+                        ("get_context_parallel_rank", 1), ("is_pipeline_first_stage", False),
+                        ("is_pipeline_last_stage", False), ("get_tensor_model_parallel_rank", 0)]:
+        monkeypatch.setattr(ps, name, lambda *a, _v=value, **kw: _v)
+    raw = batch_tokens()
+    out = adapter.get_batch(iter([raw]), EOD)
+    assert set(out) == {"packed_seq_params", "position_ids"}
+    layout = out["packed_seq_params"].layout
+    assert layout == DocLayout.from_tokens(raw["tokens"], EOD, 2)
+    want = eod_metadata(raw["tokens"], EOD).position_ids.reshape(-1)[layout.local_indices(1)]
+    assert torch.equal(out["position_ids"].reshape(-1), want)
+    assert adapter.is_dataset_built_on_rank()
+    monkeypatch.setattr(ps, "get_tensor_model_parallel_rank", lambda: 1)
+    assert not adapter.is_dataset_built_on_rank()
+    monkeypatch.setattr(ps, "is_pipeline_last_stage", lambda *a, **kw: True)
+    full = adapter.get_batch(iter([raw]), EOD)
+    assert full["tokens"].shape == (2, 16) and "attention_mask" not in full
+
+
+def test_core_attention_rejects_dropout():
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from ringattn.adapters.megatron import RingEoDCoreAttention
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, attention_dropout=0.1)
+    with pytest.raises(ValueError, match="attention_dropout"):
+        RingEoDCoreAttention(cfg, 1, AttnMaskType.causal, "self")
+
+
+def test_example_trains_with_decreasing_loss():
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(root / "examples/megatron/pretrain_gpt_eod.py"), "--context-parallel-size", "2",
+           "--reset-attention-mask", "--reset-position-ids", "--attention-mask-type", "general"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    losses = [float(x) for x in re.findall(r"step \d+: loss ([0-9.]+)", res.stdout)]
+    assert len(losses) == 5 and losses[-1] < losses[0], res.stdout
