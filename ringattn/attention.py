@@ -11,11 +11,10 @@ from .agreement import agree, signature
 from .comm import run_backward, run_forward
 from .kernels import get_backend
 from .layout import DocLayout
-from .plan import COMM_SHAPES, rank_plan
+from .plan import COMM_SHAPES, DEFAULT_COMM, rank_plan
 
 __all__ = ["ring_eod_attention", "RingEoDAttention", "DEFAULT_COMM", "resolve_group"]
 
-DEFAULT_COMM = "direct"
 
 
 def resolve_group(group, layout: DocLayout):

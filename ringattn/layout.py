@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -179,11 +178,12 @@ class DocLayout:
         doc = torch.searchsorted(cu, idx, right=True) - 1
         return (idx - cu[doc]).to(device)
 
-    def stats(self, comm: str = "ring"):
-        """Per-rank tokens, attention work, block pairs and KV traffic (:class:`ringattn.plan.PlanStats`)."""
-        from .plan import build_plan
+    def stats(self, comm: str | None = None):
+        """Per-rank tokens, attention work, block pairs and KV traffic (:class:`ringattn.plan.PlanStats`)
+        of the plan shape ``comm`` (default: the library's default shape)."""
+        from .plan import DEFAULT_COMM, build_plan
 
-        return build_plan(self, comm).stats
+        return build_plan(self, comm or DEFAULT_COMM).stats
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.cp_size:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from .layout import STRATEGIES, DocLayout
-from .plan import COMM_SHAPES, Plan, build_plan
+from .plan import COMM_SHAPES, DEFAULT_COMM, Plan, build_plan
 from .workloads import load_workload
 
 __all__ = ["rank_table", "summary_line", "work_matrix", "traffic_matrix", "main"]
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
     p.add_argument("--workload", required=True, help="standard workload name or JSON path")
     p.add_argument("--cp", type=int, required=True)
     p.add_argument("--strategy", default="zigzag", choices=STRATEGIES)
-    p.add_argument("--comm", default="direct", choices=COMM_SHAPES)
+    p.add_argument("--comm", default=DEFAULT_COMM, choices=COMM_SHAPES)
     p.add_argument("--png", help="write the rank x rank work and traffic matrices to this PNG")
     args = p.parse_args(argv)
     wl = load_workload(args.workload)

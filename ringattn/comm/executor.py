@@ -145,8 +145,8 @@ def run_backward(plan: RankPlan, dout, q, kv, out, lse, group, kernel, scale):
     for i, (step, src) in enumerate(_KVStream(plan, kv, group)):
         if i == 0:
             target = dkv
-        elif src is not None:
-            target = torch.zeros(src.shape, dtype=torch.float32, device=src.device)
+        else:  # dK/dV partial of this step's buffer (no buffer: nothing read, nothing to return)
+            target = None if src is None else torch.zeros(src.shape, dtype=torch.float32, device=src.device)
         if step.segments:
             backward_step(step, dout, q, src, out, lse, dq, target, kernel, scale)
         sends, recvs, recv = [], [], None

@@ -31,15 +31,16 @@ KV tokens (one key and one value row per KV head).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 from dataclasses import dataclass, field
 
 from ..layout import DocLayout, Range
 
-__all__ = ["COMM_SHAPES", "Segment", "Transfer", "Step", "RankPlan", "PlanStats", "Plan", "build_plan", "rank_plan"]
+__all__ = ["COMM_SHAPES", "DEFAULT_COMM", "Segment", "Transfer", "Step", "RankPlan", "PlanStats", "Plan", "build_plan", "rank_plan"]
 
 COMM_SHAPES = ("plain", "ring", "direct")
+#: the default shape (see the README for the measurements behind the choice)
+DEFAULT_COMM = "direct"
 
 
 @dataclass(frozen=True)
@@ -274,7 +275,7 @@ def _pair_counts(layout: DocLayout, x: int) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------- planner
 @functools.lru_cache(maxsize=64)
-def build_plan(layout: DocLayout, comm: str = "ring") -> Plan:
+def build_plan(layout: DocLayout, comm: str = DEFAULT_COMM) -> Plan:
     """The global plan of ``layout`` for comm shape ``comm`` (cached per layout and shape)."""
     if comm not in COMM_SHAPES:
         raise ValueError(f"comm: expected one of {COMM_SHAPES}, got {comm!r}")
@@ -312,7 +313,7 @@ def build_plan(layout: DocLayout, comm: str = "ring") -> Plan:
     rank_plans = []
     for x in range(cp):
         steps = [Step(0, x, tuple(Segment(q, _contiguous_rows(pieces[x], kv), c) for q, kv, c in reads[x][x]))]
-        for i, t in enumerate(distances):
+        for t in distances:
             o = (x - t) % cp
             buf = content[(o, t)]
             segments = tuple(Segment(q, _contiguous_rows(buf, kv), False) for q, kv, _ in reads[x][o])
@@ -354,7 +355,7 @@ def build_plan(layout: DocLayout, comm: str = "ring") -> Plan:
     return Plan(comm, tuple(rank_plans), stats)
 
 
-def rank_plan(layout: DocLayout, rank: int, comm: str = "ring") -> RankPlan:
+def rank_plan(layout: DocLayout, rank: int, comm: str = DEFAULT_COMM) -> RankPlan:
     """The plan of one rank (the global plan is built once and cached)."""
     layout._check_rank(rank)
     return build_plan(layout, comm).ranks[rank]
