@@ -39,13 +39,9 @@ def test_fuzz_cp1(case):
 
 
 @pytest.mark.parametrize("cp", [2, 3, 4])
-def test_fuzz_multi_rank(cp, rank_pools):
-    pool = rank_pools(cp)
-
-    @settings(deadline=None)
-    @given(cases(cp))
-    def check(case):
-        per_rank = unwrap(pool.run(run_cases, [case]))
-        check_case(case, assemble([r[0] for r in per_rank], case.cu_seqlens[-1]))
-
-    check()
+@settings(deadline=None)
+@given(data=st.data())
+def test_fuzz_multi_rank(cp, rank_pools, data):
+    case = data.draw(cases(cp))
+    per_rank = unwrap(rank_pools(cp).run(run_cases, [case]))
+    check_case(case, assemble([r[0] for r in per_rank], case.cu_seqlens[-1]))
