@@ -45,6 +45,7 @@ def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     if q.dtype not in _FLASH_DTYPES:
         return _math.forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
     cq, ck = _cu(cu_q, q.device), _cu(cu_k, q.device)
+    q, k, v = (x.contiguous() for x in (q, k, v))  # K/V are strided views of the stacked KV buffer
     fai = flash_attn_interface()
     if fai is not None:
         out, lse, _ = fai.flash_attn_varlen_func(q, k, v, cq, ck, max_q, max_k, softmax_scale=scale, causal=causal,
