@@ -73,6 +73,7 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--comm", default="direct")
+    p.add_argument("--strategy", default="zigzag", choices=["zigzag", "balanced"])
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -86,7 +87,7 @@ def main() -> None:
     scale = dim ** -0.5
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     print(f"device {name}, backend {kernel.__name__.rsplit('.', 1)[-1]}, Hq={heads} Hkv={kv_heads} D={dim} "
-          f"{args.dtype}, comm={args.comm}, best of {args.repeat}")
+          f"{args.dtype}, comm={args.comm}, strategy={args.strategy}, best of {args.repeat}")
     print(f"{'workload':<26} {'tokens':>7} {'CP':>3} {'busiest ms':>10} {'single/CP ms':>12} {'ratio':>6} "
           f"{'imbal':>6} {'TFLOP/s busiest':>15} {'TFLOP/s single':>14}")
     for wname in args.workloads.split(","):
@@ -109,7 +110,7 @@ def main() -> None:
         work_total = sum((b - a) * (b - a + 1) // 2 for a, b in zip(cu, cu[1:]))
         flops = lambda work: 3.5 * 4 * work * heads * dim  # noqa: E731
         for cp in (int(x) for x in args.cp.split(",")):
-            layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=slen)
+            layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=slen, strategy=args.strategy)
             plan = build_plan(layout, args.comm)
             times = [timed(rank_runner(rp, heads, kv_heads, dim, dtype, device, kernel, scale), device, args.repeat)
                      for rp in plan.ranks]

@@ -68,6 +68,7 @@ def main() -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--comm", default=None, choices=["plain", "ring", "direct"])
+    p.add_argument("--strategy", default="zigzag", choices=["zigzag", "balanced"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=1, help="untimed forward+backward runs before the timed one")
     args = p.parse_args()
@@ -86,7 +87,7 @@ def main() -> int:
         title = f"seeded random batch ({args.samples} x {args.sample_len} tokens)"
     tokens = packed_tokens(cu, args.sample_len, 32000, gen)
     meta = eod_metadata(tokens, EOD)  # documents and reset position ids, as Megatron defines them
-    layout = DocLayout.from_tokens(tokens, EOD, cp)
+    layout = DocLayout.from_tokens(tokens, EOD, cp, strategy=args.strategy)
     assert list(layout.cu_seqlens) == meta.cu_seqlens.tolist()
 
     dtype = getattr(torch, args.dtype)
@@ -124,7 +125,7 @@ def main() -> int:
         comm = args.comm or ringattn.attention.DEFAULT_COMM
         st = build_plan(layout, comm).stats
         kv_row = 2 * args.kv_heads * args.head_dim * q.element_size()
-        print(f"ringattn demo: {title}, {layout.num_docs} documents, CP={cp}, comm={comm}, "
+        print(f"ringattn demo: {title}, {layout.num_docs} documents, CP={cp}, {args.strategy}, comm={comm}, "
               f"Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}")
         print(f"{'rank':>4} {'tokens':>7} {'work':>10} {'work/mean':>9} {'pairs':>6} {'skipped':>7} "
               f"{'KV recv tok':>11} {'KV recv KiB':>11} {'steps':>5} {'fwd ms':>7} {'bwd ms':>7}")

@@ -9,6 +9,12 @@ Strategies:
 
 * ``zigzag`` — every sample is cut into ``2*cp`` equal chunks; rank ``r`` holds chunks ``r``
   and ``2*cp-1-r`` of every sample (Megatron's ``get_batch_on_this_cp_rank`` order).
+* ``balanced`` — document-aware: every sample is cut into ``chunks_per_rank * cp`` equal
+  chunks, weighed by their attention work (unmasked score entries of their queries), and
+  dealt out so that every rank holds ``chunks_per_rank`` chunks of every sample (equal token
+  counts) and about the same work: heaviest chunk first, to the rank with the least work so
+  far that still has room (ties to the lower rank). Deterministic, so every rank derives the
+  same layout.
 """
 from __future__ import annotations
 
@@ -19,7 +25,8 @@ import torch
 
 __all__ = ["DocLayout", "STRATEGIES"]
 
-STRATEGIES = ("zigzag",)
+STRATEGIES = ("zigzag", "balanced")
+DEFAULT_CHUNKS_PER_RANK = 4
 
 Range = tuple[int, int]
 
@@ -34,22 +41,56 @@ def _as_int_list(cu_seqlens) -> list[int]:
     return [int(x) for x in cu_seqlens]
 
 
+def _chunk_work(cu: list[int], start: int, end: int) -> int:
+    """Unmasked score entries of the queries in ``[start, end)``: sum of (offset in document + 1)."""
+    work = 0
+    d = bisect.bisect_right(cu, start) - 1
+    while start < end:
+        ds, de = cu[d], cu[d + 1]
+        e = min(end, de)
+        a, b = start - ds + 1, e - ds  # offsets + 1 of the first and last token
+        work += (a + b) * (b - a + 1) // 2
+        start, d = e, d + 1
+    return work
+
+
+def _merge_adjacent(pieces: list[Range], sample_len: int) -> tuple[Range, ...]:
+    out: list[Range] = []
+    for start, end in sorted(pieces):
+        if out and out[-1][1] == start and start % sample_len:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return tuple(out)
+
+
+def _balanced_pieces(cu: list[int], num_samples: int, sample_len: int, cp: int,
+                     chunks_per_rank: int) -> tuple[tuple[Range, ...], ...]:
+    n = chunks_per_rank * cp
+    chunk = sample_len // n
+    load = [0] * cp
+    held: list[list[Range]] = [[] for _ in range(cp)]
+    for b in range(num_samples):
+        base = b * sample_len
+        chunks = [(base + c * chunk, base + (c + 1) * chunk) for c in range(n)]
+        weights = [_chunk_work(cu, s, e) for s, e in chunks]
+        room = [chunks_per_rank] * cp
+        for c in sorted(range(n), key=lambda i: (-weights[i], i)):
+            r = min((r for r in range(cp) if room[r]), key=lambda r: (load[r], r))
+            held[r].append(chunks[c])
+            load[r] += weights[c]
+            room[r] -= 1
+    return tuple(_merge_adjacent(p, sample_len) for p in held)
+
+
 def _zigzag_pieces(num_samples: int, sample_len: int, cp: int) -> tuple[tuple[Range, ...], ...]:
     """Chunks ``r`` and ``2cp-1-r`` of every sample; adjacent chunks (rank ``cp-1``) form one piece."""
     chunk = sample_len // (2 * cp)
-    ranks = []
-    for r in range(cp):
-        pieces: list[Range] = []
-        for b in range(num_samples):
-            base = b * sample_len
-            for c in (r, 2 * cp - 1 - r):
-                start, end = base + c * chunk, base + (c + 1) * chunk
-                if pieces and pieces[-1][1] == start and start % sample_len:
-                    pieces[-1] = (pieces[-1][0], end)
-                else:
-                    pieces.append((start, end))
-        ranks.append(tuple(pieces))
-    return tuple(ranks)
+    return tuple(
+        _merge_adjacent([(b * sample_len + c * chunk, b * sample_len + (c + 1) * chunk)
+                         for b in range(num_samples) for c in (r, 2 * cp - 1 - r)], sample_len)
+        for r in range(cp)
+    )
 
 
 @dataclass(frozen=True)
@@ -78,13 +119,16 @@ class DocLayout:
         *,
         sample_len: int | None = None,
         strategy: str = "zigzag",
+        chunks_per_rank: int | None = None,
     ) -> "DocLayout":
         """Build a layout from global document boundaries.
 
         cu_seqlens: ints (list or 1-D tensor) starting at 0, strictly increasing, ending at the
             total token count; every multiple of ``sample_len`` must be a boundary.
         sample_len: tokens per sample (default: the total, i.e. one sample); must be divisible
-            by ``2 * cp_size``.
+            by ``2 * cp_size`` (zigzag) or ``chunks_per_rank * cp_size`` (balanced).
+        chunks_per_rank: chunks of every sample each rank holds with ``strategy="balanced"``
+            (default 4); ignored by zigzag, which always uses 2.
         """
         cu = _as_int_list(cu_seqlens)
         if not isinstance(cp_size, int) or isinstance(cp_size, bool) or cp_size < 1:
@@ -113,22 +157,34 @@ class DocLayout:
             raise ValueError(
                 f"sample_len: expected a multiple of 2*cp_size={2 * cp_size}, got {sample_len}"
             )
+        if strategy == "balanced":
+            per_rank = DEFAULT_CHUNKS_PER_RANK if chunks_per_rank is None else chunks_per_rank
+            if not isinstance(per_rank, int) or per_rank < 1:
+                raise ValueError(f"chunks_per_rank: expected a positive int, got {chunks_per_rank!r}")
+            if sample_len % (per_rank * cp_size):
+                raise ValueError(f"sample_len: expected a multiple of chunks_per_rank*cp_size={per_rank * cp_size} "
+                                 f"for strategy='balanced', got {sample_len}")
         bounds = set(cu)
         missing = [b for b in range(sample_len, total, sample_len) if b not in bounds]
         if missing:
             raise ValueError(
                 f"cu_seqlens: sample boundaries must be document boundaries; missing {missing[:4]}"
             )
-        pieces = _zigzag_pieces(total // sample_len, sample_len, cp_size)
+        if strategy == "balanced":
+            pieces = _balanced_pieces(cu, total // sample_len, sample_len, cp_size, per_rank)
+        else:
+            pieces = _zigzag_pieces(total // sample_len, sample_len, cp_size)
         return cls(tuple(cu), cp_size, sample_len, strategy, pieces)
 
     @classmethod
-    def from_tokens(cls, tokens: torch.Tensor, eod_id: int, cp_size: int, *, strategy: str = "zigzag") -> "DocLayout":
+    def from_tokens(cls, tokens: torch.Tensor, eod_id: int, cp_size: int, *, strategy: str = "zigzag",
+                    chunks_per_rank: int | None = None) -> "DocLayout":
         """Layout of ``tokens [b, s]`` whose documents end with ``eod_id`` (see :mod:`ringattn.eod`)."""
         from .eod import cu_seqlens_from_tokens
 
         cu = cu_seqlens_from_tokens(tokens, eod_id)
-        return cls.from_cu_seqlens(cu, cp_size, sample_len=int(tokens.shape[1]), strategy=strategy)
+        return cls.from_cu_seqlens(cu, cp_size, sample_len=int(tokens.shape[1]), strategy=strategy,
+                                   chunks_per_rank=chunks_per_rank)
 
     # ------------------------------------------------------------------ queries
     @property

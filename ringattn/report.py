@@ -88,11 +88,13 @@ def main(argv=None) -> None:
     p.add_argument("--workload", required=True, help="standard workload name or JSON path")
     p.add_argument("--cp", type=int, required=True)
     p.add_argument("--strategy", default="zigzag", choices=STRATEGIES)
+    p.add_argument("--chunks-per-rank", type=int, default=None, help="chunks of each sample per rank (balanced)")
     p.add_argument("--comm", default=DEFAULT_COMM, choices=COMM_SHAPES)
     p.add_argument("--png", help="write the rank x rank work and traffic matrices to this PNG")
     args = p.parse_args(argv)
     wl = load_workload(args.workload)
-    layout = DocLayout.from_cu_seqlens(wl["cu_seqlens"], args.cp, sample_len=wl["sample_len"], strategy=args.strategy)
+    layout = DocLayout.from_cu_seqlens(wl["cu_seqlens"], args.cp, sample_len=wl["sample_len"], strategy=args.strategy,
+                                       chunks_per_rank=args.chunks_per_rank)
     plan = build_plan(layout, args.comm)
     title = f"{wl['name']}: {layout.num_docs} docs, {layout.total_tokens} tokens, CP={args.cp}, {args.strategy}, comm={args.comm}"
     print(title)

@@ -23,6 +23,8 @@ class Case:
     comm: str = "ring"
     backend: str | None = None
     qk_scale: float = 1.0  # multiplies q and k (large logits: scale * |qk| ~ qk_scale**2)
+    strategy: str = "zigzag"
+    chunks_per_rank: int | None = None
 
 
 def random_cu_seqlens(rng: random.Random, sample_len: int, num_samples: int = 1, p_single: float = 0.2,
@@ -62,7 +64,8 @@ def run_case(rank: int, cp: int, case: Case):
 
         npu_emulation.install(with_ring_update=backend == "npu")
         backend = "npu"
-    layout = DocLayout.from_cu_seqlens(case.cu_seqlens, cp, sample_len=case.sample_len)
+    layout = DocLayout.from_cu_seqlens(case.cu_seqlens, cp, sample_len=case.sample_len, strategy=case.strategy,
+                                       chunks_per_rank=case.chunks_per_rank)
     idx = layout.local_indices(rank)
     q, k, v, dout = global_tensors(case)
     q, k, v = (x[idx].clone().requires_grad_() for x in (q, k, v))

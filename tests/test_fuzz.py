@@ -1,7 +1,7 @@
 """Property-based fuzzing against the float64 reference (hypothesis).
 
-Random document layouts, CP 1-4, micro-batches, GQA ratios, head dims, fp32/bf16 and both
-targeted comm shapes. ``pytest --hypothesis-profile thorough`` runs many more examples.
+Random document layouts, CP 1-4, micro-batches, GQA ratios, head dims, fp32/bf16, both
+targeted comm shapes and both layout strategies. ``pytest --hypothesis-profile thorough`` runs many more examples.
 """
 from __future__ import annotations
 
@@ -25,10 +25,13 @@ def cases(draw, cp: int) -> Case:
     cu = random_cu_seqlens(rng, s, samples, p_single=draw(st.sampled_from([0.0, 0.3, 1.0])),
                            max_doc=draw(st.sampled_from([1, chunk, 2 * chunk, s])))
     hkv = draw(st.sampled_from([1, 2]))
+    strategy = draw(st.sampled_from(["zigzag", "balanced"]))
+    per_rank = draw(st.sampled_from([k for k in (1, 2, 4) if s % (k * cp) == 0])) if strategy == "balanced" else None
     return Case(
         name="fuzz", cu_seqlens=cu, sample_len=s, hq=hkv * draw(st.sampled_from([1, 2, 4])), hkv=hkv,
         d=draw(st.sampled_from([16, 64, 128])), dtype=draw(st.sampled_from(["float32", "bfloat16"])),
         seed=draw(st.integers(0, 2**16)), comm=draw(st.sampled_from(["ring", "direct"])),
+        strategy=strategy, chunks_per_rank=per_rank,
     )
 
 

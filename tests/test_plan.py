@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ringattn import DocLayout, build_plan
+from ringattn.layout import STRATEGIES
 from ringattn.plan import COMM_SHAPES
 from ringattn.workloads import WORKLOAD_DIR
 
@@ -30,7 +31,11 @@ def layouts(draw, max_cp=8, max_chunk=6, max_samples=3):
     rng = random.Random(draw(st.integers(0, 2**32 - 1)))
     cu = random_cu_seqlens(rng, s, samples, p_single=draw(st.sampled_from([0.0, 0.3, 0.9])),
                            max_doc=draw(st.sampled_from([1, chunk, s])))
-    return DocLayout.from_cu_seqlens(cu, cp, sample_len=s)
+    strategy = draw(st.sampled_from(STRATEGIES))
+    per_rank = None
+    if strategy == "balanced":
+        per_rank = draw(st.sampled_from([k for k in (1, 2, 3, 4) if s % (k * cp) == 0]))
+    return DocLayout.from_cu_seqlens(cu, cp, sample_len=s, strategy=strategy, chunks_per_rank=per_rank)
 
 
 @settings(max_examples=150, deadline=None)
@@ -151,3 +156,26 @@ def test_stats_account_for_every_token_sent_and_received(layout, comm):
     per_step_sent = [sum(col) for col in zip(*stats.kv_send_per_step)]
     assert per_step_sent == [sum(col) for col in zip(*stats.kv_recv_per_step)]
     assert stats.num_steps == sum(1 for d in stats.step_distances if d)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layouts(max_cp=8, max_chunk=12))
+def test_every_rank_holds_equal_tokens_of_every_sample(layout):
+    for r in range(layout.cp_size):
+        per_sample = [0] * layout.num_samples
+        for s, e in layout.pieces[r]:
+            assert s // layout.sample_len == (e - 1) // layout.sample_len, "a piece crosses a sample"
+            per_sample[s // layout.sample_len] += e - s
+        assert per_sample == [layout.sample_len // layout.cp_size] * layout.num_samples
+    owned = sorted(t for r in range(layout.cp_size) for t in layout.local_indices(r).tolist())
+    assert owned == list(range(layout.total_tokens)), "pieces partition the tokens"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in WORKLOAD_DIR.glob("*.json")))
+def test_balanced_strategy_balances_the_standard_workloads(name):
+    """Document-aware balancing lowers the busiest rank's work below zigzag's on packed layouts."""
+    data = json.loads((WORKLOAD_DIR / f"{name}.json").read_text())
+    stats = {s: DocLayout.from_cu_seqlens(data["cu_seqlens"], 8, sample_len=data["sample_len"], strategy=s).stats()
+             for s in STRATEGIES}
+    assert stats["balanced"].imbalance <= stats["zigzag"].imbalance
+    assert stats["balanced"].imbalance < 1.1

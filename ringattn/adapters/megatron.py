@@ -218,14 +218,15 @@ def is_dataset_built_on_rank() -> bool:
 
 def get_batch(data_iterator: Iterator, eod_id: int, *, reset_attention_mask: bool = True,
               reset_position_ids: bool = True, eod_mask_loss: bool = False,
-              get_batch_on_this_tp_rank: Callable | None = None) -> dict:
+              get_batch_on_this_tp_rank: Callable | None = None, strategy: str = "zigzag") -> dict:
     """Megatron's ``get_batch`` for EoD reset with ring attention.
 
     1. the TP-rank batch (``get_batch_on_this_tp_rank(data_iterator)`` or ``next(data_iterator)``,
        a dict with ``tokens``/``labels`` ``[b, s]`` and optionally ``loss_mask``);
     2. documents (``--reset-attention-mask``; otherwise one document per sample), position ids
        (reset per document with ``--reset-position-ids``) and the loss mask, from the EoD tokens;
-    3. the CP slice (:func:`get_batch_on_this_cp_rank`), *then*
+    3. the CP slice (:func:`get_batch_on_this_cp_rank`, layout ``strategy``: ``"zigzag"`` as
+       Megatron, or ``"balanced"`` for equal attention work per rank), *then*
     4. the pipeline early return: middle stages keep only what attention and RoPE need
        (``packed_seq_params``, ``position_ids``) — they receive the document metadata too.
     """
@@ -239,7 +240,7 @@ def get_batch(data_iterator: Iterator, eod_id: int, *, reset_attention_mask: boo
     if batch.get("loss_mask") is None:
         batch["loss_mask"] = meta.loss_mask
     cp = parallel_state.get_context_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
-    layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=s)
+    layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=s, strategy=strategy)
     batch = get_batch_on_this_cp_rank(batch, layout)
     if parallel_state.model_parallel_is_initialized() and not (
         parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()
