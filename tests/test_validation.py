@@ -124,3 +124,10 @@ def test_all_ranks_reject_malformed_input_before_communicating():
         assert all(m is not None for m in messages), messages
         assert "tokens on rank" in messages[0] and "multiple of k/v heads" in messages[1]
         assert "dtype" in messages[2] and "ranks (layout.cp_size)" in messages[3]
+
+
+def test_balanced_strategy_checks_its_chunking():
+    with pytest.raises(ValueError, match="chunks_per_rank\\*cp_size=16"):
+        DocLayout.from_cu_seqlens([0, 40], 4, strategy="balanced")
+    with pytest.raises(ValueError, match="chunks_per_rank: expected a positive int"):
+        DocLayout.from_cu_seqlens([0, 32], 4, strategy="balanced", chunks_per_rank=0)
