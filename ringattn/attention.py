@@ -16,7 +16,6 @@ from .plan import COMM_SHAPES, DEFAULT_COMM, rank_plan
 __all__ = ["ring_eod_attention", "RingEoDAttention", "DEFAULT_COMM", "resolve_group"]
 
 
-
 def resolve_group(group, layout: DocLayout):
     """``(group, rank, size)``: the world group by default; none for CP size 1 without a group."""
     if group is None:
