@@ -10,7 +10,6 @@ DEMO_ARGS ?=
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test,megatron]' $(TORCH)
 	touch $@
