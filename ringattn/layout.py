@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["DocLayout", "STRATEGIES"]
+from .eod import cu_seqlens_from_tokens, position_ids_from_cu_seqlens
+
+__all__ = ["DocLayout", "STRATEGIES", "doc_segments"]
 
 STRATEGIES = ("zigzag", "balanced")
 DEFAULT_CHUNKS_PER_RANK = 4
@@ -41,16 +43,22 @@ def _as_int_list(cu_seqlens) -> list[int]:
     return [int(x) for x in cu_seqlens]
 
 
+def doc_segments(cu, start: int, end: int):
+    """Yield ``(s, e, d)``: the range ``[start, end)`` cut at the document boundaries ``cu``; ``d`` is
+    the index of the document holding ``[s, e)``."""
+    d = bisect.bisect_right(cu, start) - 1
+    while start < end:
+        e = min(end, cu[d + 1])
+        yield start, e, d
+        start, d = e, d + 1
+
+
 def _chunk_work(cu: list[int], start: int, end: int) -> int:
     """Unmasked score entries of the queries in ``[start, end)``: sum of (offset in document + 1)."""
     work = 0
-    d = bisect.bisect_right(cu, start) - 1
-    while start < end:
-        ds, de = cu[d], cu[d + 1]
-        e = min(end, de)
-        a, b = start - ds + 1, e - ds  # offsets + 1 of the first and last token
+    for s, e, d in doc_segments(cu, start, end):
+        a, b = s - cu[d] + 1, e - cu[d]  # offsets + 1 of the first and last token
         work += (a + b) * (b - a + 1) // 2
-        start, d = e, d + 1
     return work
 
 
@@ -180,8 +188,6 @@ class DocLayout:
     def from_tokens(cls, tokens: torch.Tensor, eod_id: int, cp_size: int, *, strategy: str = "zigzag",
                     chunks_per_rank: int | None = None) -> "DocLayout":
         """Layout of ``tokens [b, s]`` whose documents end with ``eod_id`` (see :mod:`ringattn.eod`)."""
-        from .eod import cu_seqlens_from_tokens
-
         cu = cu_seqlens_from_tokens(tokens, eod_id)
         return cls.from_cu_seqlens(cu, cp_size, sample_len=int(tokens.shape[1]), strategy=strategy,
                                    chunks_per_rank=chunks_per_rank)
@@ -229,10 +235,7 @@ class DocLayout:
 
     def position_ids(self, rank: int, device=None) -> torch.Tensor:
         """int64 ``[local_tokens(rank)]``: reset position ids (offset within the document)."""
-        idx = self.local_indices(rank)
-        cu = torch.tensor(self.cu_seqlens, dtype=torch.int64)
-        doc = torch.searchsorted(cu, idx, right=True) - 1
-        return (idx - cu[doc]).to(device)
+        return position_ids_from_cu_seqlens(self.cu_seqlens, self.total_tokens)[self.local_indices(rank)].to(device)
 
     def stats(self, comm: str | None = None):
         """Per-rank tokens, attention work, block pairs and KV traffic (:class:`ringattn.plan.PlanStats`)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from ..layout import DocLayout, Range
+from ..layout import DocLayout, Range, doc_segments
 
 __all__ = ["COMM_SHAPES", "DEFAULT_COMM", "Segment", "Transfer", "Step", "RankPlan", "PlanStats", "Plan", "build_plan", "rank_plan"]
 
@@ -116,13 +116,17 @@ class RankPlan:
         return sum(s.work for s in self.steps)
 
     @property
+    def kv_recv_tokens(self) -> int:
+        return sum(s.recv.tokens for s in self.steps if s.recv)
+
+    @property
     def max_recv_tokens(self) -> int:
         return max((s.recv.tokens for s in self.steps if s.recv), default=0)
 
     def __repr__(self) -> str:
         return (
             f"RankPlan(rank={self.rank}, comm={self.comm!r}, steps={len(self.steps)}, local_tokens={self.local_tokens}, "
-            f"work={self.work}, kv_recv_tokens={sum(s.recv.tokens for s in self.steps if s.recv)})"
+            f"work={self.work}, kv_recv_tokens={self.kv_recv_tokens})"
         )
 
 
@@ -225,15 +229,6 @@ def _contiguous_rows(ranges: tuple[Range, ...], sub: tuple[Range, ...]) -> Range
     return rows[0]
 
 
-def _doc_segments(layout: DocLayout, start: int, end: int):
-    cu = layout.cu_seqlens
-    d = layout.doc_of(start)
-    while start < end:
-        e = min(end, cu[d + 1])
-        yield start, e
-        start, d = e, d + 1
-
-
 def _reads(layout: DocLayout, x: int, o: int):
     """Block pairs of rank ``x``'s queries against rank ``o``'s KV.
 
@@ -245,7 +240,7 @@ def _reads(layout: DocLayout, x: int, o: int):
     for a in layout.pieces[x]:
         a0, a1 = a
         if o == x:
-            for s, e in _doc_segments(layout, a0, a1):
+            for s, e, _ in doc_segments(cu, a0, a1):
                 yield (q_off + s - a0, q_off + e - a0), ((s, e),), True
         d = layout.doc_of(a0)
         ds, de = cu[d], cu[d + 1]
@@ -281,9 +276,6 @@ def build_plan(layout: DocLayout, comm: str = DEFAULT_COMM) -> Plan:
         raise ValueError(f"comm: expected one of {COMM_SHAPES}, got {comm!r}")
     cp = layout.cp_size
     pieces = layout.pieces
-
-    def local_rows(rank: int, glob: tuple[Range, ...]) -> tuple[Range, ...]:
-        return _rows_of(pieces[rank], glob)
 
     # reads[x][o] = list of (q rows, kv global ranges, causal)
     reads = [[list(_reads(layout, x, o)) for o in range(cp)] for x in range(cp)]
@@ -334,7 +326,7 @@ def build_plan(layout: DocLayout, comm: str = DEFAULT_COMM) -> Plan:
             grad_send = Transfer(o, _rows_of(buf, mine)) if mine else None
             reader = (x + t) % cp
             theirs = need[reader][x]
-            grad_recv = Transfer(reader, local_rows(x, theirs)) if theirs else None
+            grad_recv = Transfer(reader, _rows_of(pieces[x], theirs)) if theirs else None
             steps.append(Step(t, o, segments, recv, send, from_buffer, grad_send, grad_recv))
         rank_plans.append(RankPlan(x, cp, comm, layout.local_tokens(x), tuple(steps)))
 
@@ -346,7 +338,7 @@ def build_plan(layout: DocLayout, comm: str = DEFAULT_COMM) -> Plan:
         work=tuple(rp.work for rp in rank_plans),
         pairs_computed=tuple(p[0] for p in pairs),
         pairs_skipped=tuple(p[1] for p in pairs),
-        kv_recv_tokens=tuple(sum(s.recv.tokens for s in rp.steps if s.recv) for rp in rank_plans),
+        kv_recv_tokens=tuple(rp.kv_recv_tokens for rp in rank_plans),
         kv_send_tokens=tuple(sum(s.send.tokens for s in rp.steps if s.send) for rp in rank_plans),
         step_distances=tuple(s.distance for s in rank_plans[0].steps),
         kv_recv_per_step=tuple(tuple(s.recv.tokens if s.recv else 0 for s in rp.steps) for rp in rank_plans),
