@@ -79,10 +79,10 @@ class _RingEoDFunction(torch.autograd.Function):
         return dq.to(q.dtype), dkv[:, 0].to(kv.dtype), dkv[:, 1].to(kv.dtype), None, None, None, None
 
 
-def _local_verdict(q, k, v, layout, rank: int, size: int, scale, comm, backend) -> str | None:
-    """This rank's validation error message, or None."""
+def _local_verdict(q, k, v, layout, rank: int, size: int, scale, comm, backend):
+    """``(error message or None, kernel module or None)`` for this rank's input."""
     try:
-        get_backend(q.device.type if isinstance(q, torch.Tensor) else "cpu", backend)
+        kernel = get_backend(q.device.type if isinstance(q, torch.Tensor) else "cpu", backend)
         if layout.cp_size != size:
             raise ValueError(f"group: expected {layout.cp_size} ranks (layout.cp_size), got a group of size {size}")
         if comm not in COMM_SHAPES:
@@ -91,8 +91,13 @@ def _local_verdict(q, k, v, layout, rank: int, size: int, scale, comm, backend) 
             raise ValueError(f"softmax_scale: expected a positive finite float, got {scale!r}")
         check_inputs(q, k, v, layout, rank)
     except ValueError as exc:
-        return str(exc)
-    return None
+        return str(exc), None
+    return None, kernel
+
+
+def _heads_and_dim(x):
+    """``(heads, head_dim)`` of a THD tensor, None for anything else (reported by validation)."""
+    return tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else None
 
 
 def _agreement_device(group, q) -> torch.device:
@@ -134,11 +139,9 @@ def ring_eod_attention(
     group, rank, size = resolve_group(group, layout)
     head_dim = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() >= 1 and q.shape[-1] else 1
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    verdict = _local_verdict(q, k, v, layout, rank, size, scale, comm, backend)
+    verdict, kernel = _local_verdict(q, k, v, layout, rank, size, scale, comm, backend)
     if group is not None:
-        shape = lambda x: tuple(x.shape) if isinstance(x, torch.Tensor) else None  # noqa: E731
-        what = (layout.fingerprint, shape(q)[1:] if shape(q) else None, shape(k)[1:] if shape(k) else None,
-                str(getattr(q, "dtype", None)), scale, comm)
+        what = (layout.fingerprint, _heads_and_dim(q), _heads_and_dim(k), str(getattr(q, "dtype", None)), scale, comm)
         sig = signature(what)
         key = (id(group), sig)
         if validate or key not in layout.agreed:
@@ -148,7 +151,6 @@ def ring_eod_attention(
             layout.agreed.add(key)
     if verdict is not None:
         raise ValueError(verdict)
-    kernel = get_backend(q.device.type, backend)
     plan = rank_plan(layout, rank, comm)
     return _RingEoDFunction.apply(q, k, v, plan, group, scale, kernel)
 

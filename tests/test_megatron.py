@@ -98,3 +98,16 @@ def test_example_trains_with_decreasing_loss():
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     losses = [float(x) for x in re.findall(r"step \d+: loss ([0-9.]+)", res.stdout)]
     assert len(losses) == 5 and losses[-1] < losses[0], res.stdout
+
+
+def test_layer_spec_passes_the_comm_shape():
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from ringattn.adapters.megatron import RingEoDCoreAttention, ringattn_layer_spec
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, attention_dropout=0.0)
+    for comm in (None, "ring"):
+        build = ringattn_layer_spec(comm=comm).submodules.self_attention.submodules.core_attention
+        module = build(config=cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+        assert isinstance(module, RingEoDCoreAttention) and module.comm == comm

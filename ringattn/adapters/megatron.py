@@ -20,6 +20,7 @@ Attention dropout is not implemented (``config.attention_dropout`` must be 0).
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -125,19 +126,9 @@ def ringattn_layer_spec(base_spec=None, comm: str | None = None):
 
         base_spec = get_gpt_layer_local_spec()
     spec = copy.deepcopy(base_spec)
-    attn = spec.submodules.self_attention
-    attn.submodules.core_attention = RingEoDCoreAttention
-    if comm is not None:
-        attn.submodules.core_attention = _with_comm(comm)
+    core = RingEoDCoreAttention if comm is None else functools.partial(RingEoDCoreAttention, comm=comm)
+    spec.submodules.self_attention.submodules.core_attention = core
     return spec
-
-
-def _with_comm(comm: str):
-    class _RingEoDCoreAttention(RingEoDCoreAttention):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, comm=comm, **kwargs)
-
-    return _RingEoDCoreAttention
 
 
 class ResetRotaryEmbedding(RotaryEmbedding):
