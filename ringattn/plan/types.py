@@ -1,0 +1,165 @@
+"""The plan's plain frozen dataclasses: what one rank runs and the exact accounting.
+
+Work is counted in unmasked score entries (one query-key product per head), tokens in
+KV tokens (one key and one value row per KV head).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..layout import Range
+
+__all__ = ["COMM_SHAPES", "DEFAULT_COMM", "Range", "Segment", "Transfer", "Step", "RankPlan", "PlanStats", "Plan"]
+
+COMM_SHAPES = ("plain", "ring", "direct")
+#: the default shape (see the README for the measurements behind the choice)
+DEFAULT_COMM = "direct"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One block pair given to the kernel.
+
+    q: local query rows ``[start, end)``; kv: rows ``[start, end)`` in the step's KV source
+    (local KV at step 0, the received buffer otherwise). ``causal`` segments have
+    ``q == kv`` ranges; non-causal ones are dense rectangles.
+    """
+
+    q: Range
+    kv: Range
+    causal: bool
+
+    @property
+    def work(self) -> int:
+        lq, lk = self.q[1] - self.q[0], self.kv[1] - self.kv[0]
+        return lq * (lq + 1) // 2 if self.causal else lq * lk
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One P2P message of KV rows (forward) or dK/dV rows (backward).
+
+    peer: the other rank (group rank). rows: sorted row ranges it covers in the local
+    tensor it is read from or added to; ``tokens`` is their total length.
+    """
+
+    peer: int
+    rows: tuple[Range, ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(e - s for s, e in self.rows)
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one rank does at one step distance.
+
+    origin: rank whose KV ``segments`` read. recv: KV arriving into this step's buffer
+    (``rows`` = the whole buffer). send: KV leaving at this step, read from the local KV
+    (``send_from_buffer`` False) or from the previous step's buffer (ring forwarding).
+    grad_send: rows of this step's buffer whose dK/dV partial goes back to ``origin``.
+    grad_recv: local KV rows whose dK/dV partial arrives from the rank that read them.
+    """
+
+    distance: int
+    origin: int
+    segments: tuple[Segment, ...]
+    recv: Transfer | None = None
+    send: Transfer | None = None
+    send_from_buffer: bool = False
+    grad_send: Transfer | None = None
+    grad_recv: Transfer | None = None
+
+    @property
+    def work(self) -> int:
+        return sum(s.work for s in self.segments)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    rank: int
+    cp_size: int
+    comm: str
+    local_tokens: int
+    steps: tuple[Step, ...]
+
+    @property
+    def work(self) -> int:
+        return sum(s.work for s in self.steps)
+
+    @property
+    def kv_recv_tokens(self) -> int:
+        return sum(s.recv.tokens for s in self.steps if s.recv)
+
+    @property
+    def max_recv_tokens(self) -> int:
+        return max((s.recv.tokens for s in self.steps if s.recv), default=0)
+
+    def __repr__(self) -> str:
+        return (
+            f"RankPlan(rank={self.rank}, comm={self.comm!r}, steps={len(self.steps)}, local_tokens={self.local_tokens}, "
+            f"work={self.work}, kv_recv_tokens={self.kv_recv_tokens})"
+        )
+
+
+@dataclass(frozen=True)
+class PlanStats:
+    """Exact per-rank accounting of a plan (lists indexed by rank).
+
+    work: unmasked score entries per head. pairs_computed / pairs_skipped: (q piece, KV piece)
+    pairs of the same sample with / without an unmasked entry (a dense ring computes all).
+    kv_recv_tokens / kv_send_tokens: KV tokens per rank over the forward pass;
+    kv_recv_per_step[r][i] / kv_send_per_step[r][i]: tokens rank r receives / sends at
+    ``step_distances[i]``. Bytes: tokens times :meth:`kv_bytes_per_token` (backward replays the
+    forward KV exchange and returns fp32 dK/dV for the rows read).
+    """
+
+    comm: str
+    cp_size: int
+    tokens: tuple[int, ...]
+    work: tuple[int, ...]
+    pairs_computed: tuple[int, ...]
+    pairs_skipped: tuple[int, ...]
+    kv_recv_tokens: tuple[int, ...]
+    kv_send_tokens: tuple[int, ...]
+    step_distances: tuple[int, ...]
+    kv_recv_per_step: tuple[tuple[int, ...], ...]
+    kv_send_per_step: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_steps(self) -> int:
+        """Steps with an exchange (step 0 is local)."""
+        return sum(1 for d in self.step_distances if d > 0)
+
+    @property
+    def total_work(self) -> int:
+        return sum(self.work)
+
+    @property
+    def imbalance(self) -> float:
+        """Busiest rank's work over the mean work (1.0 is perfect)."""
+        mean = self.total_work / self.cp_size
+        return max(self.work) / mean if mean else 1.0
+
+    @staticmethod
+    def kv_bytes_per_token(num_kv_heads: int, head_dim: int, itemsize: int) -> int:
+        """Bytes of one KV token: a K row and a V row of ``num_kv_heads * head_dim`` elements."""
+        return 2 * num_kv_heads * head_dim * itemsize
+
+    def kv_bytes(self, rank: int, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
+        """Forward KV bytes received by ``rank``."""
+        return self.kv_recv_tokens[rank] * self.kv_bytes_per_token(num_kv_heads, head_dim, itemsize)
+
+    def __repr__(self) -> str:
+        return (
+            f"PlanStats(comm={self.comm!r}, cp={self.cp_size}, steps={self.num_steps}, imbalance={self.imbalance:.3f}, "
+            f"work={list(self.work)}, kv_recv_tokens={list(self.kv_recv_tokens)}, pairs_skipped={list(self.pairs_skipped)})"
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    comm: str
+    ranks: tuple[RankPlan, ...]
+    stats: PlanStats = field(repr=True)
