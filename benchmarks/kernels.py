@@ -17,8 +17,8 @@ import time
 import torch
 
 from ringattn import DocLayout, build_plan
-from ringattn.comm.executor import backward_step, forward_step
-from ringattn.kernels import get_backend
+from ringattn.comm.executor import backward_step, forward_step, plan_exec
+from ringattn.kernels import VarlenCall, get_backend
 from ringattn.workloads import load_workload, rescale_cu_seqlens, workload_names
 
 
@@ -49,14 +49,16 @@ def rank_runner(rp, heads, kv_heads, dim, dtype, device, kernel, scale):
     out = torch.empty(n, heads, dim, dtype=torch.float32, device=device)
     lse = torch.empty(n, heads, dtype=torch.float32, device=device)
 
+    ex = plan_exec(rp)
+
     def run():
-        for st, src in zip(rp.steps, srcs):
-            forward_step(st, q, src, out, lse, kernel, scale)
+        for sx, src in zip(ex.steps, srcs):
+            forward_step(sx, q, src, out, lse, kernel, scale)
         o = out.to(dtype)
         dq = torch.zeros(n, heads, dim, dtype=torch.float32, device=device)
-        for st, src in zip(rp.steps, srcs):
-            if st.segments:
-                backward_step(st, dout, q, src, o, lse, dq, torch.zeros(src.shape, dtype=torch.float32, device=device),
+        for sx, src in zip(ex.steps, srcs):
+            if sx.calls:
+                backward_step(sx, dout, q, src, o, lse, dq, torch.zeros(src.shape, dtype=torch.float32, device=device),
                               kernel, scale)
     return run
 
@@ -99,12 +101,11 @@ def main() -> None:
         g = torch.Generator(device="cpu").manual_seed(0)
         mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
         q, k, v, dout = mk(total, heads, dim), mk(total, kv_heads, dim), mk(total, kv_heads, dim), mk(total, heads, dim)
-        cu_t = tuple(cu)
-        max_len = max(b - a for a, b in zip(cu, cu[1:]))
+        whole = VarlenCall(tuple(cu), tuple(cu), True)
 
         def single():
-            o, l = kernel.forward(q, k, v, cu_t, cu_t, max_len, max_len, True, scale)
-            kernel.backward(dout, q, k, v, o.to(dtype), l, cu_t, cu_t, max_len, max_len, True, scale)
+            o, l = kernel.forward(q, k, v, whole, scale)
+            kernel.backward(dout, q, k, v, o.to(dtype), l, whole, scale)
 
         t_single = timed(single, device, args.repeat)
         work_total = sum((b - a) * (b - a + 1) // 2 for a, b in zip(cu, cu[1:]))

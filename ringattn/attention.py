@@ -90,6 +90,9 @@ def _local_verdict(q, k, v, layout, rank: int, size: int, scale, comm, backend):
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"softmax_scale: expected a positive finite float, got {scale!r}")
         check_inputs(q, k, v, layout, rank)
+        backend_check = getattr(kernel, "validate", None)
+        if backend_check is not None:
+            backend_check(q, k, v)
     except ValueError as exc:
         return str(exc), None
     return None, kernel

@@ -6,13 +6,13 @@ import torch
 __all__ = ["merge"]
 
 
-def merge(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, cu_q=None):
+def merge(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor):
     """Merge a partial result into an accumulator; returns ``(out, lse)`` (fp32).
 
     out_acc: fp32 ``[n, H, D]``; lse_acc: fp32 ``[n, H]`` (finite); out: ``[n, H, D]`` any float
     dtype; lse: ``[n, H]``. The result is attention over the union of both key sets:
     ``lse = logaddexp(lse_acc, lse)``, ``out = exp(lse_acc - lse)*out_acc + exp(lse_i - lse)*out``.
-    ``cu_q`` (segment boundaries of the rows) is unused here; fused backends may need it.
+    Elementwise per row, so the executor runs it once per step on all of the step's rows.
     """
     lse = lse.float()
     new = torch.logaddexp(lse_acc, lse)

@@ -2,27 +2,41 @@
 
 Contract (THD layout, GQA native: k/v may have fewer heads than q, ``Hq % Hkv == 0``)::
 
-    forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale) -> (out, lse)
-    backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale) -> (dq, dk, dv)
+    forward(q, k, v, call, scale) -> (out, lse)
+    backward(dout, q, k, v, out, lse, call, scale) -> (dq, dk, dv)
+    merge(out_acc, lse_acc, out, lse, call) -> (out, lse)          # optional
+    validate(q, k, v) -> None                                     # optional
 
-* q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]``, packed segments: segment ``i`` is rows
-  ``cu_q[i]:cu_q[i+1]`` of q against rows ``cu_k[i]:cu_k[i+1]`` of k/v.
-* ``cu_q``/``cu_k``: host tuples of ints starting at 0 (backends convert as they need);
-  ``max_q``/``max_k``: the longest segment lengths.
-* ``causal``: every segment has equal q and k lengths and is causal (top-left = bottom-right);
-  otherwise every segment is dense. ``scale``: softmax scale (float).
-* out: ``[Tq, Hq, D]`` in q's dtype or fp32; lse: fp32 ``[Tq, Hq]`` natural-log sum-exp of
-  the scaled scores. Every query row has at least one key.
-* backward gets the *merged* ``out`` (q's dtype) and ``lse`` (fp32) and returns gradients of
-  this block's contribution (dq ``[Tq, Hq, D]``, dk/dv ``[Tk, Hkv, D]``, dtype q's or fp32).
-  A backend that sets ``BACKWARD_TAKES_FP32_OUT = True`` is given the merged out in fp32.
+* ``call`` is a :class:`VarlenCall`: the packed segments of one kernel call. Segment ``i`` is rows
+  ``cu_q[i]:cu_q[i+1]`` of q against rows ``cu_k[i]:cu_k[i+1]`` of k/v; ``causal`` says whether every
+  segment is causal (then q and k lengths are equal, so top-left = bottom-right alignment) or every
+  segment is dense. The executor builds each call once per plan and reuses it on every training step,
+  so a backend derives what it needs from it *once* with :meth:`VarlenCall.cached` (device
+  ``cu_seqlens``, statistics-layout indices, chunkings) instead of on every call: no host work per
+  segment and no host-to-device copy on the hot path.
+* q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]``; k/v may be strided views (K and V of one stacked buffer).
+* out: ``[Tq, Hq, D]`` in q's dtype or fp32; lse: fp32 ``[Tq, Hq]`` natural-log sum-exp of the scaled
+  scores (token-major, whatever the device operator's own statistics layout). Every query row has at
+  least one key.
+* backward gets the *merged* ``out`` (q's dtype) and ``lse`` (fp32) and returns gradients of this
+  block's contribution (dq ``[Tq, Hq, D]``, dk/dv ``[Tk, Hkv, D]``, dtype q's or fp32). A backend that
+  sets ``BACKWARD_TAKES_FP32_OUT = True`` is given the merged out in fp32.
+* merge (optional, e.g. a fused device op): the log-sum-exp merge of :func:`ringattn.merge.merge` for
+  the rows of ``call``; without it the executor uses the torch merge.
+* validate (optional): raise ``ValueError`` for local input the device operator cannot take (dtype,
+  heads, head dim, tokens). It runs with ringattn's own validation, before any communication, and
+  the verdict is agreed by every rank.
+
+Registering a backend: add ``name -> module path`` to :data:`BACKENDS` and pass ``backend=name``.
 """
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any, Callable
 
-__all__ = ["BACKENDS", "get_backend"]
+__all__ = ["BACKENDS", "VarlenCall", "get_backend"]
 
 BACKENDS = {
     "cpu": "ringattn.kernels.cpu",
@@ -30,6 +44,46 @@ BACKENDS = {
     "npu": "ringattn.kernels.npu",
     "math": "ringattn.kernels.math",
 }
+
+
+@dataclass(frozen=True, eq=False)
+class VarlenCall:
+    """One kernel call over packed segments (see the module docstring).
+
+    cu_q / cu_k: host tuples of ints starting at 0, one entry more than segments; max_q / max_k: the
+    longest segment lengths. Identity-hashed: a call is built once per plan and reused.
+    """
+
+    cu_q: tuple[int, ...]
+    cu_k: tuple[int, ...]
+    causal: bool
+    max_q: int = field(init=False)
+    max_k: int = field(init=False)
+    _cache: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_q", max(b - a for a, b in zip(self.cu_q, self.cu_q[1:])))
+        object.__setattr__(self, "max_k", max(b - a for a, b in zip(self.cu_k, self.cu_k[1:])))
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.cu_q) - 1
+
+    @property
+    def total_q(self) -> int:
+        return self.cu_q[-1]
+
+    @property
+    def total_k(self) -> int:
+        return self.cu_k[-1]
+
+    def cached(self, key, build: Callable[[], Any]):
+        """``build()`` once per ``key`` (include the device in it), then the stored value."""
+        try:
+            return self._cache[key]
+        except KeyError:
+            value = self._cache[key] = build()
+            return value
 
 
 def get_backend(device_type: str, override: str | None = None) -> ModuleType:

@@ -27,24 +27,26 @@ def _compute(*xs):
     return [x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in xs]
 
 
-def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+def forward(q, k, v, call, scale):
     q, k, v = _compute(q, k, v)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-    for i in range(len(cu_q) - 1):
+    cu_q, cu_k = call.cu_q, call.cu_k
+    for i in range(call.num_segments):
         qs, qe, ks, ke = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
-        o, l = _fwd(_bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]), 0.0, causal, scale=scale)
+        o, l = _fwd(_bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]), 0.0, call.causal, scale=scale)
         out[qs:qe] = o[0].transpose(0, 1)
         lse[qs:qe] = l[0].transpose(0, 1)
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+def backward(dout, q, k, v, out, lse, call, scale):
     dout, q, k, v, out = _compute(dout, q, k, v, out)
     dq = torch.empty_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
-    for i in range(len(cu_q) - 1):
+    cu_q, cu_k, causal = call.cu_q, call.cu_k, call.causal
+    for i in range(call.num_segments):
         qs, qe, ks, ke = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
         g_q, g_k, g_v = _bwd(
             _bhld(dout[qs:qe]), _bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]),

@@ -12,6 +12,7 @@ from einops import rearrange
 #: backward may be given the merged output in fp32 (it computes in fp32 anyway)
 BACKWARD_TAKES_FP32_OUT = True
 
+
 def _segment_scores(q, k, causal, scale):
     """fp32 scores ``[Hkv, g, Lq, Lk]`` (GQA: ``g = Hq // Hkv`` query heads per KV head)."""
     qg = rearrange(q.float(), "t (h g) d -> h g t d", h=k.shape[1])
@@ -22,7 +23,8 @@ def _segment_scores(q, k, causal, scale):
     return s
 
 
-def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+def forward(q, k, v, call, scale):
+    cu_q, cu_k, causal = call.cu_q, call.cu_k, call.causal
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     for i in range(len(cu_q) - 1):
@@ -35,7 +37,8 @@ def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+def backward(dout, q, k, v, out, lse, call, scale):
+    cu_q, cu_k, causal = call.cu_q, call.cu_k, call.causal
     dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
