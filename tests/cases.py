@@ -52,17 +52,21 @@ def global_tensors(case: Case):
     return q, k, v, dout
 
 
+#: test backend names that run the NPU backend on an emulated torch_npu generation (tests/npu_emulation.py)
+NPU_GENERATIONS = {"npu": "current", "npu-legacy": "legacy", "npu-old-cann": "layout-kwarg-old-cann"}
+
+
 def run_case(rank: int, cp: int, case: Case):
     """This rank's (local indices, out, dq, dk, dv) for ``case``.
 
-    ``backend="npu"`` / ``"npu-no-update"`` run the NPU backend on the emulation of the
-    documented torch_npu contract (with / without the fused ring-attention update).
+    ``backend`` in :data:`NPU_GENERATIONS` runs the NPU backend on the emulation of the documented
+    torch_npu contract, in that generation (see tests/npu_emulation.py).
     """
     backend = case.backend
     if backend and backend.startswith("npu"):
         from . import npu_emulation
 
-        npu_emulation.install(with_ring_update=backend == "npu")
+        npu_emulation.install(NPU_GENERATIONS[backend])
         backend = "npu"
     layout = DocLayout.from_cu_seqlens(case.cu_seqlens, cp, sample_len=case.sample_len, strategy=case.strategy,
                                        chunks_per_rank=case.chunks_per_rank)

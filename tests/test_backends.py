@@ -6,11 +6,12 @@ import sys
 import pytest
 import torch
 
-from ringattn.kernels import get_backend
+from ringattn.kernels import VarlenCall, get_backend
 
 from . import npu_emulation as emu
-from .cases import Case, assemble, run_cases
+from .cases import Case, assemble, global_tensors, run_cases
 from .dist import run_ranks, unwrap
+from .reference import dense_with_grads
 from .test_attention import check_case, layout_cases
 
 
@@ -27,24 +28,167 @@ def test_npu_backend_without_torch_npu_says_why(monkeypatch):
     npu = get_backend("cpu", "npu")
     q = torch.randn(4, 2, 64)
     with pytest.raises(ValueError, match="torch_npu could not be imported"):
-        npu.forward(q, q, q, (0, 4), (0, 4), 4, 4, True, 0.1)
+        npu.forward(q, q, q, VarlenCall((0, 4), (0, 4), True), 0.1)
+
+
+def test_npu_backend_refuses_what_the_operator_documents_as_unsupported():
+    npu = get_backend("cpu", "npu")
+    with pytest.raises(ValueError, match="head_dim at most 768"):
+        npu.validate(*(torch.empty(4, 2, 800),) * 3)
+    with pytest.raises(ValueError, match="at most 256 query heads"):
+        npu.validate(*(torch.empty(4, 300, 64),) * 3)
+    with pytest.raises(ValueError, match="dtype"):
+        npu.validate(*(torch.empty(4, 2, 64, dtype=torch.float64),) * 3)
+
+
+def _emulated(generation):
+    return emu._bind(emu._Generation(generation))
 
 
 def test_emulation_rejects_contract_misuse():
+    fwd, bwd = _emulated("current")
     q = torch.randn(6, 2, 64)
     mask = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), 1)
-    with pytest.raises(RuntimeError, match="without a leading 0"):
-        emu.npu_fusion_attention(q, q, q, 2, "TND", actual_seq_qlen=[0, 6], actual_seq_kvlen=[0, 6])
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        fwd(q, q, q, 2, "TND", actual_seq_qlen=[4, 2, 6], actual_seq_kvlen=[4, 2, 6])
+    with pytest.raises(RuntimeError, match="1..1024"):
+        fwd(q, q, q, 2, "TND", actual_seq_qlen=[0] * 1024 + [6], actual_seq_kvlen=[0] * 1024 + [6])
+    with pytest.raises(RuntimeError, match="equal length"):
+        fwd(q, q, q, 2, "TND", actual_seq_qlen=[0, 6], actual_seq_kvlen=[6])
     with pytest.raises(RuntimeError, match="triu"):
-        emu.npu_fusion_attention(q, q, q, 2, "TND", atten_mask=~mask, sparse_mode=3, actual_seq_qlen=[6],
-                                 actual_seq_kvlen=[6])
-    out, smax, ssum = emu.npu_fusion_attention(q, q, q, 2, "TND", actual_seq_qlen=[6], actual_seq_kvlen=[6])[:3]
+        fwd(q, q, q, 2, "TND", atten_mask=~mask, sparse_mode=3, actual_seq_qlen=[6], actual_seq_kvlen=[6])
+    out, smax, ssum = fwd(q, q, q, 2, "TND", actual_seq_qlen=[6], actual_seq_kvlen=[6])[:3]
     with pytest.raises(TypeError):  # the grad op's keyword is scale_value, not scale
-        emu.npu_fusion_attention_grad(q, q, q, q, 2, "TND", softmax_max=smax, softmax_sum=ssum, attention_in=out,
-                                      scale=0.1, actual_seq_qlen=[6], actual_seq_kvlen=[6])
+        bwd(q, q, q, q, 2, "TND", softmax_max=smax, softmax_sum=ssum, attention_in=out, scale=0.1,
+            actual_seq_qlen=[6], actual_seq_kvlen=[6])
+    # zero-length segments are documented as allowed: a leading 0 is an empty first segment
+    again = fwd(q, q, q, 2, "TND", actual_seq_qlen=[0, 6], actual_seq_kvlen=[0, 6])[0]
+    assert torch.equal(again, out)
+    # generations: the keyword is unknown before torch_npu 7.2, refused by a CANN without the V4 kernels
+    legacy_fwd, _ = _emulated("legacy")
+    with pytest.raises(TypeError):
+        legacy_fwd(q, q, q, 2, "TND", actual_seq_qlen=[6], actual_seq_kvlen=[6], softmax_layout="TND")
+    old_cann_fwd, _ = _emulated("layout-kwarg-old-cann")
+    with pytest.raises(RuntimeError, match="softmax_layout is not supported"):
+        old_cann_fwd(q, q, q, 2, "TND", actual_seq_qlen=[6], actual_seq_kvlen=[6], softmax_layout="TND")
+    # npu_ring_attention_update: the real keywords, D a multiple of 64, int64 actual_seq_qlen from 0 to T
+    stats = torch.zeros(6, 2, 8)
+    ones = torch.ones(6, 2, 8)
+    seq = torch.tensor([0, 6])
+    with pytest.raises(TypeError):  # MindSpeed's wrapper keyword, not torch_npu's
+        emu.npu_ring_attention_update(q, stats, ones, q, stats, ones, actual_seq_qlen=seq, layout="TND")
     with pytest.raises(RuntimeError, match="multiple of 64"):
         small = torch.randn(6, 2, 32)
-        emu.npu_ring_attention_update(small, smax, ssum, small, smax, ssum, torch.tensor([0, 6]), "TND")
+        emu.npu_ring_attention_update(small, stats, ones, small, stats, ones, actual_seq_qlen=seq,
+                                      input_layout="TND", input_softmax_layout="TND")
+    with pytest.raises(RuntimeError, match="from 0 to T"):
+        emu.npu_ring_attention_update(q, stats, ones, q, stats, ones, actual_seq_qlen=torch.tensor([6]),
+                                      input_layout="TND", input_softmax_layout="TND")
+    with pytest.raises(RuntimeError, match="same shape and dtype"):
+        emu.npu_ring_attention_update(q, stats, ones, q.bfloat16(), stats, ones, actual_seq_qlen=seq,
+                                      input_layout="TND", input_softmax_layout="TND")
+
+
+def test_emulation_default_statistics_match_mindspeeds_flatten_softmax():
+    """The default TND statistics, read the way MindSpeed's ``flatten_softmax`` reads them (per segment of
+    length s, the next s*N rows of the [-1, 8] view are an [N, s, 8] block), equal the token-major ones."""
+    fwd, _ = _emulated("current")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(9, 3, 64, generator=g) for _ in range(3))
+    lengths = [2, 4, 3]
+    seq = [2, 6, 9]
+    default = fwd(q, k, v, 3, "TND", actual_seq_qlen=seq, actual_seq_kvlen=seq)[1]
+    token_major = fwd(q, k, v, 3, "TND", actual_seq_qlen=seq, actual_seq_kvlen=seq, softmax_layout="TND")[1]
+    rows = default.reshape(-1, 8).split([n * 3 for n in lengths])
+    flattened = torch.cat([r.view(3, n, 8).transpose(0, 1) for r, n in zip(rows, lengths)])
+    assert torch.equal(flattened, token_major)
+    assert not torch.equal(default, token_major)  # with several heads and segments the layouts differ
+
+
+def _layout_regression_worker(rank, cp, payload):
+    """Run cases on the NPU backend; with ``old_reading`` the statistics are read token-major (identity index),
+    as before issue 9 — restored afterwards, the pool process is reused."""
+    import ringattn.kernels.npu as npu
+
+    cases, old_reading = payload
+    original = npu._head_major_index
+    if old_reading:
+        def identity(call, chunk, heads, device):
+            idx = torch.arange((chunk.q1 - chunk.q0) * heads, device=device)
+            return idx, idx
+        npu._head_major_index = identity
+    try:
+        return run_cases(rank, cp, cases)
+    finally:
+        npu._head_major_index = original
+
+
+def _max_error(case, got) -> float:
+    q, k, v, dout = global_tensors(case)
+    ref = dense_with_grads(q, k, v, dout, case.cu_seqlens, case.d ** -0.5)
+    return max((x.double() - r).abs().max().item() for x, r in zip(got, ref))
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_npu_default_statistics_layout_regression(cp, rank_pools):
+    """Several heads, several segments per call, default (legacy) statistics layout: exact as the CPU
+    backend (fp32 <= 1e-5), while the pre-fix token-major reading of the same statistics is far off."""
+    s = 2 * cp * 8
+    cu = tuple(range(0, s, 5)) + (s,)  # 5-token documents: many cross a chunk with 2+ tokens on each side
+    case = Case("layout regression", cu, s, hq=4, hkv=2, d=64, seed=31, comm="direct", backend="npu-legacy")
+    errors = {}
+    for old in (False, True):
+        per_rank = unwrap(rank_pools(cp).run(_layout_regression_worker, ([case], old)))
+        errors[old] = _max_error(case, assemble([r[0] for r in per_rank], s))
+    assert errors[False] <= 1e-5, errors
+    assert errors[True] > 1e-2, errors
+
+
+def test_npu_step_with_more_than_1024_segments_is_split_and_exact(rank_pools):
+    """1,200 single-token documents on rank 0 plus a document crossing ranks: step 0's causal call has
+    1,201 segments, more than the operator's 1,024, so the backend splits it; both generations exact."""
+    from ringattn import DocLayout
+    from ringattn.comm.executor import plan_exec
+    from ringattn.plan import rank_plan
+
+    s = 4800
+    cu = tuple(range(0, 2201)) + (s,)
+    plan = rank_plan(DocLayout.from_cu_seqlens(cu, 2), 0, "direct")
+    causal = [c for c in plan_exec(plan).steps[0].calls if c.varlen.causal][0]
+    assert causal.varlen.num_segments > 1024
+    cases = [Case(">1024 segments", cu, s, hq=2, hkv=1, d=64, seed=41, comm="direct", backend=b)
+             for b in ("npu", "npu-legacy")]
+    per_rank = unwrap(rank_pools(2).run(run_cases, cases))
+    for i, case in enumerate(cases):
+        check_case(case, assemble([r[i] for r in per_rank], s))
+
+
+def test_npu_capabilities_are_detected_once():
+    """The softmax_layout probe costs one extra call per op on the first use, none afterwards."""
+    import ringattn
+    from ringattn import DocLayout
+
+    from .cases import NPU_GENERATIONS
+
+    for name, generation in NPU_GENERATIONS.items():
+        mod = emu.install(generation)
+        calls = {"fwd": 0, "bwd": 0}
+        fwd, bwd = mod.npu_fusion_attention, mod.npu_fusion_attention_grad
+
+        def counting_fwd(*a, **kw):
+            calls["fwd"] += 1
+            return fwd(*a, **kw)
+
+        def counting_bwd(*a, **kw):
+            calls["bwd"] += 1
+            return bwd(*a, **kw)
+        mod.npu_fusion_attention, mod.npu_fusion_attention_grad = counting_fwd, counting_bwd
+        layout = DocLayout.from_cu_seqlens([0, 3, 8], 1)
+        for _ in range(3):
+            q, k, v = (torch.randn(8, 2, 64, requires_grad=True) for _ in range(3))
+            ringattn.ring_eod_attention(q, k, v, layout, backend="npu").sum().backward()
+        probe = 0 if generation == "current" else 1
+        assert calls == {"fwd": 3 + probe, "bwd": 3 + probe}, (name, calls)
 
 
 def _staged_worker(rank, cp, cases):
@@ -80,3 +224,153 @@ def test_cuda_multi_rank_on_one_gpu(cp):
     per_rank = unwrap(run_ranks(cp, _cuda_worker, cases, timeout_s=300))
     for i, case in enumerate(cases):
         check_case(case, assemble([r[i] for r in per_rank], case.cu_seqlens[-1]))
+
+
+# ---------------------------------------------------------------------------------------------- CUDA, on CPU
+# Parameter names (and whether they have a default) of flash_attn's varlen functions, transcribed from
+# flash_attn/flash_attn_interface.py at the tags v2.6.0, v2.7.0 and v2.8.3 of Dao-AILab/flash-attention.
+_FA_FWD_26 = ("q k v cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p softmax_scale causal window_size "
+              "softcap alibi_slopes return_softmax block_table").split()
+_FA_FWD_27 = ("q k v cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p softmax_scale causal "
+              "window_size_left= window_size_right= softcap= alibi_slopes= return_softmax= block_table= leftpad_k= "
+              "seqused_k=").split()
+_FA_FWD_28 = _FA_FWD_27 + ["zero_tensors="]
+_FA_BWD_26 = ("dout q k v out softmax_lse dq dk dv cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p "
+              "softmax_scale causal window_size softcap alibi_slopes deterministic rng_state=").split()
+_FA_BWD_27 = ("dout q k v out softmax_lse dq dk dv cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p "
+              "softmax_scale causal window_size_left window_size_right softcap alibi_slopes deterministic "
+              "rng_state=").split()
+_FA_BWD_28 = _FA_BWD_27 + ["zero_tensors="]
+FLASH_ATTN_SIGNATURES = {(2, 6): (_FA_FWD_26, _FA_BWD_26), (2, 7): (_FA_FWD_27, _FA_BWD_27),
+                         (2, 8): (_FA_FWD_28, _FA_BWD_28)}
+
+
+def _signature(names):
+    import inspect
+
+    return inspect.Signature([inspect.Parameter(n.rstrip("="), inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                default=None if n.endswith("=") else inspect.Parameter.empty)
+                              for n in names])
+
+
+@pytest.mark.parametrize("version", sorted(FLASH_ATTN_SIGNATURES))
+def test_flash_attn_arguments_bind_to_the_real_signatures(version):
+    from ringattn.kernels import cuda
+
+    fwd_names, bwd_names = FLASH_ATTN_SIGNATURES[version]
+    q, k, v, cq, ck, dq, dk, dv, out, lse, dout = (object() for _ in range(11))
+    f = _signature(fwd_names).bind(*cuda.flash_forward_args(version, q, k, v, cq, ck, 7, 9, 0.125, True)).arguments
+    assert (f["q"], f["k"], f["v"], f["cu_seqlens_q"], f["cu_seqlens_k"]) == (q, k, v, cq, ck)
+    assert (f["max_seqlen_q"], f["max_seqlen_k"], f["dropout_p"], f["softmax_scale"], f["causal"]) == (7, 9, 0.0, 0.125, True)
+    assert f["softcap"] == 0.0 and f["alibi_slopes"] is None and f["return_softmax"] is False
+    window = (f["window_size_left"], f["window_size_right"]) if version >= (2, 7) else f["window_size"]
+    assert tuple(window) == (-1, -1)
+    b = _signature(bwd_names).bind(*cuda.flash_backward_args(version, dout, q, k, v, out, lse, dq, dk, dv, cq, ck, 7, 9,
+                                                               0.125, False)).arguments
+    assert (b["dout"], b["q"], b["k"], b["v"], b["out"], b["softmax_lse"]) == (dout, q, k, v, out, lse)
+    assert (b["dq"], b["dk"], b["dv"], b["cu_seqlens_q"], b["cu_seqlens_k"]) == (dq, dk, dv, cq, ck)
+    assert (b["max_seqlen_q"], b["max_seqlen_k"], b["dropout_p"], b["softmax_scale"], b["causal"]) == (7, 9, 0.0, 0.125, False)
+    assert b["softcap"] == 0.0 and b["alibi_slopes"] is None and b["deterministic"] is False and b["rng_state"] is None
+    window = (b["window_size_left"], b["window_size_right"]) if version >= (2, 7) else b["window_size"]
+    assert tuple(window) == (-1, -1)
+
+
+def _fake_flash_attn(version: str):
+    """A stand-in flash_attn package: functions that accept only ``(*args, **kwargs)`` (as 2.7's custom ops
+    present themselves), bind them to the real parameter names of ``version`` and compute with the math
+    kernel, returning the real result tuples (LSE ``[H, total_q]``). Only what the CUDA backend calls."""
+    import types
+
+    from ringattn.kernels import math as mk
+
+    key = tuple(int(x) for x in version.split(".")[:2])
+    fwd_names, bwd_names = FLASH_ATTN_SIGNATURES[key]
+
+    def varlen_forward(*args, **kwargs):
+        a = _signature(fwd_names).bind(*args, **kwargs).arguments
+        call = VarlenCall(tuple(a["cu_seqlens_q"].tolist()), tuple(a["cu_seqlens_k"].tolist()), a["causal"])
+        out, lse = mk.forward(a["q"], a["k"], a["v"], call, a["softmax_scale"])
+        out = out.to(a["q"].dtype)
+        if key >= (2, 7):
+            return out, lse.t().contiguous(), torch.empty(0), torch.empty(2)
+        return out, a["q"], a["k"], a["v"], out, lse.t().contiguous(), torch.empty(0), torch.empty(2)
+
+    def varlen_backward(*args, **kwargs):
+        a = _signature(bwd_names).bind(*args, **kwargs).arguments
+        call = VarlenCall(tuple(a["cu_seqlens_q"].tolist()), tuple(a["cu_seqlens_k"].tolist()), a["causal"])
+        assert a["softmax_lse"].is_contiguous()
+        grads = mk.backward(a["dout"], a["q"], a["k"], a["v"], a["out"], a["softmax_lse"].t(), call, a["softmax_scale"])
+        for dst, g in zip((a["dq"], a["dk"], a["dv"]), grads):
+            dst.copy_(g)
+        return torch.empty(0)
+
+    pkg = types.ModuleType("flash_attn")
+    pkg.__version__ = version
+    iface = types.ModuleType("flash_attn.flash_attn_interface")
+    iface._flash_attn_varlen_forward, iface._flash_attn_varlen_backward = varlen_forward, varlen_backward
+    pkg.flash_attn_interface = iface
+    return pkg, iface
+
+
+@pytest.mark.parametrize("version", ["2.6.3", "2.7.4.post1", "2.8.3"])
+@pytest.mark.parametrize("head_dim", [64, 20])
+def test_cuda_backend_through_flash_attn_matches_math(version, head_dim, monkeypatch):
+    """The CUDA backend's flash_attn path, run on CPU against a stand-in with the real signatures: same result
+    as the math kernel, GQA, causal and dense calls, head dims that need padding to a multiple of 8."""
+    from ringattn.kernels import cuda, math as mk
+
+    pkg, iface = _fake_flash_attn(version)
+    monkeypatch.setitem(sys.modules, "flash_attn", pkg)
+    monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", iface)
+    cuda.flash_attn_api.cache_clear()
+    try:
+        assert cuda.flash_attn_api()[0] == cuda._version(version)
+        g = torch.Generator().manual_seed(3)
+        for causal, cu_q, cu_k in ((True, (0, 3, 8), (0, 3, 8)), (False, (0, 2, 5), (0, 4, 10))):
+            call = VarlenCall(cu_q, cu_k, causal)
+            q = torch.randn(cu_q[-1], 4, head_dim, generator=g).bfloat16()
+            kv = torch.randn(cu_k[-1], 2, 2, head_dim, generator=g).bfloat16()
+            k, v = kv[:, 0], kv[:, 1]  # strided views, as the executor passes them
+            out, lse = cuda.forward(q, k, v, call, 0.3)
+            ref_out, ref_lse = mk.forward(q, k, v, call, 0.3)
+            assert out.shape == q.shape and lse.shape == q.shape[:2]
+            assert (out.float() - ref_out).abs().max() < 1e-2 and (lse - ref_lse).abs().max() < 1e-5
+            dout = torch.randn(q.shape, generator=g).bfloat16()
+            got = cuda.backward(dout, q, k, v, out, lse, call, 0.3)
+            ref = mk.backward(dout, q, k, v, out.float(), ref_lse, call, 0.3)
+            for x, r in zip(got, ref):
+                assert x.shape == r.shape and (x.float() - r).abs().max() < 2e-2
+    finally:
+        cuda.flash_attn_api.cache_clear()
+
+
+def test_cuda_backend_refuses_flash_attn_before_2_6(monkeypatch):
+    from ringattn.kernels import cuda
+
+    pkg, iface = _fake_flash_attn("2.6.0")
+    pkg.__version__ = "2.5.9"
+    monkeypatch.setitem(sys.modules, "flash_attn", pkg)
+    monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", iface)
+    cuda.flash_attn_api.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="padded varlen LSE"):
+            assert cuda.flash_attn_api() is None
+    finally:
+        cuda.flash_attn_api.cache_clear()
+
+
+def test_cuda_head_dim_padding_is_exact():
+    """Zero-padding the head dim to a multiple of 8 (what the CUDA backend does for flash) changes nothing."""
+    from ringattn.kernels import cuda, math as mk
+
+    g = torch.Generator().manual_seed(5)
+    call = VarlenCall((0, 4, 9), (0, 4, 9), True)
+    q, k, v, dout = (torch.randn(9, 2, 12, generator=g) for _ in range(4))
+    out, lse = mk.forward(q, k, v, call, 0.2)
+    pq, pk, pv, pdout, pout = cuda._pad8(q, k, v, dout, out)
+    assert pq.shape[-1] == 16
+    p_out, p_lse = mk.forward(pq, pk, pv, call, 0.2)
+    torch.testing.assert_close(p_out[..., :12], out)
+    torch.testing.assert_close(p_lse, lse)
+    for a, b in zip(mk.backward(pdout, pq, pk, pv, pout, lse, call, 0.2), mk.backward(dout, q, k, v, out, lse, call, 0.2)):
+        torch.testing.assert_close(a[..., :12], b)

@@ -1,27 +1,60 @@
-"""Ascend NPU backend: ``torch_npu.npu_fusion_attention`` / ``npu_fusion_attention_grad``, TND.
+"""Ascend NPU backend: ``torch_npu.npu_fusion_attention`` / ``npu_fusion_attention_grad``, TND (varlen).
 
-* ``actual_seq_qlen`` / ``actual_seq_kvlen``: cumulative segment ends without the leading 0.
-* causal blocks: ``sparse_mode=3`` with the compressed 2048x2048 ``triu(1)`` bool mask
-  (q and k segments have equal lengths, so right-down alignment is the plain causal mask);
-  dense blocks: ``sparse_mode=0`` and no mask.
-* LSE = ``softmax_max + log(softmax_sum)`` (both ``[T, N, 8]``, the 8 values replicated).
-* backward gets the merged out as ``attention_in`` and the merged LSE as ``softmax_max``
-  with ``softmax_sum = 1``; the scale keyword is ``scale_value``.
-* merge: the fused ``npu_ring_attention_update`` (TND) when torch_npu has it and the head
-  dim is a multiple of 64 (its documented TND constraint); the torch merge otherwise.
+What this relies on, and where upstream documents it (Ascend/op-plugin unless said otherwise):
 
-``torch_npu`` is imported lazily; without Ascend's CANN libraries importing it raises
-RuntimeError, not only ImportError, so both are caught.
+* Signatures: ``op_plugin/config/op_plugin_functions.yaml``; the forward's user doc
+  ``docs/zh/custom_APIs/torch_npu/torch_npu-npu_fusion_attention.md`` (also torch_npu's docstring).
+  The forward scale keyword is ``scale``, the grad's ``scale_value``; the grad returns
+  ``(dq, dk, dv, dpse[, dsink])``.
+* ``actual_seq_qlen`` / ``actual_seq_kvlen``: ``int[]`` cumulative segment ends *without* a leading 0;
+  in varlen mode at most 1024 entries per call and T at most 1M (doc, 约束说明). Calls with more
+  segments or tokens are split into several calls here (one slice each: the segments are packed).
+* Causal segments: ``sparse_mode=3`` (rightDownCausal) with the optimised 2048x2048 ``triu(1)`` bool mask
+  (doc, 调用示例); q and k segments have equal lengths, so right-down is the plain causal mask. Dense
+  segments: no mask (doc: with ``atten_mask=None`` the op computes everything, whatever ``sparse_mode``).
+* Statistics: ``softmax_max`` / ``softmax_sum`` are fp32 ``[T, N, 8]`` (the 8 values equal). Their
+  *storage* is, by default, head-major per segment — one ``[N, S_i, 8]`` block per segment,
+  concatenated (doc of ``softmax_layout``: "默认情况下，softmax的输出排布为NTD排布"; MindSpeed
+  ``mindspeed/core/context_parallel/utils.py`` ``flatten_softmax`` undoes it). Token-major only with
+  ``softmax_layout="TND"``, a keyword of torch_npu 7.2.0+ that needs CANN 8.3.RC1+
+  (``FlashAttentionKernelNpuOpApi.cpp``: without the V4 aclnn kernels it raises "The param
+  softmax_layout is not supported"). LSE = ``softmax_max + log(softmax_sum)``. The grad op reads the
+  statistics in the same layout as its own ``softmax_layout`` says; it gets the merged LSE as
+  ``softmax_max`` with ``softmax_sum = 1``, and the merged output as ``attention_in``.
+* Merge: ``npu_ring_attention_update(prev_attn_out, prev_softmax_max, prev_softmax_sum, cur_attn_out,
+  cur_softmax_max, cur_softmax_sum, *, actual_seq_qlen=None, input_layout="SBH",
+  input_softmax_layout="")`` (torch_npu docstring in ``codegen/templates/_op_plugin_docs.py``), present
+  only in recent torch_npu. Called with ``input_layout="TND"``, ``input_softmax_layout="TND"``
+  (token-major statistics, so the merge is row-wise) and ``actual_seq_qlen`` an int64 tensor rising
+  from 0 to T (hicann/ops-transformer ``aclnnRingAttentionUpdate.md``); prev/cur outputs of one dtype;
+  TND needs D a multiple of 64, D <= 768, N <= 256 (``aclnnRingAttentionUpdateV2_en.md``,
+  Constraints) — otherwise the torch merge runs.
+
+Capabilities are detected once per imported ``torch_npu`` module: the fused merge by attribute, and
+``softmax_layout="TND"`` by the first call that tries it (a TypeError — keyword unknown to an older
+torch_npu — or RuntimeError — CANN without the V4 kernels — followed by a successful call without it
+means "not supported"; the statistics are then converted to and from the default layout with one
+gather through an index built once per call and device). ``torch_npu`` is imported lazily; without
+Ascend's CANN libraries importing it raises RuntimeError, not only ImportError, so both are caught.
+
+Tested only against ``tests/npu_emulation.py``, an emulation of the documented contract in three
+torch_npu/CANN generations — not on Ascend hardware.
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from ..merge import merge as _torch_merge
 
 _MASK_SIZE = 2048
+MAX_SEGMENTS = 1024  # varlen: actual_seq_qlen has at most 1K entries per call
+MAX_TOKENS = 1 << 20  # varlen: T (B*S) at most 1M per call
+MAX_HEADS = 256  # Nq in 1..256
+MAX_HEAD_DIM = 768  # D in 1..768
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def torch_npu():
@@ -33,6 +66,52 @@ def torch_npu():
     return mod
 
 
+def validate(q, k, v) -> None:
+    """ValueError (before any communication) for input the fused operator documents as unsupported."""
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"backend 'npu': dtype {q.dtype} is not supported (float16, bfloat16, float32)")
+    if q.shape[1] > MAX_HEADS:
+        raise ValueError(f"backend 'npu': at most {MAX_HEADS} query heads per rank, got {q.shape[1]}")
+    if q.shape[2] > MAX_HEAD_DIM:
+        raise ValueError(f"backend 'npu': head_dim at most {MAX_HEAD_DIM}, got {q.shape[2]}")
+    if q.shape[0] > MAX_TOKENS:
+        raise ValueError(f"backend 'npu': at most {MAX_TOKENS} tokens per rank, got {q.shape[0]}")
+
+
+@dataclass
+class _Caps:
+    module: object
+    tnd_forward: bool | None = None  # softmax_layout="TND" works in npu_fusion_attention
+    tnd_backward: bool | None = None  # ... and in npu_fusion_attention_grad
+
+
+_CAPS: dict[int, _Caps] = {}
+
+
+def _caps(npu) -> _Caps:
+    caps = _CAPS.get(id(npu))
+    if caps is None or caps.module is not npu:
+        caps = _CAPS[id(npu)] = _Caps(npu)
+    return caps
+
+
+def _try_tnd(caps: _Caps, attr: str, op, *args, **kwargs):
+    """``(result, token_major)``: ``op`` with ``softmax_layout="TND"`` unless known unsupported."""
+    known = getattr(caps, attr)
+    if known is not False:
+        try:
+            res = op(*args, softmax_layout="TND", **kwargs)
+        except (TypeError, RuntimeError):
+            if known:
+                raise
+        else:
+            setattr(caps, attr, True)
+            return res, True
+    res = op(*args, **kwargs)  # a genuine error raises here too
+    setattr(caps, attr, False)
+    return res, False
+
+
 @functools.lru_cache(maxsize=8)
 def _causal_mask(device: torch.device) -> torch.Tensor:
     return torch.triu(torch.ones(_MASK_SIZE, _MASK_SIZE, dtype=torch.bool, device=device), diagonal=1)
@@ -42,41 +121,128 @@ def _mask_args(causal: bool, device) -> dict:
     return {"atten_mask": _causal_mask(device), "sparse_mode": 3} if causal else {"atten_mask": None, "sparse_mode": 0}
 
 
-def _stats(x: torch.Tensor) -> torch.Tensor:
-    """``[T, N]`` -> the ``[T, N, 8]`` replicated statistics layout."""
+@dataclass(frozen=True)
+class _Chunk:
+    """Segments ``[a, b)`` of a call: q rows ``q0:q1``, kv rows ``k0:k1``, the op's cumulative ends."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    seq_q: list
+    seq_k: list
+    lengths: tuple[int, ...]
+
+
+def _chunks(call) -> tuple[_Chunk, ...]:
+    """The call split into operator-sized chunks (at most 1024 segments and 1M q/kv tokens each)."""
+    def build():
+        cu_q, cu_k = call.cu_q, call.cu_k
+        out, a = [], 0
+        n = call.num_segments
+        while a < n:
+            b = a + 1
+            while (b < n and b - a < MAX_SEGMENTS and cu_q[b + 1] - cu_q[a] <= MAX_TOKENS
+                   and cu_k[b + 1] - cu_k[a] <= MAX_TOKENS):
+                b += 1
+            q0, k0 = cu_q[a], cu_k[a]
+            out.append(_Chunk(q0, cu_q[b], k0, cu_k[b], [x - q0 for x in cu_q[a + 1:b + 1]],
+                              [x - k0 for x in cu_k[a + 1:b + 1]],
+                              tuple(y - x for x, y in zip(cu_q[a:b], cu_q[a + 1:b + 1]))))
+            a = b
+        return tuple(out)
+    return call.cached("npu-chunks", build)
+
+
+def _head_major_index(call, chunk: _Chunk, heads: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gather, inverse)`` int64 indices for the default statistics layout of ``chunk``.
+
+    ``gather[t * N + n]`` is where token ``t``, head ``n`` sits in the per-segment head-major storage
+    (segment ``i`` starting at token ``s_i`` with length ``L_i``: ``N*s_i + n*L_i + (t - s_i)``);
+    ``inverse`` is its inverse permutation. Built once per (chunk, heads, device), vectorised.
+    """
+    def build():
+        lengths = torch.tensor(chunk.lengths, dtype=torch.int64)
+        starts = torch.cumsum(lengths, 0) - lengths
+        seg_start = torch.repeat_interleave(starts, lengths)  # [T]
+        seg_len = torch.repeat_interleave(lengths, lengths)
+        t = torch.arange(int(lengths.sum()), dtype=torch.int64)
+        n = torch.arange(heads, dtype=torch.int64)
+        gather = (heads * seg_start[:, None] + n[None, :] * seg_len[:, None] + (t - seg_start)[:, None]).reshape(-1)
+        inverse = torch.empty_like(gather)
+        inverse[gather] = torch.arange(gather.numel(), dtype=torch.int64)
+        return gather.to(device), inverse.to(device)
+    return call.cached(("npu-head-major", id(chunk), heads, torch.device(device)), build)
+
+
+def _replicate8(x: torch.Tensor) -> torch.Tensor:
+    """``[..., ]`` -> ``[..., 8]`` contiguous (the statistics' replicated last dimension)."""
     return x.unsqueeze(-1).expand(*x.shape, 8).contiguous()
 
 
-def forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+def forward(q, k, v, call, scale):
     npu = torch_npu()
-    res = npu.npu_fusion_attention(
-        q, k, v, q.shape[1], "TND", scale=scale, keep_prob=1.0,
-        actual_seq_qlen=list(cu_q[1:]), actual_seq_kvlen=list(cu_k[1:]), **_mask_args(causal, q.device),
-    )
-    out, smax, ssum = res[0], res[1], res[2]
-    lse = smax[..., 0].float() + torch.log(ssum[..., 0].float())
-    return out, lse
+    caps = _caps(npu)
+    heads = q.shape[1]
+    outs, lses = [], []
+    for ch in _chunks(call):
+        (out, smax, ssum), token_major = _try_tnd(
+            caps, "tnd_forward", lambda **kw: npu.npu_fusion_attention(
+                q[ch.q0:ch.q1], k[ch.k0:ch.k1], v[ch.k0:ch.k1], heads, "TND", scale=scale, keep_prob=1.0,
+                actual_seq_qlen=ch.seq_q, actual_seq_kvlen=ch.seq_k, **_mask_args(call.causal, q.device), **kw)[:3])
+        t = ch.q1 - ch.q0
+        if token_major:
+            lse = smax[..., 0] + torch.log(ssum[..., 0])
+        else:  # per-segment head-major storage -> token-major, one gather
+            flat = smax.reshape(-1, 8)[:, 0] + torch.log(ssum.reshape(-1, 8)[:, 0])
+            lse = flat[_head_major_index(call, ch, heads, q.device)[0]].view(t, heads)
+        outs.append(out)
+        lses.append(lse)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs), torch.cat(lses)
 
 
-def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+def backward(dout, q, k, v, out, lse, call, scale):
     npu = torch_npu()
-    lse8 = _stats(lse.float())
-    dq, dk, dv = npu.npu_fusion_attention_grad(
-        q, k, v, dout, q.shape[1], "TND",
-        softmax_max=lse8, softmax_sum=torch.ones_like(lse8), attention_in=out.to(q.dtype), scale_value=scale,
-        keep_prob=1.0, actual_seq_qlen=list(cu_q[1:]), actual_seq_kvlen=list(cu_k[1:]), **_mask_args(causal, q.device),
-    )[:3]
-    return dq, dk, dv
+    caps = _caps(npu)
+    heads = q.shape[1]
+    attention_in = out.to(q.dtype)
+    grads = []
+    for ch in _chunks(call):
+        rows = slice(ch.q0, ch.q1)
+        l_tok = lse[rows].float()
+
+        def grad(softmax_layout=None, _ch=ch, _rows=rows, _l=l_tok):
+            if softmax_layout == "TND":
+                stats = _replicate8(_l)
+            else:  # token-major -> per-segment head-major storage, one gather
+                inverse = _head_major_index(call, _ch, heads, q.device)[1]
+                stats = _replicate8(_l.reshape(-1)[inverse]).view(_l.shape[0], heads, 8)
+            extra = {} if softmax_layout is None else {"softmax_layout": softmax_layout}
+            return npu.npu_fusion_attention_grad(
+                q[_rows], k[_ch.k0:_ch.k1], v[_ch.k0:_ch.k1], dout[_rows], heads, "TND", softmax_max=stats,
+                softmax_sum=torch.ones_like(stats), attention_in=attention_in[_rows], scale_value=scale,
+                keep_prob=1.0, actual_seq_qlen=_ch.seq_q, actual_seq_kvlen=_ch.seq_k,
+                **_mask_args(call.causal, q.device), **extra)[:3]
+
+        grads.append(_try_tnd(caps, "tnd_backward", grad)[0])
+    if len(grads) == 1:
+        return grads[0]
+    return tuple(torch.cat(g) for g in zip(*grads))
 
 
-def merge(out_acc, lse_acc, out, lse, cu_q=None):
-    """Fused ring-attention update when available (see module docstring), else the torch merge."""
-    npu = torch_npu()
-    fused = getattr(npu, "npu_ring_attention_update", None)
-    if fused is None or cu_q is None or out_acc.shape[-1] % 64:
+def merge(out_acc, lse_acc, out, lse, call):
+    """The fused ``npu_ring_attention_update`` where torch_npu has it and the shapes allow, else the torch merge."""
+    fused = getattr(torch_npu(), "npu_ring_attention_update", None)
+    n, d = out_acc.shape[1], out_acc.shape[2]
+    if fused is None or d % 64 or d > 768 or n > 256:
         return _torch_merge(out_acc, lse_acc, out, lse)
-    a, b = _stats(lse_acc.float()), _stats(lse.float())
-    seq = torch.tensor(cu_q, dtype=torch.int64, device=out_acc.device)
-    new_out, new_max, new_sum = fused(out_acc, a, torch.ones_like(a), out.float(), b, torch.ones_like(b),
-                                      actual_seq_qlen=seq, layout="TND")
+    t = out_acc.shape[0]
+    seq = call.cached(("npu-update-seq", t, out_acc.device), lambda: torch.tensor([0, t], dtype=torch.int64,
+                                                                                   device=out_acc.device))
+    prev_max, cur_max = _replicate8(lse_acc), _replicate8(lse.float())
+    ones = torch.ones_like(prev_max)
+    new_out, new_max, new_sum = fused(out_acc, prev_max, ones, out.to(out_acc.dtype), cur_max, ones,
+                                      actual_seq_qlen=seq, input_layout="TND", input_softmax_layout="TND")
     return new_out, new_max[..., 0] + torch.log(new_sum[..., 0])
