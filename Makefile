@@ -1,4 +1,4 @@
-# Fresh clone -> `make demo` (4-rank CPU/gloo demo) or `make test` (the test suite).
+# Fresh clone -> `make demo` (4-rank CPU/gloo demo) or `make test` (the test suite); `make gpu-check` on a GPU machine.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +6,7 @@ TORCH := torch==2.13.0
 NPROC ?= 4
 DEMO_ARGS ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean gpu-check
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# on an NVIDIA machine whose python3 has torch (installs nothing); report in $$GPU_REPORT_DIR (./gpu_report/)
+gpu-check:
+	PYTHON=$${PYTHON:-$(PY)} bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

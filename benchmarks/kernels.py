@@ -75,7 +75,7 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--comm", default="direct")
-    p.add_argument("--strategy", default="zigzag", choices=["zigzag", "balanced"])
+    p.add_argument("--strategy", default="zigzag", help="layout strategies, comma-separated (e.g. zigzag,balanced)")
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -88,9 +88,10 @@ def main() -> None:
     kernel = get_backend(device.type, args.backend)
     scale = dim ** -0.5
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    strategies = args.strategy.split(",")
     print(f"device {name}, backend {kernel.__name__.rsplit('.', 1)[-1]}, Hq={heads} Hkv={kv_heads} D={dim} "
-          f"{args.dtype}, comm={args.comm}, strategy={args.strategy}, best of {args.repeat}")
-    print(f"{'workload':<26} {'tokens':>7} {'CP':>3} {'busiest ms':>10} {'single/CP ms':>12} {'ratio':>6} "
+          f"{args.dtype}, comm={args.comm}, best of {args.repeat}")
+    print(f"{'workload':<26} {'strategy':<9} {'tokens':>7} {'CP':>3} {'busiest ms':>10} {'single/CP ms':>12} {'ratio':>6} "
           f"{'imbal':>6} {'TFLOP/s busiest':>15} {'TFLOP/s single':>14}")
     for wname in args.workloads.split(","):
         wl = load_workload(wname)
@@ -110,14 +111,14 @@ def main() -> None:
         t_single = timed(single, device, args.repeat)
         work_total = sum((b - a) * (b - a + 1) // 2 for a, b in zip(cu, cu[1:]))
         flops = lambda work: 3.5 * 4 * work * heads * dim  # noqa: E731
-        for cp in (int(x) for x in args.cp.split(",")):
-            layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=slen, strategy=args.strategy)
+        for cp, strategy in ((int(x), s) for x in args.cp.split(",") for s in strategies):
+            layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=slen, strategy=strategy)
             plan = build_plan(layout, args.comm)
             times = [timed(rank_runner(rp, heads, kv_heads, dim, dtype, device, kernel, scale), device, args.repeat)
                      for rp in plan.ranks]
             busiest = max(range(cp), key=lambda r: times[r])
             ratio = times[busiest] / (t_single / cp)
-            print(f"{wl['name']:<26} {total:>7} {cp:>3} {times[busiest] * 1e3:>10.2f} {t_single / cp * 1e3:>12.2f} "
+            print(f"{wl['name']:<26} {strategy:<9} {total:>7} {cp:>3} {times[busiest] * 1e3:>10.2f} {t_single / cp * 1e3:>12.2f} "
                   f"{ratio:>6.2f} {plan.stats.imbalance:>6.2f} "
                   f"{flops(plan.stats.work[busiest]) / times[busiest] / 1e12:>15.3f} "
                   f"{flops(work_total) / t_single / 1e12:>14.3f}")

@@ -220,7 +220,9 @@ def _cuda_worker(rank, cp, cases):
 @pytest.mark.parametrize("cp", [2, 3, 4])
 def test_cuda_multi_rank_on_one_gpu(cp):
     """2-4 processes share GPU 0 through a gloo group with host staging (NCCL refuses this)."""
-    cases = [Case(**{**c.__dict__, "backend": "cuda"}) for c in layout_cases(cp) if c.comm == "direct"]
+    base = [c for c in layout_cases(cp) if c.comm == "direct"]
+    fp16 = [Case(**{**c.__dict__, "dtype": "float16", "name": c.name + " fp16"}) for c in base if c.dtype == "bfloat16"]
+    cases = [Case(**{**c.__dict__, "backend": "cuda"}) for c in base + fp16]
     per_rank = unwrap(run_ranks(cp, _cuda_worker, cases, timeout_s=300))
     for i, case in enumerate(cases):
         check_case(case, assemble([r[i] for r in per_rank], case.cu_seqlens[-1]))
