@@ -104,7 +104,9 @@ def measure_rank(rank: int, cp: int, cu, sample_len: int, backend: str, device: 
 
     # warm up the process group and allocator on another layout of the same shape, then time the first call
     # on this one (planning, agreement, index tensors: once per new batch in training)
-    step(ringattn.DocLayout.from_cu_seqlens(sample_cu(len(cu) - 1, sample_len, seed=1), cp, sample_len=sample_len))
+    other = ringattn.DocLayout.from_cu_seqlens(sample_cu(len(cu) - 1, sample_len, seed=1), cp, sample_len=sample_len)
+    for _ in range(3):
+        step(other)
     sync()
     t0 = time.perf_counter()
     step()
