@@ -62,12 +62,15 @@ def run_case(rank: int, cp: int, case: Case):
     ``backend`` in :data:`NPU_GENERATIONS` runs the NPU backend on the emulation of the documented
     torch_npu contract, in that generation (see tests/npu_emulation.py).
     """
-    backend = case.backend
-    if backend and backend.startswith("npu"):
+    if case.backend in NPU_GENERATIONS:
         from . import npu_emulation
 
-        npu_emulation.install(NPU_GENERATIONS[backend])
-        backend = "npu"
+        with npu_emulation.installed(NPU_GENERATIONS[case.backend]):
+            return _run_case(rank, cp, case, "npu")
+    return _run_case(rank, cp, case, case.backend)
+
+
+def _run_case(rank: int, cp: int, case: Case, backend):
     layout = DocLayout.from_cu_seqlens(case.cu_seqlens, cp, sample_len=case.sample_len, strategy=case.strategy,
                                        chunks_per_rank=case.chunks_per_rank)
     idx = layout.local_indices(rank)

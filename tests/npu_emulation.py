@@ -36,11 +36,13 @@ Generations (``install(generation)``):
   ``sink`` exists, the grad op returns 5 tensors [yaml], and ``npu_ring_attention_update`` exists with
   its real signature [rau-doc].
 
-Outputs come back in the input dtype (statistics in fp32), as on the device. Tests install it as
-``sys.modules["torch_npu"]`` inside spawned test processes only.
+Outputs come back in the input dtype (statistics in fp32), as on the device. Tests put it in
+``sys.modules["torch_npu"]`` only for the duration of a case (:func:`installed`), so nothing else in the
+test process (transformers' own torch_npu probe, say) ever sees it.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 
@@ -340,8 +342,22 @@ def _bind(gen: _Generation):
     return fwd, bwd
 
 
+@contextlib.contextmanager
+def installed(generation: str = "current"):
+    """``sys.modules["torch_npu"]`` is the emulation of ``generation`` inside the block, as before after it."""
+    missing = object()
+    previous = sys.modules.get("torch_npu", missing)
+    try:
+        yield install(generation)
+    finally:
+        if previous is missing:
+            sys.modules.pop("torch_npu", None)
+        else:
+            sys.modules["torch_npu"] = previous
+
+
 def install(generation: str = "current") -> types.ModuleType:
-    """Put the emulation of ``generation`` in ``sys.modules["torch_npu"]`` (call only inside test processes)."""
+    """Put the emulation of ``generation`` in ``sys.modules["torch_npu"]`` (prefer :func:`installed`)."""
     gen = _Generation(generation)
     mod = types.ModuleType("torch_npu")
     mod.__doc__ = __doc__

@@ -170,25 +170,24 @@ def test_npu_capabilities_are_detected_once():
 
     from .cases import NPU_GENERATIONS
 
+    layout = DocLayout.from_cu_seqlens([0, 3, 8], 1)
     for name, generation in NPU_GENERATIONS.items():
-        mod = emu.install(generation)
-        calls = {"fwd": 0, "bwd": 0}
-        fwd, bwd = mod.npu_fusion_attention, mod.npu_fusion_attention_grad
+        with emu.installed(generation) as mod:
+            calls = {"fwd": 0, "bwd": 0}
+            fwd, bwd = mod.npu_fusion_attention, mod.npu_fusion_attention_grad
 
-        def counting_fwd(*a, **kw):
-            calls["fwd"] += 1
-            return fwd(*a, **kw)
-
-        def counting_bwd(*a, **kw):
-            calls["bwd"] += 1
-            return bwd(*a, **kw)
-        mod.npu_fusion_attention, mod.npu_fusion_attention_grad = counting_fwd, counting_bwd
-        layout = DocLayout.from_cu_seqlens([0, 3, 8], 1)
-        for _ in range(3):
-            q, k, v = (torch.randn(8, 2, 64, requires_grad=True) for _ in range(3))
-            ringattn.ring_eod_attention(q, k, v, layout, backend="npu").sum().backward()
+            def counting(op, key):
+                def wrapped(*a, **kw):
+                    calls[key] += 1
+                    return op(*a, **kw)
+                return wrapped
+            mod.npu_fusion_attention, mod.npu_fusion_attention_grad = counting(fwd, "fwd"), counting(bwd, "bwd")
+            for _ in range(3):
+                q, k, v = (torch.randn(8, 2, 64, requires_grad=True) for _ in range(3))
+                ringattn.ring_eod_attention(q, k, v, layout, backend="npu").sum().backward()
         probe = 0 if generation == "current" else 1
         assert calls == {"fwd": 3 + probe, "bwd": 3 + probe}, (name, calls)
+    assert getattr(sys.modules.get("torch_npu"), "emulated_generation", None) is None  # removed after use
 
 
 def _staged_worker(rank, cp, cases):
