@@ -1,0 +1,254 @@
+"""transformers adapter against real transformers models (tiny Llama and Qwen3 from config, CPU, gloo).
+
+Exactness: a packed batch at CP 1, 2, 4 (zigzag and balanced layouts, with and without gradient
+checkpointing) gives the loss and CP-summed gradients of the same weights run in float64 with
+transformers' own attention on every document as its own unpacked sequence.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytest.importorskip("transformers", reason="transformers not installed (pip install 'ringattn[transformers]')")
+
+import torch  # noqa: E402
+
+from . import transformers_cases as tc  # noqa: E402
+from .dist import unwrap  # noqa: E402
+
+TOL = 1e-5
+EOD_SAMPLES = ((5, 11, 8), (9, 3, 1, 11))  # two samples of 24 tokens, EoD-terminated documents
+
+
+def assert_close(got, want, what):
+    loss, grads, logits = got
+    ref_loss, ref_grads, ref_logits = want
+    assert abs(loss - ref_loss) <= TOL, f"{what}: loss {loss!r} vs unpacked reference {ref_loss!r}"
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        err = (g.double() - ref_grads[name]).abs().max().item()
+        assert err <= TOL, f"{what}: {name} gradient off by {err:.2e}"
+    if logits is not None:
+        err = (logits.double().reshape(ref_logits.shape) - ref_logits).abs().max().item()
+        assert err <= TOL, f"{what}: gathered logits off by {err:.2e}"
+
+
+@pytest.fixture(scope="module")
+def setups():
+    """Per model kind: weights, the collator batch and EoD batch, and their float64 unpacked references."""
+    out = {}
+    docs = tc.documents()
+    eod_samples = [tc.documents(lens, seed=2 + i, eod=True) for i, lens in enumerate(EOD_SAMPLES)]
+    eod_docs = [d for sample in eod_samples for d in sample]
+    for kind in ("llama", "qwen3"):
+        state = tc.build(kind, seed=7).state_dict()
+        out[kind] = {
+            "state": state,
+            "collator": (tc.collator_batch(docs), tc.reference(kind, state, docs, sum(len(d) - 1 for d in docs))),
+            "eod": (tc.eod_batch(eod_samples), tc.reference(kind, state, eod_docs, sum(len(d) - 1 for d in eod_docs))),
+        }
+    return out
+
+
+def cases_for(cp, setups):
+    """(label, case, reference) for one CP size: both models x both strategies, EoD input, checkpointing."""
+    rows = []
+    for kind in ("llama", "qwen3"):
+        for strategy in ("zigzag", "balanced"):
+            rows.append((f"{kind} {strategy}", dict(kind=kind, strategy=strategy), "collator"))
+    rows.append(("qwen3 balanced EoD [2, 24]", dict(kind="qwen3", strategy="balanced", eod_id=tc.EOD), "eod"))
+    rows.append(("llama zigzag checkpointing", dict(kind="llama", strategy="zigzag", checkpointing=True), "collator"))
+    rows.append(("qwen3 balanced EoD checkpointing (reentrant)", dict(
+        kind="qwen3", strategy="balanced", eod_id=tc.EOD, checkpointing=True,
+        checkpointing_kwargs={"use_reentrant": True}), "eod"))
+    out = []
+    for label, case, batch_kind in rows:
+        batch, ref = setups[case["kind"]][batch_kind]
+        out.append((label, {**case, "state": setups[case["kind"]]["state"], "batch": batch}, ref))
+    return out
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_packed_cp_equals_unpacked_documents(cp, setups, rank_pools):
+    cases = cases_for(cp, setups)
+    payload = [case for _, case, _ in cases]
+    results = tc.run_cases(0, 1, payload) if cp == 1 else unwrap(rank_pools(cp).run(tc.run_cases, payload))[0]
+    for (label, _, ref), got in zip(cases, results):
+        assert_close(got, ref, f"CP={cp} {label}")
+
+
+def test_no_mask_is_built(setups, monkeypatch):
+    """With ringattn selected, transformers' mask builders never run (masking_utils returns early)."""
+    from transformers import masking_utils
+
+    from ringattn.adapters.transformers import prepare_model, shard_batch
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a mask builder ran")
+
+    for name in list(masking_utils.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping):
+        monkeypatch.setitem(masking_utils.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, name, forbidden)
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", forbidden)
+    for kind in ("llama", "qwen3"):
+        model = prepare_model(tc.build(kind, setups[kind]["state"]))
+        out = model(**shard_batch(setups[kind]["collator"][0]))
+        assert abs(out.loss.item() - setups[kind]["collator"][1][0]) <= TOL
+
+
+def test_shared_config_is_not_switched():
+    from transformers import LlamaForCausalLM
+
+    from ringattn.adapters.transformers import prepare_model
+
+    cfg = tc.config("llama")
+    a, b = LlamaForCausalLM(cfg), LlamaForCausalLM(cfg)
+    before = b.config._attn_implementation
+    prepare_model(a)
+    assert a.config._attn_implementation == "ringattn"
+    assert b.config is cfg and cfg._attn_implementation == before != "ringattn"
+    assert all(m.config is a.config for m in a.modules() if "config" in m.__dict__)  # no submodule kept the old one
+    assert prepare_model(a) is a and a.config._attn_implementation == "ringattn"  # idempotent
+
+
+def test_position_ids_filled_and_cache_off(setups):
+    """A hand-built call without position_ids gets the context's reset ids, never the model's arange."""
+    from ringattn.adapters.transformers import prepare_model, shard_batch
+
+    model = prepare_model(tc.build("llama", setups["llama"]["state"]))
+    inputs = shard_batch(setups["llama"]["collator"][0])
+    full = model(**inputs)
+    bare = {k: v for k, v in inputs.items() if k not in ("position_ids", "use_cache")}
+    out = model(**bare)
+    assert torch.equal(out.logits, full.logits) and out.loss.item() == full.loss.item()
+    assert out.cache is None and full.cache is None
+    with pytest.raises(ValueError, match="position_ids: expected this CP rank's"):
+        model(**{**inputs, "position_ids": inputs["position_ids"][:, :-1]})
+
+
+def _refused_call(what, setups):
+    from ringattn.adapters.transformers import attention_forward, prepare_model, shard_batch
+
+    overrides = {"dropout": dict(attention_dropout=0.1),
+                 "sliding": dict(use_sliding_window=True, sliding_window=4, max_window_layers=0)}.get(what, {})
+    kind = "qwen3" if what == "sliding" else "llama"
+    model = prepare_model(tc.build(kind, **overrides)).train()
+    inputs = shard_batch(setups[kind]["collator"][0])
+    n = inputs["input_ids"].shape[1]
+    if what in ("dropout", "sliding"):
+        return lambda: model(**inputs)
+    if what == "mask4d":
+        return lambda: model(**inputs, attention_mask=torch.ones(1, 1, n, n, dtype=torch.bool))
+    if what == "mask2d":
+        return lambda: model(**inputs | {"attention_mask": torch.ones(1, n, dtype=torch.long)})
+    if what == "output_attentions":
+        return lambda: model(**inputs, output_attentions=True)
+    if what == "use_cache":
+        return lambda: model(**inputs | {"use_cache": True})
+    if what == "no_context":
+        return lambda: model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False)
+    attn = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, n, 8)
+    kv = torch.randn(1, 2, n, 8)
+    extra = {"softcap": dict(softcap=30.0), "sinks": dict(s_aux=torch.zeros(4)), "is_causal": dict(is_causal=False),
+             "position_bias": dict(position_bias=torch.zeros(1, 4, n, n)),
+             "cross": dict()}[what]
+    k = torch.randn(1, 2, n + 3, 8) if what == "cross" else kv
+    return lambda: attention_forward(attn, q, k, k, None, scaling=8 ** -0.5, ringattn_context=inputs["ringattn_context"],
+                                     **extra)
+
+
+@pytest.mark.parametrize("what, message", [
+    ("dropout", "dropout: ringattn implements no attention dropout; expected 0, got 0.1"),
+    ("sliding", "sliding_window: ringattn implements full document-causal attention only; got 4"),
+    ("softcap", "softcap: ringattn implements no logit soft-capping"),
+    ("sinks", "sinks: ringattn implements no attention sinks"),
+    ("position_bias", "position_bias: ringattn implements no additive attention bias"),
+    ("is_causal", "is_causal: ringattn implements causal (decoder) attention only"),
+    ("mask4d", "attention_mask: ringattn takes the documents from the context and builds no mask; got a 4-D mask"),
+    ("mask2d", "attention_mask: ringattn takes the documents from the context and builds no mask; got a 2-D mask"),
+    ("output_attentions", "output_attentions: ringattn never materialises attention weights"),
+    ("use_cache", "use_cache: a KV cache of one CP shard is meaningless"),
+    ("no_context", "ringattn_context: the ringattn attention needs the context of the batch"),
+    ("cross", "key: expected as many tokens as the query"),
+])
+def test_refused_inputs(what, message, setups):
+    call = _refused_call(what, setups)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
+
+
+@pytest.mark.parametrize("what, message", [
+    ("mask", "rank 1: attention_mask: ringattn takes the documents from the context"),
+    ("batch", "ranks disagree"),
+])
+def test_a_refusal_on_one_rank_raises_on_every_rank(what, message, rank_pools):
+    results = unwrap(rank_pools(2).run(tc.refusal_on_one_rank, what, timeout_s=120))
+    assert all(r is not None for r in results), results
+    assert len(set(results)) == 1, "every rank raises the same ValueError"
+    assert message in results[0]
+
+
+def test_shard_batch_shifts_pads_and_counts():
+    from ringattn.adapters.transformers import shard_batch
+
+    docs = tc.documents((3, 4))
+    batch = tc.collator_batch(docs)
+    inputs = shard_batch(batch, pad_to_multiple_of=5)  # 7 tokens + a filler document of 3
+    ids, pos = inputs["input_ids"][0].tolist(), inputs["position_ids"][0].tolist()
+    assert ids == docs[0] + docs[1] + [0, 0, 0]
+    assert pos == [0, 1, 2, 0, 1, 2, 3, 0, 1, 2]
+    shift = inputs["shift_labels"][0].tolist()
+    assert shift == docs[0][1:] + [-100] + docs[1][1:] + [-100] * 4  # no prediction crosses a document
+    assert inputs["labels"][0].tolist() == [-100] + docs[0][1:] + [-100] + docs[1][1:] + [-100] * 3
+    assert int(inputs["num_items_in_batch"]) == 5 and inputs["use_cache"] is False
+    ctx = inputs["ringattn_context"]
+    assert ctx.layout.cu_seqlens == (0, 3, 7, 10) and ctx.batch_shape == (1, 7)
+    # the same documents from an EoD batch, and from position ids alone
+    eod = shard_batch({"input_ids": torch.tensor([docs[0][:-1] + [tc.EOD] + docs[1][:-1] + [tc.EOD]])}, eod_id=tc.EOD,
+                      pad_to_multiple_of=5)
+    assert eod["ringattn_context"].layout.cu_seqlens == (0, 3, 7, 10)
+    assert eod["shift_labels"][0].tolist()[:3] == docs[0][1:-1] + [tc.EOD, -100]  # predicts its EoD, not the next doc
+    no_cu = {k: v for k, v in batch.items() if not k.startswith(("cu_seq", "max_len"))}
+    assert shard_batch(no_cu, pad_to_multiple_of=5)["ringattn_context"].layout.cu_seqlens == (0, 3, 7, 10)
+
+
+@pytest.mark.parametrize("batch, kwargs, message", [
+    ({"input_ids": torch.ones(1, 6, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]])}, {},
+     "attention_mask: ringattn takes documents, not padding masks"),
+    ({"input_ids": torch.ones(1, 6, dtype=torch.long), "cu_seq_lens_q": torch.tensor([0, 2, 5])}, {},
+     "cu_seq_lens_q: expected boundaries from 0 to 6"),
+    ({"input_ids": torch.ones(2, 4, dtype=torch.long), "cu_seq_lens_q": torch.tensor([0, 2, 5, 8])}, {},
+     "cu_seq_lens_q: every sample boundary must be a document boundary; missing [4]"),
+    ({"input_ids": torch.ones(1, 6, dtype=torch.long), "labels": torch.ones(1, 5, dtype=torch.long)}, {},
+     "labels: expected shape (1, 6) (as input_ids), got (1, 5)"),
+    ({"input_ids": torch.ones(1, 6)}, {}, "input_ids: expected an integer tensor"),
+    ({"labels": torch.ones(1, 6, dtype=torch.long)}, {}, "batch: expected input_ids"),
+    ({"input_ids": torch.ones(1, 6, dtype=torch.long)}, {"group": "cp"}, "group: expected a torch.distributed"),
+    ({"input_ids": torch.ones(1, 6, dtype=torch.long)}, {"pad_to_multiple_of": 0}, "pad_to_multiple_of: expected"),
+    ({"input_ids": torch.ones(1, 6, dtype=torch.long)}, {"strategy": "nope"}, "strategy: expected one of"),
+])
+def test_shard_batch_refuses(batch, kwargs, message):
+    from ringattn.adapters.transformers import shard_batch
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        shard_batch(batch, **kwargs)
+
+
+def test_prepare_model_refuses_a_loss_without_shift_labels():
+    from ringattn.adapters.transformers import prepare_model
+
+    model = tc.build("llama")
+    model.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum()
+    with pytest.raises(ValueError, match="loss_function: .* takes no shift_labels"):
+        prepare_model(model)
+
+
+def test_example_trains_at_cp2_with_the_losses_of_cp1(rank_pools):
+    """examples/transformers/train_packed.py's training on the 2 gloo ranks of the pool (what torchrun
+    --nproc-per-node 2 runs, minus the rendezvous): 4 AdamW steps, every loss equal to the CP=1 run's."""
+    results = unwrap(rank_pools(2).run(tc.run_example, ["--steps", "4"]))
+    assert results[0] == results[1], "every rank sees the same reduced loss"
+    for cp_loss, ref_loss in results[0]:
+        assert abs(cp_loss - ref_loss) <= TOL, results[0]
+    assert results[0][-1][0] < results[0][0][0], results[0]
