@@ -488,7 +488,7 @@ def reduce_loss(loss: torch.Tensor, group=None) -> torch.Tensor:
         group = group.group
         if group is None:
             return loss.detach().clone()
-    group, _, size = _resolve_group(group)
+    group, _, _ = _resolve_group(group)
     total = loss.detach().clone()
     if group is not None:
         dist.all_reduce(total, group=group)
