@@ -87,7 +87,8 @@ class RingAttnContext:
     layout: the batch's :class:`DocLayout` (padded samples, filler documents included).
     group: the CP process group handed to :func:`ring_eod_attention` (None for CP size 1).
     rank: this rank in ``group``. position_ids: ``[1, n_local]`` reset position ids of this rank.
-    batch_shape: ``(b, s)`` of the batch before padding; padded_len: sample length after padding.
+    batch_shape: ``(b, s)`` of the batch before padding; padded_len: sample length after padding;
+    max_doc_len: the longest real document (a sliding window at least this long masks nothing).
     batch_digest: fingerprint of the global batch, agreed by all ranks before the first exchange
     (catches CP ranks fed different batches). comm, backend: passed to :func:`ring_eod_attention`.
     """
@@ -99,6 +100,7 @@ class RingAttnContext:
     batch_shape: tuple[int, int]
     padded_len: int
     batch_digest: int
+    max_doc_len: int
     comm: str | None = None
     backend: str | None = None
     #: signatures the ranks already agreed on for this context (see ringattn.agreement)
@@ -387,7 +389,8 @@ def shard_batch(batch: dict, group=None, *, eod_id: int | None = None, strategy:
 
     local_pos = local(pos_p)
     ctx = RingAttnContext(layout=layout, group=group, rank=rank, position_ids=local_pos, batch_shape=shape,
-                          padded_len=padded, batch_digest=_digest(ids_p, pos_p, shift_p), comm=comm, backend=backend)
+                          padded_len=padded, batch_digest=_digest(ids_p, pos_p, shift_p),
+                          max_doc_len=int((cu[1:] - cu[:-1]).max()), comm=comm, backend=backend)
     return {
         "input_ids": local(ids_p),
         "position_ids": local_pos,
@@ -400,8 +403,8 @@ def shard_batch(batch: dict, group=None, *, eod_id: int | None = None, strategy:
 
 
 # ---------------------------------------------------------------------------------------------- attention
-def _refusal(module, query, key, value, attention_mask, dropout, sliding_window, softcap, is_causal, s_aux, sinks,
-             position_bias, kwargs) -> str | None:
+def _refusal(ctx, module, query, key, value, attention_mask, dropout, sliding_window, softcap, is_causal, s_aux,
+             sinks, position_bias, kwargs) -> str | None:
     """The first thing this call asks for that ringattn cannot honour, as a message; None if none."""
     config = getattr(module, "config", None)
     if kwargs.get(REFUSAL_KWARG):
@@ -410,8 +413,11 @@ def _refusal(module, query, key, value, attention_mask, dropout, sliding_window,
         return _mask_refusal(attention_mask)
     if dropout:
         return f"dropout: ringattn implements no attention dropout; expected 0, got {dropout} (config.attention_dropout)"
-    if sliding_window is not None:
-        return f"sliding_window: ringattn implements full document-causal attention only; got {sliding_window}"
+    # transformers' window keeps key j for query i iff i - j < sliding_window (masking_utils.sliding_window_overlay;
+    # flash-attn's window_size=(w-1, w-1)): inside documents no longer than the window it masks nothing
+    if sliding_window is not None and ctx.max_doc_len > sliding_window:
+        return (f"sliding_window: a window of {sliding_window} tokens is shorter than the longest document "
+                f"({ctx.max_doc_len} tokens); ringattn implements full document-causal attention only")
     if softcap is not None:
         return f"softcap: ringattn implements no logit soft-capping; got {softcap}"
     if s_aux is not None or sinks is not None:
@@ -446,15 +452,16 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
 
     Runs :func:`ring_eod_attention` over the context's layout and group with the model's ``scaling``.
     Refused (the same ``ValueError`` on every CP rank, before any communication): no context,
-    an attention mask, dropout > 0, sliding windows, softcap, sinks, position bias, non-causal
-    attention, ``output_attentions``, ``use_cache``, a key longer than the query.
+    an attention mask, dropout > 0, a sliding window shorter than the longest document (a longer
+    one masks nothing and is accepted), softcap, sinks, position bias, non-causal attention,
+    ``output_attentions``, ``use_cache``, a key longer than the query.
     """
     ctx = kwargs.get(CONTEXT_KWARG)
     if not isinstance(ctx, RingAttnContext):
         raise ValueError(f"{CONTEXT_KWARG}: the ringattn attention needs the context of the batch; call the model with "
                          "the inputs of shard_batch (model(**inputs)), or set another attn_implementation")
-    verdict = _refusal(module, query, key, value, attention_mask, dropout, sliding_window, softcap, is_causal, s_aux,
-                       sinks, position_bias, kwargs)
+    verdict = _refusal(ctx, module, query, key, value, attention_mask, dropout, sliding_window, softcap, is_causal,
+                       s_aux, sinks, position_bias, kwargs)
     if ctx.group is not None:
         facts = (ctx.batch_digest, ctx.layout.fingerprint, kwargs.get(REFUSAL_KWARG), attention_mask is None, float(dropout or 0.0),
                  sliding_window, softcap, s_aux is None and sinks is None, position_bias is None, is_causal,
