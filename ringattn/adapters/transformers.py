@@ -8,8 +8,8 @@ Qwen2/3, Mistral, ...)::
     model = prepare_model(model)                  # its own config, attn_implementation="ringattn"
     for batch in loader:                          # e.g. DataCollatorWithFlattening output, same on every CP rank
         inputs = shard_batch(batch, cp_group)     # this rank's tokens + the attention context
-        loss = model(**inputs).loss               # sum over the CP group == single-device mean
-        loss.backward()                           # then sum gradients over the CP group (see README)
+        loss = model(**inputs).loss               # its sum over the CP group == the single-device mean
+        loss.backward()                           # then sum the gradients over the CP group (see README)
 
 * :func:`register` adds the attention function to transformers' ``AttentionInterface`` under a
   name; :func:`prepare_model` registers it, gives the model its own copy of its config (so a
@@ -33,12 +33,12 @@ Behaviour of transformers 5.24.0 this module relies on (sources in the installed
   ``**kwargs`` are the model call's extra keyword arguments, passed down unchanged
   (``LlamaForCausalLM.forward`` -> ``LlamaModel.forward`` -> decoder layer -> attention), which
   is how the context reaches the attention function without global state.
-* No mask is built: ``masking_utils._preprocess_mask_arguments`` returns early with the given
-  ``attention_mask`` (None) when ``config._attn_implementation`` is not a key of
-  ``ALL_MASK_ATTENTION_FUNCTIONS`` (which this module never registers), so neither
-  ``create_causal_mask`` nor ``create_sliding_window_causal_mask`` materialises an O(s^2) mask,
-  nor scans ``position_ids`` for packed sequences; an explicit mask would be passed through as is
-  and is refused.
+* No mask is built: ``masking_utils._preprocess_mask_arguments`` returns early when
+  ``config._attn_implementation`` is not a key of ``ALL_MASK_ATTENTION_FUNCTIONS`` (this module
+  never registers one), so neither ``create_causal_mask`` nor ``create_sliding_window_causal_mask``
+  materialises an O(s^2) mask or scans ``position_ids`` for packed sequences. That early return
+  passes a 4-D mask through as is and turns anything else, a 2-D padding mask included, into None:
+  the attention function refuses the former, the prepared model's pre-hook the latter.
 * Loss: ``loss/loss_utils.py: ForCausalLMLoss`` uses ``shift_labels`` instead of shifting
   ``labels`` when given, and divides the summed cross entropy by ``num_items_in_batch`` when given
   (``fixed_cross_entropy``); the model calls it only if ``labels`` is not None.
