@@ -6,33 +6,7 @@ causal attention), the loss summed over documents with the packed batch's ``num_
 """
 from __future__ import annotations
 
-import sys
-
 import torch
-
-
-def _import_transformers() -> None:
-    """Import transformers with the test suite's emulated ``torch_npu`` hidden (tests/npu_emulation.py puts a
-    module without ``__spec__`` in ``sys.modules`` of the processes that ran NPU cases, the shared rank pools
-    among them). transformers probes ``importlib.util.find_spec("torch_npu")`` once and caches the answer
-    (``utils.import_utils.is_torch_npu_available``, ``lru_cache``): probed here, it answers False, as it
-    does on this machine, and never sees the emulation (which would fail the probe, or switch its NPU paths).
-    """
-    fake = sys.modules.get("torch_npu")
-    hide = fake is not None and getattr(fake, "__spec__", None) is None
-    if hide:
-        del sys.modules["torch_npu"]
-    try:
-        from transformers.utils.import_utils import is_torch_npu_available
-
-        is_torch_npu_available()
-        import transformers.integrations.hub_kernels  # noqa: F401  (imports the NPU flash-attention probe)
-    finally:
-        if hide:
-            sys.modules["torch_npu"] = fake
-
-
-_import_transformers()
 
 VOCAB = 64
 EOD = 1
