@@ -9,9 +9,11 @@ from torch import nn
 
 from .agreement import agree, signature
 from .comm import run_backward, run_forward
+from .comm.a2a import gather_tokens, pack_qkv, pack_rows, scatter_tokens, unpack_rows
+from .groups import CPGroups
 from .kernels import get_backend
 from .layout import DocLayout
-from .plan import COMM_SHAPES, DEFAULT_COMM, rank_plan
+from .plan import COMM_SHAPES, DEFAULT_COMM, rank_plan, ulysses_heads
 
 __all__ = ["ring_eod_attention", "RingEoDAttention", "DEFAULT_COMM", "resolve_group"]
 
@@ -79,20 +81,81 @@ class _RingEoDFunction(torch.autograd.Function):
         return dq.to(q.dtype), dkv[:, 0].to(kv.dtype), dkv[:, 1].to(kv.dtype), None, None, None, None
 
 
-def _local_verdict(q, k, v, layout, rank: int, size: int, scale, comm, backend):
+def _check_groups(layout: DocLayout, groups: CPGroups | None) -> None:
+    """The Ulysses x ring split of the groups must be the layout's."""
+    u = groups.ulysses_size if groups is not None else 1
+    if layout.ulysses_size > 1 and groups is None:
+        raise ValueError(f"group: layout.ulysses_size={layout.ulysses_size} needs the Ulysses and ring groups; pass "
+                         f"group=ringattn.new_cp_groups({layout.ulysses_size}, cp_group)")
+    if u != layout.ulysses_size:
+        raise ValueError(f"group: the groups split CP as ulysses_size={u} x ring_size={groups.ring_size}, but the layout "
+                         f"has ulysses_size={layout.ulysses_size} (build both with the same ulysses_size)")
+
+
+class _UlyssesRingFunction(torch.autograd.Function):
+    """Hybrid attention of one CP rank: all-to-all in, the ring plan on ``Hq/U`` heads, all-to-all out.
+
+    Backward mirrors it: all-to-all of dout, the ring backward, one all-to-all of dq, dk, dv.
+    Replicated KV heads return their dK/dV in fp32 (beside dq in q's dtype, in the same
+    collective) and are summed in fp32, so replication adds no rounding: the result is rounded
+    once, as in the pure ring.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, ulysses, ring, replication, scale, kernel):
+        n, hq, d = q.shape
+        u = ulysses.size()
+        y = gather_tokens(pack_qkv(q, k, v, u, replication), ulysses, "forward all-to-all of q/k/v")
+        hq_u = hq // u
+        hk = (y.shape[1] - hq_u) // 2
+        qg = y[:, :hq_u].contiguous()
+        kv = y[:, hq_u:].reshape(y.shape[0], 2, hk, d).contiguous()
+        out32, lse = run_forward(plan, qg, kv, ring, kernel, scale)
+        out = out32.to(q.dtype)
+        saved_out = out32 if getattr(kernel, "BACKWARD_TAKES_FP32_OUT", False) else out
+        ctx.save_for_backward(qg, kv, saved_out, lse)
+        ctx.plan, ctx.ulysses, ctx.ring, ctx.scale, ctx.kernel = plan, ulysses, ring, scale, kernel
+        ctx.replication, ctx.kv_heads, ctx.kv_dtype = replication, k.shape[1], k.dtype
+        return scatter_tokens(out, u, ulysses, "forward all-to-all of the output").reshape(n, hq, d)
+
+    @staticmethod
+    def backward(ctx, dout):
+        qg, kv, out, lse = ctx.saved_tensors
+        u, (n, hq, d) = ctx.ulysses.size(), dout.shape
+        hq_u, hk, rep = hq // u, kv.shape[2], ctx.replication
+        dout_g = gather_tokens(dout.reshape(n, u, hq_u, d), ctx.ulysses, "backward all-to-all of d(output)")
+        dq, dkv = run_backward(ctx.plan, dout_g, qg, kv, out, lse, ctx.ring, ctx.kernel, ctx.scale)
+        kv_dtype = torch.float32 if rep > 1 else ctx.kv_dtype  # replicas are summed after the all-to-all
+        grads = pack_rows([dq.to(qg.dtype).reshape(u, n, hq_u, d), dkv.to(kv_dtype).reshape(u, n, 2, hk, d)])
+        back = scatter_tokens(grads.reshape(u * n, *grads.shape[2:]), u, ctx.ulysses, "backward all-to-all of dq/dk/dv")
+        dq, dkv = unpack_rows(back, [((hq_u, d), qg.dtype), ((2, hk, d), kv_dtype)])
+        dkv = dkv.transpose(1, 2).reshape(n, 2, u * hk, d)  # [n, k/v, head, d]
+        if rep > 1:
+            dkv = dkv.reshape(n, 2, ctx.kv_heads, rep, d).sum(3).to(ctx.kv_dtype)
+        return dq.reshape(n, hq, d), dkv[:, 0], dkv[:, 1], None, None, None, None, None, None
+
+
+def _local_verdict(q, k, v, layout, rank: int, size: int, scale, comm, backend, groups=None):
     """``(error message or None, kernel module or None)`` for this rank's input."""
     try:
         kernel = get_backend(q.device.type if isinstance(q, torch.Tensor) else "cpu", backend)
         if layout.cp_size != size:
             raise ValueError(f"group: expected {layout.cp_size} ranks (layout.cp_size), got a group of size {size}")
+        _check_groups(layout, groups)
         if comm not in COMM_SHAPES:
             raise ValueError(f"comm: expected one of {COMM_SHAPES}, got {comm!r}")
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"softmax_scale: expected a positive finite float, got {scale!r}")
         check_inputs(q, k, v, layout, rank)
+        kq, kk = q, k
+        if layout.ulysses_size > 1:  # the kernels run on the ring rank's tokens and this rank's share of the heads
+            hq_u, hkv_u, _ = ulysses_heads(q.shape[1], k.shape[1], layout.ulysses_size)
+            n = q.shape[0] * layout.ulysses_size
+            kq = torch.empty((n, hq_u, q.shape[2]), dtype=q.dtype, device="meta")
+            kk = torch.empty((n, hkv_u, k.shape[2]), dtype=k.dtype, device="meta")
         backend_check = getattr(kernel, "validate", None)
         if backend_check is not None:
-            backend_check(q, k, v)
+            backend_check(kq, kk, kk)
     except ValueError as exc:
         return str(exc), None
     return None, kernel
@@ -127,7 +190,12 @@ def ring_eod_attention(
     q ``[T_local, Hq, D]``, k/v ``[T_local, Hkv, D]`` hold this rank's tokens in the layout's
     local order (``layout.local_indices(rank)``); returns ``[T_local, Hq, D]`` in q's dtype,
     differentiable in q, k, v. ``group``: the CP process group (default: the world group;
-    none needed for ``layout.cp_size == 1``). ``softmax_scale`` defaults to ``D ** -0.5``.
+    none needed for ``layout.cp_size == 1``), or the :class:`~ringattn.CPGroups` of
+    :func:`ringattn.new_cp_groups` for a layout with ``ulysses_size > 1`` (hybrid: an
+    all-to-all over heads inside each Ulysses group, the ring plan over the ring group on
+    ``Hq / U`` heads, an all-to-all back; pure Ulysses when ``ring_size == 1``). Hybrid needs
+    ``Hq % U == 0`` and ``Hkv % U == 0`` or ``U % Hkv == 0`` (KV heads then replicated).
+    ``softmax_scale`` defaults to ``D ** -0.5``.
     ``comm``: plan shape (``"direct"``, the default, ``"ring"`` or the baseline ``"plain"``).
     ``backend``: kernel backend name (default: from ``q.device.type``).
 
@@ -139,27 +207,38 @@ def ring_eod_attention(
     if not isinstance(layout, DocLayout):
         raise ValueError(f"layout: expected a DocLayout, got {type(layout).__name__}")
     comm = comm or DEFAULT_COMM
-    group, rank, size = resolve_group(group, layout)
+    groups = group if isinstance(group, CPGroups) else None
+    group, rank, size = resolve_group(groups.cp if groups is not None else group, layout)
     head_dim = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() >= 1 and q.shape[-1] else 1
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    verdict, kernel = _local_verdict(q, k, v, layout, rank, size, scale, comm, backend)
-    if group is not None:
-        what = (layout.fingerprint, _heads_and_dim(q), _heads_and_dim(k), str(getattr(q, "dtype", None)), scale, comm)
+    verdict, kernel = _local_verdict(q, k, v, layout, rank, size, scale, comm, backend, groups)
+    if group is not None:  # agreement over the whole CP group, before any all-to-all or P2P
+        split = (groups.ulysses_size, groups.ring_size) if groups is not None else (1, size)
+        what = (layout.fingerprint, _heads_and_dim(q), _heads_and_dim(k), str(getattr(q, "dtype", None)), scale, comm,
+                split)
         sig = signature(what)
         key = (id(group), sig)
         if validate or key not in layout.agreed:
-            details = (f"layout {layout.fingerprint:#x} cp={layout.cp_size}, q heads/dim {what[1]}, kv heads/dim {what[2]}, "
-                       f"dtype {what[3]}, scale {scale:.6g}, comm {comm}")
+            details = (f"layout {layout.fingerprint:#x} cp={layout.cp_size} ulysses={layout.ulysses_size}, "
+                       f"q heads/dim {what[1]}, kv heads/dim {what[2]}, dtype {what[3]}, scale {scale:.6g}, comm {comm}, "
+                       f"groups ulysses x ring {split[0]}x{split[1]}")
             agree(group, verdict, sig, details, _agreement_device(group, q))
             layout.agreed.add(key)
     if verdict is not None:
         raise ValueError(verdict)
-    plan = rank_plan(layout, rank, comm)
-    return _RingEoDFunction.apply(q, k, v, plan, group, scale, kernel)
+    if layout.ulysses_size == 1:
+        ring = groups.ring if groups is not None else group
+        return _RingEoDFunction.apply(q, k, v, rank_plan(layout, rank, comm), ring, scale, kernel)
+    ring_rank, _ = layout.split(rank)
+    _, _, replication = ulysses_heads(q.shape[1], k.shape[1], layout.ulysses_size)
+    plan = rank_plan(layout.ring_layout, ring_rank, comm)
+    return _UlyssesRingFunction.apply(q, k, v, plan, groups.ulysses, groups.ring, replication, scale, kernel)
 
 
 class RingEoDAttention(nn.Module):
-    """Module form of :func:`ring_eod_attention`: ``forward(q, k, v, layout) -> out``."""
+    """Module form of :func:`ring_eod_attention`: ``forward(q, k, v, layout) -> out``.
+
+    ``group``: a CP process group or the :class:`~ringattn.CPGroups` of a hybrid split."""
 
     def __init__(self, softmax_scale: float | None = None, group=None, *, comm: str | None = None,
                  backend: str | None = None, validate: bool = False):
@@ -172,4 +251,6 @@ class RingEoDAttention(nn.Module):
                                   validate=self.validate)
 
     def extra_repr(self) -> str:
-        return f"softmax_scale={self.softmax_scale}, comm={self.comm or DEFAULT_COMM!r}"
+        split = (f", ulysses_size={self.group.ulysses_size}, ring_size={self.group.ring_size}"
+                 if isinstance(self.group, CPGroups) else "")
+        return f"softmax_scale={self.softmax_scale}, comm={self.comm or DEFAULT_COMM!r}{split}"

@@ -15,6 +15,13 @@ Strategies:
   counts) and about the same work: heaviest chunk first, to the rank with the least work so
   far that still has room (ties to the lower rank). Deterministic, so every rank derives the
   same layout.
+
+Hybrid context parallelism (Ulysses x ring, ``ulysses_size = U > 1``): the CP group of
+``cp_size = U * R`` ranks is ``R`` ring ranks of ``U`` Ulysses ranks each, CP rank
+``c = ring_rank * U + ulysses_rank``. ``pieces`` are the chosen strategy's pieces for the ``R``
+ring ranks; each ring rank's local tokens (its pieces' concatenation) are split into ``U``
+equal contiguous parts, part ``u`` held by Ulysses rank ``u``. Attention gathers a ring
+rank's tokens with an all-to-all over heads and runs the ring plan of :attr:`DocLayout.ring_layout`.
 """
 from __future__ import annotations
 
@@ -106,8 +113,11 @@ class DocLayout:
     """Documents and CP pieces of one micro-batch.
 
     cu_seqlens: global document boundaries, ``(0, ..., num_samples*sample_len)``.
-    pieces: ``pieces[r]`` is rank ``r``'s tuple of ``(start, end)`` global token ranges,
-        sorted; rank ``r``'s local tokens are their concatenation.
+    cp_size: the whole CP size (``ulysses_size * ring_size``).
+    pieces: ``pieces[r]`` is ring rank ``r``'s tuple of ``(start, end)`` global token ranges,
+        sorted; ring rank ``r``'s local tokens are their concatenation (with
+        ``ulysses_size == 1`` ring ranks are the CP ranks).
+    ulysses_size: Ulysses ranks per ring rank (1: pure ring); see the module docstring.
     """
 
     cu_seqlens: tuple[int, ...]
@@ -115,6 +125,7 @@ class DocLayout:
     sample_len: int
     strategy: str
     pieces: tuple[tuple[Range, ...], ...]
+    ulysses_size: int = 1
     #: (group id, signature) pairs the ranks already agreed on for this layout (see ringattn.agreement)
     agreed: set = field(default_factory=set, compare=False, hash=False, repr=False)
 
@@ -128,19 +139,28 @@ class DocLayout:
         sample_len: int | None = None,
         strategy: str = "zigzag",
         chunks_per_rank: int | None = None,
+        ulysses_size: int = 1,
     ) -> "DocLayout":
         """Build a layout from global document boundaries.
 
         cu_seqlens: ints (list or 1-D tensor) starting at 0, strictly increasing, ending at the
             total token count; every multiple of ``sample_len`` must be a boundary.
+        cp_size: the whole CP size; with ``ulysses_size = U`` it is ``U * R`` for ``R`` ring ranks.
         sample_len: tokens per sample (default: the total, i.e. one sample); must be divisible
-            by ``2 * cp_size`` (zigzag) or ``chunks_per_rank * cp_size`` (balanced).
+            by ``2 * R`` (zigzag) or ``chunks_per_rank * R`` (balanced), ``R = cp_size // ulysses_size``.
         chunks_per_rank: chunks of every sample each rank holds with ``strategy="balanced"``
             (default 4); ignored by zigzag, which always uses 2.
+        ulysses_size: Ulysses ranks per ring rank (default 1: pure ring); must divide ``cp_size``
+            and each ring rank's token count (``total / R``).
         """
         cu = _as_int_list(cu_seqlens)
         if not isinstance(cp_size, int) or isinstance(cp_size, bool) or cp_size < 1:
             raise ValueError(f"cp_size: expected a positive int, got {cp_size!r}")
+        if not isinstance(ulysses_size, int) or isinstance(ulysses_size, bool) or ulysses_size < 1:
+            raise ValueError(f"ulysses_size: expected a positive int, got {ulysses_size!r}")
+        if cp_size % ulysses_size:
+            raise ValueError(f"ulysses_size: expected a divisor of cp_size={cp_size}, got {ulysses_size}")
+        ring = cp_size // ulysses_size
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
         if len(cu) < 2:
@@ -161,17 +181,21 @@ class DocLayout:
             raise ValueError(
                 f"cu_seqlens: expected to end at a multiple of sample_len={sample_len} (the token count), got {total}"
             )
-        if sample_len % (2 * cp_size):
+        ring_name = "cp_size" if ulysses_size == 1 else "ring_size"
+        if sample_len % (2 * ring):
             raise ValueError(
-                f"sample_len: expected a multiple of 2*cp_size={2 * cp_size}, got {sample_len}"
+                f"sample_len: expected a multiple of 2*{ring_name}={2 * ring}, got {sample_len}"
             )
         if strategy == "balanced":
             per_rank = DEFAULT_CHUNKS_PER_RANK if chunks_per_rank is None else chunks_per_rank
             if not isinstance(per_rank, int) or per_rank < 1:
                 raise ValueError(f"chunks_per_rank: expected a positive int, got {chunks_per_rank!r}")
-            if sample_len % (per_rank * cp_size):
-                raise ValueError(f"sample_len: expected a multiple of chunks_per_rank*cp_size={per_rank * cp_size} "
+            if sample_len % (per_rank * ring):
+                raise ValueError(f"sample_len: expected a multiple of chunks_per_rank*{ring_name}={per_rank * ring} "
                                  f"for strategy='balanced', got {sample_len}")
+        if (total // ring) % ulysses_size:
+            raise ValueError(f"ulysses_size: each ring rank's {total // ring} tokens (total {total} / ring_size {ring}) "
+                             f"must split into ulysses_size={ulysses_size} equal parts")
         bounds = set(cu)
         missing = [b for b in range(sample_len, total, sample_len) if b not in bounds]
         if missing:
@@ -179,18 +203,18 @@ class DocLayout:
                 f"cu_seqlens: sample boundaries must be document boundaries; missing {missing[:4]}"
             )
         if strategy == "balanced":
-            pieces = _balanced_pieces(cu, total // sample_len, sample_len, cp_size, per_rank)
+            pieces = _balanced_pieces(cu, total // sample_len, sample_len, ring, per_rank)
         else:
-            pieces = _zigzag_pieces(total // sample_len, sample_len, cp_size)
-        return cls(tuple(cu), cp_size, sample_len, strategy, pieces)
+            pieces = _zigzag_pieces(total // sample_len, sample_len, ring)
+        return cls(tuple(cu), cp_size, sample_len, strategy, pieces, ulysses_size)
 
     @classmethod
     def from_tokens(cls, tokens: torch.Tensor, eod_id: int, cp_size: int, *, strategy: str = "zigzag",
-                    chunks_per_rank: int | None = None) -> "DocLayout":
+                    chunks_per_rank: int | None = None, ulysses_size: int = 1) -> "DocLayout":
         """Layout of ``tokens [b, s]`` whose documents end with ``eod_id`` (see :mod:`ringattn.eod`)."""
         cu = cu_seqlens_from_tokens(tokens, eod_id)
         return cls.from_cu_seqlens(cu, cp_size, sample_len=int(tokens.shape[1]), strategy=strategy,
-                                   chunks_per_rank=chunks_per_rank)
+                                   chunks_per_rank=chunks_per_rank, ulysses_size=ulysses_size)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -200,9 +224,47 @@ class DocLayout:
         if fp is None:
             from .agreement import signature
 
-            fp = signature((self.cu_seqlens, self.cp_size, self.sample_len, self.strategy, self.pieces))
+            fp = signature((self.cu_seqlens, self.cp_size, self.sample_len, self.strategy, self.pieces,
+                            self.ulysses_size))
             object.__setattr__(self, "_fingerprint", fp)
         return fp
+
+    @property
+    def ring_size(self) -> int:
+        """Ring ranks: ``cp_size // ulysses_size`` (``cp_size`` for a pure ring)."""
+        return self.cp_size // self.ulysses_size
+
+    @property
+    def ring_layout(self) -> "DocLayout":
+        """The layout of the ring ranks alone (``ulysses_size=1``, ``cp_size=ring_size``, same pieces):
+        what the planner and the ring executor run on. ``self`` for a pure ring."""
+        if self.ulysses_size == 1:
+            return self
+        ring = self.__dict__.get("_ring_layout")
+        if ring is None:
+            ring = DocLayout(self.cu_seqlens, self.ring_size, self.sample_len, self.strategy, self.pieces)
+            object.__setattr__(self, "_ring_layout", ring)
+        return ring
+
+    def split(self, rank: int) -> tuple[int, int]:
+        """``(ring_rank, ulysses_rank)`` of CP rank ``rank`` (``rank = ring_rank * ulysses_size + ulysses_rank``)."""
+        self._check_rank(rank)
+        return divmod(rank, self.ulysses_size)
+
+    def rank_pieces(self, rank: int) -> tuple[Range, ...]:
+        """Global token ranges CP rank ``rank`` holds, in local order (``pieces[rank]`` for a pure ring)."""
+        ring_rank, u = self.split(rank)
+        pieces = self.pieces[ring_rank]
+        if self.ulysses_size == 1:
+            return pieces
+        n = sum(e - s for s, e in pieces) // self.ulysses_size
+        lo, hi, off, out = u * n, (u + 1) * n, 0, []
+        for s, e in pieces:
+            a, b = max(s, s + lo - off), min(e, s + hi - off)
+            if a < b:
+                out.append((a, b))
+            off += e - s
+        return tuple(out)
 
     @property
     def total_tokens(self) -> int:
@@ -217,21 +279,20 @@ class DocLayout:
         return len(self.cu_seqlens) - 1
 
     def local_tokens(self, rank: int) -> int:
-        """Number of tokens rank ``rank`` holds."""
-        self._check_rank(rank)
-        return sum(e - s for s, e in self.pieces[rank])
+        """Number of tokens CP rank ``rank`` holds."""
+        ring_rank, _ = self.split(rank)
+        return sum(e - s for s, e in self.pieces[ring_rank]) // self.ulysses_size
 
     def doc_of(self, token: int) -> int:
         """Index of the document holding global token ``token``."""
         return bisect.bisect_right(self.cu_seqlens, token) - 1
 
     def local_indices(self, rank: int, device=None) -> torch.Tensor:
-        """int64 ``[local_tokens(rank)]``: global token indices held by ``rank``, local order.
+        """int64 ``[local_tokens(rank)]``: global token indices held by CP rank ``rank``, local order.
 
         Shard any per-token tensor of the flattened batch with ``x.reshape(-1, ...)[idx]``.
         """
-        self._check_rank(rank)
-        return torch.cat([torch.arange(s, e, dtype=torch.int64) for s, e in self.pieces[rank]]).to(device)
+        return torch.cat([torch.arange(s, e, dtype=torch.int64) for s, e in self.rank_pieces(rank)]).to(device)
 
     def position_ids(self, rank: int, device=None) -> torch.Tensor:
         """int64 ``[local_tokens(rank)]``: reset position ids (offset within the document)."""
@@ -239,17 +300,28 @@ class DocLayout:
 
     def stats(self, comm: str | None = None):
         """Per-rank tokens, attention work, block pairs and KV traffic (:class:`ringattn.plan.PlanStats`)
-        of the plan shape ``comm`` (default: the library's default shape)."""
+        of the plan shape ``comm`` (default: the library's default shape). With ``ulysses_size > 1``
+        these are the ring plan's, per ring rank (each of its Ulysses ranks runs that ring on its
+        share of the heads); :meth:`cp_stats` gives bytes per CP rank, all-to-alls included."""
         from .plan import DEFAULT_COMM, build_plan
 
-        return build_plan(self, comm or DEFAULT_COMM).stats
+        return build_plan(self.ring_layout, comm or DEFAULT_COMM).stats
+
+    def cp_stats(self, heads: int, kv_heads: int, head_dim: int, itemsize: int = 2, comm: str | None = None):
+        """Per CP rank all-to-all bytes and ring KV bytes, forward and backward
+        (:class:`ringattn.plan.CPStats`) for ``heads`` query heads, ``kv_heads`` KV heads of
+        ``head_dim`` elements of ``itemsize`` bytes (2: bf16/fp16)."""
+        from .plan import DEFAULT_COMM, cp_stats
+
+        return cp_stats(self, heads, kv_heads, head_dim, itemsize, comm or DEFAULT_COMM)
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.cp_size:
             raise ValueError(f"rank: expected 0 <= rank < cp_size={self.cp_size}, got {rank}")
 
     def __repr__(self) -> str:  # the full tuples are long; keep the repr readable
+        hybrid = f", ulysses_size={self.ulysses_size}, ring_size={self.ring_size}" if self.ulysses_size > 1 else ""
         return (
-            f"DocLayout(strategy={self.strategy!r}, cp_size={self.cp_size}, samples={self.num_samples}, "
+            f"DocLayout(strategy={self.strategy!r}, cp_size={self.cp_size}{hybrid}, samples={self.num_samples}, "
             f"sample_len={self.sample_len}, docs={self.num_docs}, local_tokens={self.local_tokens(0)})"
         )

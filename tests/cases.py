@@ -25,6 +25,7 @@ class Case:
     qk_scale: float = 1.0  # multiplies q and k (large logits: scale * |qk| ~ qk_scale**2)
     strategy: str = "zigzag"
     chunks_per_rank: int | None = None
+    ulysses: int | None = None  # None: a plain CP group; U: ringattn.new_cp_groups(U), CP = U x ring
 
 
 def random_cu_seqlens(rng: random.Random, sample_len: int, num_samples: int = 1, p_single: float = 0.2,
@@ -55,6 +56,15 @@ def global_tensors(case: Case):
 #: test backend names that run the NPU backend on an emulated torch_npu generation (tests/npu_emulation.py)
 NPU_GENERATIONS = {"npu": "current", "npu-legacy": "legacy", "npu-old-cann": "layout-kwarg-old-cann"}
 
+_GROUPS: dict = {}  # per test process: ulysses size -> CPGroups over the world (new_cp_groups is collective)
+
+
+def cp_groups(ulysses: int):
+    """The world's :class:`ringattn.CPGroups` for ``ulysses`` (created once per process, in call order)."""
+    if ulysses not in _GROUPS:
+        _GROUPS[ulysses] = ringattn.new_cp_groups(ulysses)
+    return _GROUPS[ulysses]
+
 
 def run_case(rank: int, cp: int, case: Case):
     """This rank's (local indices, out, dq, dk, dv) for ``case``.
@@ -72,11 +82,12 @@ def run_case(rank: int, cp: int, case: Case):
 
 def _run_case(rank: int, cp: int, case: Case, backend):
     layout = DocLayout.from_cu_seqlens(case.cu_seqlens, cp, sample_len=case.sample_len, strategy=case.strategy,
-                                       chunks_per_rank=case.chunks_per_rank)
+                                       chunks_per_rank=case.chunks_per_rank, ulysses_size=case.ulysses or 1)
+    group = cp_groups(case.ulysses) if case.ulysses is not None else None
     idx = layout.local_indices(rank)
     q, k, v, dout = global_tensors(case)
     q, k, v = (x[idx].clone().requires_grad_() for x in (q, k, v))
-    out = ringattn.ring_eod_attention(q, k, v, layout, comm=case.comm, backend=backend)
+    out = ringattn.ring_eod_attention(q, k, v, layout, group, comm=case.comm, backend=backend)
     out.backward(dout[idx])
     return idx, out.detach(), q.grad, k.grad, v.grad
 

@@ -36,7 +36,7 @@ def batch_tokens(num_samples=2, seed=0):
     return {"tokens": tokens[:, :SEQ].contiguous(), "labels": tokens[:, 1:].contiguous()}
 
 
-def build_model(cp: int, spec: str = "ringattn", seed: int = 1234):
+def build_model(cp: int, spec: str = "ringattn", seed: int = 1234, tp: int = 1, cp_comm_type=None, hcp=None):
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -45,7 +45,7 @@ def build_model(cp: int, spec: str = "ringattn", seed: int = 1234):
     from ringattn.adapters.megatron import ringattn_layer_spec, use_reset_position_rope
 
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(1, 1, context_parallel_size=cp)
+        ps.initialize_model_parallel(tp, 1, context_parallel_size=cp, hierarchical_context_parallel_sizes=hcp)
     ps.get_global_memory_buffer = lambda: _HostBuffer()
     if spec != "ringattn":
         from megatron.core import tensor_parallel
@@ -54,7 +54,8 @@ def build_model(cp: int, spec: str = "ringattn", seed: int = 1234):
     torch.manual_seed(seed)
     cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                             use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
-                            context_parallel_size=cp, params_dtype=torch.float32)
+                            context_parallel_size=cp, params_dtype=torch.float32, tensor_model_parallel_size=tp,
+                            cp_comm_type=cp_comm_type, hierarchical_context_parallel_sizes=hcp)
     layer = ringattn_layer_spec() if spec == "ringattn" else get_gpt_layer_local_spec()
     model = GPTModel(config=cfg, transformer_layer_spec=layer, vocab_size=VOCAB, max_sequence_length=SEQ,
                      position_embedding_type="rope")
@@ -104,3 +105,96 @@ def loss_and_grads(rank, cp, args):
     used = model.rotary_pos_emb.position_ids.reshape(-1)
     assert torch.equal(used, layout.position_ids(rank_in_cp)), "RoPE did not get the reset position ids"
     return loss.item(), grads
+
+
+# ----------------------------------------------------------------------------- hybrid CP (Ulysses x ring)
+HYBRID_RUNS = {  # name -> (tp, cp, cp_comm_type, hierarchical_context_parallel_sizes); all on 4 processes
+    "tp1 cp1": (1, 1, None, None),
+    "cp4 a2a+p2p 2x2": (1, 4, "a2a+p2p", [2, 2]),
+    "cp4 a2a 4x1": (1, 4, "a2a", None),
+    "cp4 a2a+p2p 1x4 (ring)": (1, 4, "a2a+p2p", [1, 4]),
+    "tp2 cp1": (2, 1, None, None),
+    "tp2 cp2 a2a": (2, 2, "a2a", None),
+}
+
+
+def _hybrid_loss_and_grads(tp, cp, cp_comm_type, hcp):
+    """Loss and CP-summed gradients of one megatron parallel setup (the world's other ranks are DP replicas)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from ringattn.adapters.megatron import cp_ulysses_size, get_batch
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    model = build_model(cp, tp=tp, cp_comm_type=cp_comm_type, hcp=hcp)
+    u = cp_ulysses_size(model.config)
+    batch = get_batch(iter([batch_tokens()]), EOD, eod_mask_loss=True, ulysses_size=u)
+    layout = batch["packed_seq_params"].layout
+    assert layout.ulysses_size == u and layout.cp_size == cp
+    attn = model.decoder.layers[0].self_attention.core_attention
+    assert attn.ulysses_size == u
+    losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                   packed_seq_params=batch["packed_seq_params"])
+    lm = batch["loss_mask"]
+    num, den = (losses * lm).sum(), lm.sum().detach().clone()
+    group = ps.get_context_parallel_group()
+    if cp > 1:
+        dist.all_reduce(den, group=group)
+    (num / den).backward()
+    loss = (num / den).detach().clone()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    if cp > 1:
+        dist.all_reduce(loss, group=group)
+        for g in grads.values():
+            dist.all_reduce(g, group=group)
+    used = model.rotary_pos_emb.position_ids.reshape(-1)
+    assert torch.equal(used, layout.position_ids(ps.get_context_parallel_rank())), "RoPE did not get reset positions"
+    return loss.item(), grads, ps.get_tensor_model_parallel_rank()
+
+
+def _bad_megatron_configs():
+    """ValueError messages of cp_comm_type settings ringattn refuses, on this rank (CP=4 over the world)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from ringattn.adapters.megatron import RingEoDCoreAttention
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(1, 1, context_parallel_size=4, hierarchical_context_parallel_sizes=[2, 2])
+    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, use_cpu_initialization=True,
+                attention_dropout=0.0, context_parallel_size=4)
+    rank = dist.get_rank()
+    cols = [dist.new_group(r) for r in ([0, 2], [1, 3])]  # created on every rank, in the same order
+    rows = [dist.new_group(r) for r in ([0, 1], [2, 3])]
+    swapped = ProcessGroupCollection(cp=ps.get_context_parallel_group(), tp=ps.get_tensor_model_parallel_group(),
+                                     hcp=[cols[rank % 2], rows[rank // 2]])
+    wrong_size = ProcessGroupCollection(cp=ps.get_context_parallel_group(), tp=ps.get_tensor_model_parallel_group(),
+                                        hcp=[ps.get_context_parallel_group(), rows[rank // 2]])
+    trials = {
+        "all_gather": (dict(cp_comm_type="all_gather"), "all_gather", None),
+        "per-layer list": (dict(cp_comm_type=["a2a+p2p", "p2p"]), "a2a+p2p", None),
+        "unknown": (dict(cp_comm_type="ring"), "ring", None),
+        "sizes disagree": (dict(cp_comm_type="a2a+p2p", hierarchical_context_parallel_sizes=[4, 1]), "a2a+p2p", None),
+        "swapped groups": (dict(cp_comm_type="a2a+p2p", hierarchical_context_parallel_sizes=[2, 2]), "a2a+p2p", swapped),
+        "sizes not multiplying to CP": (dict(cp_comm_type="a2a+p2p"), "a2a+p2p", wrong_size),
+    }
+    out = {}
+    for name, (extra, comm_type, pgs) in trials.items():
+        try:
+            cfg = TransformerConfig(**base, **extra)
+            RingEoDCoreAttention(cfg, 1, AttnMaskType.causal, "self", cp_comm_type=comm_type, pg_collection=pgs)
+            out[name] = None
+        except ValueError as exc:
+            out[name] = str(exc)
+    return out
+
+
+def hybrid_runs(rank, world, names):
+    """Every :data:`HYBRID_RUNS` setup in turn on the same 4 processes, then the refused configurations."""
+    results = {name: _hybrid_loss_and_grads(*HYBRID_RUNS[name]) for name in names}
+    return results, _bad_megatron_configs()

@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("megatron.core", reason="megatron-core not installed (pip install 'ringattn[megatron]')")
 
 from .dist import run_ranks, unwrap  # noqa: E402
-from .megatron_cases import loss_and_grads  # noqa: E402
+from .megatron_cases import hybrid_runs, loss_and_grads  # noqa: E402
 
 
 def compare(a, b, rtol=1e-5, atol=1e-6):
@@ -111,3 +111,32 @@ def test_layer_spec_passes_the_comm_shape():
         build = ringattn_layer_spec(comm=comm).submodules.self_attention.submodules.core_attention
         module = build(config=cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
         assert isinstance(module, RingEoDCoreAttention) and module.comm == comm
+
+
+def test_megatron_hybrid_ulysses_cp_equals_cp1():
+    """megatron-core's own hierarchical CP config: CP=4 as 2x2 ("a2a+p2p") and 4x1 ("a2a"), a 1x4 hierarchy
+    (degrades to the ring) and TP=2 x CP=2 ("a2a", KV heads replicated per TP rank) equal CP=1 in loss and
+    CP-summed gradients, EoD reset; refused configurations raise the same ValueError on every rank."""
+    from .megatron_cases import HYBRID_RUNS
+
+    results = unwrap(run_ranks(4, hybrid_runs, list(HYBRID_RUNS), timeout_s=120))
+    for rank, (runs, refused) in enumerate(results):
+        ref = runs["tp1 cp1"][:2]
+        for name in ("cp4 a2a+p2p 2x2", "cp4 a2a 4x1", "cp4 a2a+p2p 1x4 (ring)"):
+            compare(runs[name][:2], ref)
+        assert runs["tp2 cp2 a2a"][2] == runs["tp2 cp1"][2], "same TP rank, same weight shards"
+        compare(runs["tp2 cp2 a2a"][:2], runs["tp2 cp1"][:2])
+        expect = {
+            "all_gather": "cp_comm_type='all_gather' is not supported",
+            "per-layer list": "cp_comm_type: per-layer lists are not supported",
+            "unknown": "cp_comm_type: expected one of",
+            "sizes disagree": "hierarchical_context_parallel_sizes: the config says [4, 1], megatron's hierarchical CP "
+                              "groups have sizes [2, 2]",
+            "swapped groups": "groups: CP rank 0 (global rank 0) has Ulysses group [0, 2] and ring group [0, 1]",
+            "sizes not multiplying to CP": "groups: the Ulysses group size (4) times the ring group size (2) must "
+                                           "equal the CP size (4)",
+        }
+        for name, text in expect.items():
+            assert refused[name] is not None and text in refused[name], (rank, name, refused[name])
+    for name in results[0][1]:
+        assert len({refused[name] for _, refused in results}) == 1, f"{name}: ranks disagree"

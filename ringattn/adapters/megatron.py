@@ -3,7 +3,9 @@
 * :class:`RingEoDCoreAttention` — accepted by a layer spec in place of ``core_attention``
   (constructor keywords as ``SelfAttention`` passes them); forward takes ``sbhd``
   (``[s, b, h, d]`` -> ``[s, b, h*d]``) or ``thd`` (``[t, h, d]`` -> ``[t, h*d]``); GQA without
-  expanding k/v; the CP group comes from the model's ``pg_collection``.
+  expanding k/v; the CP group comes from the model's ``pg_collection``. megatron-core's
+  ``cp_comm_type`` is honoured: ``"p2p"``/None -> ring, ``"a2a"`` -> Ulysses over the CP group,
+  ``"a2a+p2p"`` -> hybrid over megatron's hierarchical CP groups (:func:`cp_ulysses_size`).
 * :class:`RingEoDPackedSeqParams` — Megatron's ``PackedSeqParams`` plus the :class:`DocLayout`;
   pass it as ``packed_seq_params`` to ``GPTModel.forward`` (sbhd or thd) so attention knows
   the documents. A plain thd ``PackedSeqParams`` with global ``cu_seqlens_q`` also works
@@ -30,6 +32,7 @@ from torch import nn
 
 from ..attention import ring_eod_attention
 from ..eod import eod_metadata
+from ..groups import CPGroups
 from ..layout import DocLayout
 
 try:
@@ -41,8 +44,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without megatron
 
 __all__ = [
     "RingEoDCoreAttention", "RingEoDPackedSeqParams", "ResetRotaryEmbedding", "use_reset_position_rope",
-    "ringattn_layer_spec", "get_batch_on_this_cp_rank", "get_batch", "is_dataset_built_on_rank",
+    "ringattn_layer_spec", "get_batch_on_this_cp_rank", "get_batch", "is_dataset_built_on_rank", "cp_ulysses_size",
 ]
+
+#: megatron-core's ``cp_comm_type`` values ringattn runs (TransformerConfig.cp_comm_type documents
+#: "p2p", "all_gather", "a2a" and "a2a+p2p"; None means "p2p")
+CP_COMM_TYPES = (None, "p2p", "a2a", "a2a+p2p")
 
 PER_TOKEN_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -65,6 +72,56 @@ def _cp_group(pg_collection):
     return group
 
 
+def _check_cp_comm_type(config, cp_comm_type) -> None:
+    """Refuse what ringattn does not run, before any group is touched."""
+    if config.context_parallel_size > 1 and isinstance(config.cp_comm_type, (list, tuple)):
+        # megatron-core 0.16.1 TransformerLayer indexes the list with the 1-based layer number
+        raise ValueError(f"cp_comm_type: per-layer lists are not supported (megatron-core 0.16.1 indexes them with the "
+                         f"1-based layer number); use one of {CP_COMM_TYPES[1:]} for all layers, got {config.cp_comm_type}")
+    if cp_comm_type == "all_gather":
+        raise ValueError("cp_comm_type='all_gather' is not supported by ringattn (it gathers the whole sequence's KV); "
+                         "use 'p2p' (ring), 'a2a' (Ulysses) or 'a2a+p2p' (hybrid)")
+    if cp_comm_type not in CP_COMM_TYPES:
+        raise ValueError(f"cp_comm_type: expected one of {CP_COMM_TYPES}, got {cp_comm_type!r}")
+
+
+def _hierarchical_groups(pg_collection, config):
+    """megatron's ``[a2a group, p2p group]``: ``pg_collection.hcp``, else parallel_state's."""
+    hcp = getattr(pg_collection, "hcp", None) if pg_collection is not None else None
+    if hcp is None:
+        hcp = parallel_state.get_hierarchical_context_parallel_groups(check_initialized=False)
+    sizes = config.hierarchical_context_parallel_sizes
+    if not hcp or len(hcp) != 2:
+        raise ValueError("cp_comm_type='a2a+p2p' needs megatron's two hierarchical CP groups (initialize_model_parallel("
+                         f"hierarchical_context_parallel_sizes=[U, R]) or pg_collection.hcp), got {hcp!r}")
+    got = [g.size() for g in hcp]
+    if sizes is not None and list(sizes) != got:
+        raise ValueError(f"hierarchical_context_parallel_sizes: the config says {list(sizes)}, megatron's hierarchical "
+                         f"CP groups have sizes {got}")
+    return hcp
+
+
+def cp_ulysses_size(config) -> int:
+    """The Ulysses size ringattn runs for a megatron ``TransformerConfig``: the CP size for
+    ``cp_comm_type="a2a"``, ``hierarchical_context_parallel_sizes[0]`` for ``"a2a+p2p"``, else 1.
+
+    Pass it to :func:`get_batch` (``ulysses_size=``) so the batch is sharded for the same split.
+    """
+    cp = config.context_parallel_size
+    if cp == 1:  # megatron-core passes no cp_comm_type to attention then
+        return 1
+    _check_cp_comm_type(config, config.cp_comm_type)
+    if config.cp_comm_type in (None, "p2p"):
+        return 1
+    if config.cp_comm_type == "a2a":
+        return cp
+    sizes = config.hierarchical_context_parallel_sizes
+    if not sizes or len(sizes) != 2 or sizes[0] * sizes[1] != cp:
+        raise ValueError(f"hierarchical_context_parallel_sizes: cp_comm_type='a2a+p2p' needs [U, R] with U * R = "
+                         f"context_parallel_size={cp}, got {sizes}")
+    return sizes[0]
+
+
 class RingEoDCoreAttention(nn.Module):
     """Document-causal ring attention in place of megatron-core's ``core_attention``."""
 
@@ -76,7 +133,23 @@ class RingEoDCoreAttention(nn.Module):
         if dropout:
             raise ValueError(f"attention_dropout: ringattn implements no attention dropout; expected 0, got {dropout}")
         self.config, self.layer_number, self.attention_type = config, layer_number, attention_type
+        _check_cp_comm_type(config, cp_comm_type)
+        self.cp_comm_type = cp_comm_type
         self.cp_group = _cp_group(pg_collection)
+        #: what attention runs over: the plain CP group (ring) or CPGroups (Ulysses / hybrid)
+        self.group, self.ulysses_size = self.cp_group, 1
+        cp = self.cp_group.size() if self.cp_group is not None else 1
+        if cp > 1 and cp_comm_type == "a2a":
+            self.group = CPGroups.from_groups(self.cp_group, self.cp_group, None)
+        elif cp > 1 and cp_comm_type == "a2a+p2p":
+            inner, outer = _hierarchical_groups(pg_collection, config)
+            # size 1 on either level degrades to the plain mode; from_groups checks sizes and rank order
+            self.group = CPGroups.from_groups(self.cp_group, inner if inner.size() > 1 else None,
+                                              outer if outer.size() > 1 else None)
+        if isinstance(self.group, CPGroups):
+            self.ulysses_size = self.group.ulysses_size
+            if self.ulysses_size == 1:
+                self.group = self.cp_group
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
         self.comm = comm
@@ -85,12 +158,16 @@ class RingEoDCoreAttention(nn.Module):
         cp = self.cp_group.size() if self.cp_group is not None else 1
         layout = getattr(packed_seq_params, "layout", None)
         if layout is None and packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None:
-            layout = DocLayout.from_cu_seqlens(packed_seq_params.cu_seqlens_q.cpu(), cp)
+            layout = DocLayout.from_cu_seqlens(packed_seq_params.cu_seqlens_q.cpu(), cp, ulysses_size=self.ulysses_size)
         if layout is None:
             raise ValueError("packed_seq_params: ringattn needs the documents; pass RingEoDPackedSeqParams(layout=...) "
                              "(see get_batch_on_this_cp_rank) or thd PackedSeqParams with cu_seqlens_q")
         if layout.cp_size != cp:
             raise ValueError(f"packed_seq_params.layout: cp_size {layout.cp_size} but the CP group has {cp} ranks")
+        if layout.ulysses_size != self.ulysses_size:
+            raise ValueError(f"packed_seq_params.layout: ulysses_size {layout.ulysses_size}, but cp_comm_type="
+                             f"{self.cp_comm_type!r} runs ulysses_size {self.ulysses_size}; shard the batch with "
+                             "get_batch(..., ulysses_size=cp_ulysses_size(config))")
         return layout
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
@@ -108,7 +185,7 @@ class RingEoDCoreAttention(nn.Module):
             b = query.shape[1]
             q, k, v = (rearrange(x, "s b h d -> (b s) h d") for x in (query, key, value))
         layout = self._layout(packed_seq_params, q.shape[0])
-        group = self.cp_group if layout.cp_size > 1 else None
+        group = self.group if layout.cp_size > 1 else None
         out = ring_eod_attention(q, k, v, layout, group=group, softmax_scale=self.softmax_scale, comm=self.comm)
         if thd:
             return rearrange(out, "t h d -> t (h d)")
@@ -209,7 +286,8 @@ def is_dataset_built_on_rank() -> bool:
 
 def get_batch(data_iterator: Iterator, eod_id: int, *, reset_attention_mask: bool = True,
               reset_position_ids: bool = True, eod_mask_loss: bool = False,
-              get_batch_on_this_tp_rank: Callable | None = None, strategy: str = "zigzag") -> dict:
+              get_batch_on_this_tp_rank: Callable | None = None, strategy: str = "zigzag",
+              ulysses_size: int = 1) -> dict:
     """Megatron's ``get_batch`` for EoD reset with ring attention.
 
     1. the TP-rank batch (``get_batch_on_this_tp_rank(data_iterator)`` or ``next(data_iterator)``,
@@ -217,7 +295,8 @@ def get_batch(data_iterator: Iterator, eod_id: int, *, reset_attention_mask: boo
     2. documents (``--reset-attention-mask``; otherwise one document per sample), position ids
        (reset per document with ``--reset-position-ids``) and the loss mask, from the EoD tokens;
     3. the CP slice (:func:`get_batch_on_this_cp_rank`, layout ``strategy``: ``"zigzag"`` as
-       Megatron, or ``"balanced"`` for equal attention work per rank), *then*
+       Megatron, or ``"balanced"`` for equal attention work per rank; ``ulysses_size``: the
+       Ulysses size of ``cp_comm_type`` "a2a"/"a2a+p2p", see :func:`cp_ulysses_size`), *then*
     4. the pipeline early return: middle stages keep only what attention and RoPE need
        (``packed_seq_params``, ``position_ids``) — they receive the document metadata too.
     """
@@ -231,7 +310,7 @@ def get_batch(data_iterator: Iterator, eod_id: int, *, reset_attention_mask: boo
     if batch.get("loss_mask") is None:
         batch["loss_mask"] = meta.loss_mask
     cp = parallel_state.get_context_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
-    layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=s, strategy=strategy)
+    layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=s, strategy=strategy, ulysses_size=ulysses_size)
     batch = get_batch_on_this_cp_rank(batch, layout)
     if parallel_state.model_parallel_is_initialized() and not (
         parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()

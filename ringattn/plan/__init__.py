@@ -28,11 +28,15 @@ computing rank read (see :mod:`ringattn.comm.executor`).
 
 Work is counted in unmasked score entries (one query-key product per head), tokens in
 KV tokens (one key and one value row per KV head).
+
+Hybrid layouts (``ulysses_size > 1``) are planned over their ring ranks; :mod:`.hybrid` adds
+the all-to-all bytes per CP rank (:class:`CPStats`).
 """
 from __future__ import annotations
 
 from .build import build_plan, rank_plan
+from .hybrid import CPStats, cp_stats, ulysses_heads
 from .types import COMM_SHAPES, DEFAULT_COMM, Plan, PlanStats, RankPlan, Segment, Step, Transfer
 
 __all__ = ["COMM_SHAPES", "DEFAULT_COMM", "Segment", "Transfer", "Step", "RankPlan", "PlanStats", "Plan", "build_plan",
-           "rank_plan"]
+           "rank_plan", "CPStats", "cp_stats", "ulysses_heads"]

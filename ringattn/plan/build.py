@@ -88,7 +88,11 @@ def _pair_counts(layout: DocLayout, x: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------- planner
 @functools.lru_cache(maxsize=64)
 def build_plan(layout: DocLayout, comm: str = DEFAULT_COMM) -> Plan:
-    """The global plan of ``layout`` for comm shape ``comm`` (cached per layout and shape)."""
+    """The global plan of ``layout`` for comm shape ``comm`` (cached per layout and shape).
+
+    A hybrid layout (``ulysses_size > 1``) is planned over its ring ranks (``layout.ring_layout``)."""
+    if layout.ulysses_size > 1:
+        return build_plan(layout.ring_layout, comm)
     if comm not in COMM_SHAPES:
         raise ValueError(f"comm: expected one of {COMM_SHAPES}, got {comm!r}")
     cp = layout.cp_size

@@ -1,0 +1,146 @@
+"""Process groups of hybrid context parallelism: Ulysses (inner) x ring (outer).
+
+A CP group of ``cp = U * R`` ranks is split into ``R`` Ulysses groups of ``U`` consecutive CP
+ranks (one all-to-all over heads each; put them inside a node) and ``U`` ring groups of ``R``
+ranks with stride ``U`` (P2P between nodes)::
+
+    cp_rank = ring_rank * U + ulysses_rank
+
+the order of megatron-core's hierarchical CP groups (``create_hierarchical_groups``, inner
+level first) and of MindSpeed's hybrid CP. Groups are created explicitly, once, by
+:func:`new_cp_groups` and passed to attention; nothing is created lazily or kept globally.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+__all__ = ["CPGroups", "new_cp_groups"]
+
+
+@dataclass(frozen=True)
+class CPGroups:
+    """The CP group and its Ulysses and ring subgroups, as seen by this rank.
+
+    cp: the whole CP group (agreement runs over it). ulysses: this rank's Ulysses group
+    (``None`` when ``ulysses_size == 1``). ring: this rank's ring group (``None`` when
+    ``ring_size == 1``). Pass it as ``group=`` wherever ringattn takes a CP group; a plain
+    process group there keeps meaning a pure ring.
+    """
+
+    cp: object
+    ulysses: object | None
+    ring: object | None
+    ulysses_size: int
+    ring_size: int
+
+    @property
+    def cp_size(self) -> int:
+        return self.ulysses_size * self.ring_size
+
+    def ranks(self) -> tuple[int, int, int]:
+        """``(cp_rank, ring_rank, ulysses_rank)`` of this process."""
+        c = dist.get_rank(self.cp)
+        return (c,) + divmod(c, self.ulysses_size)
+
+    @classmethod
+    def from_groups(cls, cp, ulysses, ring) -> "CPGroups":
+        """Wrap existing groups (e.g. megatron-core's hierarchical CP groups), checking their layout.
+
+        Collective over ``cp``: every rank all-gathers the global ranks of its groups, so every
+        rank checks the same facts and raises the same ``ValueError`` if ``ulysses``/``ring``
+        (``None`` for size 1) are not the Ulysses and ring groups of ``cp`` in the order
+        ``cp_rank = ring_rank * U + ulysses_rank``.
+        """
+        me = dist.get_process_group_ranks(cp)[dist.get_rank(cp)]
+        mine = tuple(tuple(dist.get_process_group_ranks(g)) if g is not None else (me,) for g in (ulysses, ring))
+        seen: list = [None] * dist.get_world_size(cp)
+        dist.all_gather_object(seen, mine, group=cp)
+        problem = _check_order(dist.get_process_group_ranks(cp), seen)
+        if problem:
+            raise ValueError(f"groups: {problem}")
+        u, r = len(seen[0][0]), len(seen[0][1])
+        return cls(cp, ulysses if u > 1 else None, ring if r > 1 else None, u, r)
+
+
+def _check_order(cp_ranks: list[int], seen: list) -> str | None:
+    """Why the per-CP-rank ``(ulysses ranks, ring ranks)`` are not the hybrid layout of ``cp_ranks``."""
+    cp = len(cp_ranks)
+    u, r = len(seen[0][0]), len(seen[0][1])
+    if u * r != cp:
+        return f"the Ulysses group size ({u}) times the ring group size ({r}) must equal the CP size ({cp})"
+    for c, (uly, ring) in enumerate(seen):
+        rr, uu = divmod(c, u)
+        want_u = tuple(cp_ranks[rr * u + j] for j in range(u))
+        want_r = tuple(cp_ranks[j * u + uu] for j in range(r))
+        if tuple(uly) != want_u or tuple(ring) != want_r:
+            return (f"CP rank {c} (global rank {cp_ranks[c]}) has Ulysses group {list(uly)} and ring group "
+                    f"{list(ring)}; expected {list(want_u)} and {list(want_r)} "
+                    f"(cp_rank = ring_rank * {u} + ulysses_rank, Ulysses groups of consecutive CP ranks)")
+    return None
+
+
+def new_cp_groups(ulysses_size: int, group=None) -> CPGroups:
+    """Build the Ulysses and ring subgroups of the CP group ``group`` (default: the world).
+
+    Collective over the *default* group: every process of the job calls it, in the same
+    order relative to its other ``new_group`` calls (``torch.distributed.new_group`` requires
+    that), each with its own CP group when there are several (data x context parallel).
+    One ``all_gather_object`` over the default group lets every rank create every subgroup in
+    the same order and reject bad arguments alike: a ``ulysses_size`` that differs between
+    ranks or does not divide the CP size, or CP groups that overlap, raise the same
+    ``ValueError`` on every rank before any group is created.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("new_cp_groups: torch.distributed is not initialised")
+    cp_group = dist.group.WORLD if group is None else group
+    mine = (ulysses_size, tuple(dist.get_process_group_ranks(cp_group)))
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    problem = _check_request(every)
+    if problem:
+        raise ValueError(f"new_cp_groups: {problem}")
+    u = ulysses_size
+    me = dist.get_rank()
+    ulysses = ring = None
+    for cp_ranks in sorted({ranks for _, ranks in every}):
+        cp = len(cp_ranks)
+        r = cp // u
+        subgroups = []
+        if 1 < u < cp:
+            subgroups += [("ulysses", [cp_ranks[rr * u + j] for j in range(u)]) for rr in range(r)]
+        if 1 < r < cp:
+            subgroups += [("ring", [cp_ranks[j * u + uu] for j in range(r)]) for uu in range(u)]
+        for kind, ranks in subgroups:
+            g = dist.new_group(ranks)
+            if me in ranks:
+                ulysses, ring = (g, ring) if kind == "ulysses" else (ulysses, g)
+        if me in cp_ranks:
+            if u == cp and u > 1:
+                ulysses = cp_group
+            if r == cp and r > 1:
+                ring = cp_group
+    return CPGroups(cp_group, ulysses, ring, u, dist.get_world_size(cp_group) // u)
+
+
+def _check_request(every: list) -> str | None:
+    sizes = {u for u, _ in every}
+    if len(sizes) > 1:
+        return f"ranks passed different ulysses_size values {sorted(sizes, key=repr)}"
+    (u,) = sizes
+    if not isinstance(u, int) or isinstance(u, bool) or u < 1:
+        return f"ulysses_size: expected a positive int, got {u!r}"
+    groups = sorted({ranks for _, ranks in every})
+    owner: dict[int, tuple] = {}
+    for ranks in groups:
+        if list(ranks) != sorted(ranks):  # new_group orders a subgroup by global rank
+            return (f"the CP group's global ranks {list(ranks)} are not ascending in CP rank order, so its subgroups "
+                    "could not follow cp_rank = ring_rank * ulysses_size + ulysses_rank")
+        if len(ranks) % u:
+            return f"ulysses_size={u} does not divide the CP group size {len(ranks)} (ranks {list(ranks)})"
+        for x in ranks:
+            if x in owner:
+                return f"CP groups {list(owner[x])} and {list(ranks)} overlap at rank {x}"
+            owner[x] = ranks
+    return None
