@@ -307,13 +307,15 @@ class DocLayout:
 
         return build_plan(self.ring_layout, comm or DEFAULT_COMM).stats
 
-    def cp_stats(self, heads: int, kv_heads: int, head_dim: int, itemsize: int = 2, comm: str | None = None):
+    def cp_stats(self, heads: int, kv_heads: int, head_dim: int, itemsize: int = 2, comm: str | None = None,
+                 node_size: int | None = None):
         """Per CP rank all-to-all bytes and ring KV bytes, forward and backward
         (:class:`ringattn.plan.CPStats`) for ``heads`` query heads, ``kv_heads`` KV heads of
-        ``head_dim`` elements of ``itemsize`` bytes (2: bf16/fp16)."""
+        ``head_dim`` elements of ``itemsize`` bytes (2: bf16/fp16); with ``node_size`` (CP
+        ranks per node) also the bytes coming from other nodes."""
         from .plan import DEFAULT_COMM, cp_stats
 
-        return cp_stats(self, heads, kv_heads, head_dim, itemsize, comm or DEFAULT_COMM)
+        return cp_stats(self, heads, kv_heads, head_dim, itemsize, comm or DEFAULT_COMM, node_size)
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.cp_size:

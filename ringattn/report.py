@@ -1,19 +1,26 @@
-"""Plan inspector: ``python -m ringattn.plan --workload NAME|PATH --cp N [--comm ...] [--png FILE]``.
+"""Plan inspector: ``python -m ringattn.plan --workload NAME|PATH --cp N [--ulysses U] [--comm ...] [--png FILE]``.
 
-Prints, per rank: tokens, work (unmasked score entries), work over the mean, block pairs
+Prints, per (ring) rank: tokens, work (unmasked score entries), work over the mean, block pairs
 computed/skipped, KV tokens received (and as a multiple of the rank's local length) and the
 number of steps in which it receives; then a summary line per comm shape, the plain ring
-included, so targeted plans are read beside the baseline.
+included, so targeted plans are read beside the baseline. Then, per CP rank, the bytes it
+moves for the given heads (``--heads/--kv-heads/--head-dim/--dtype``, default Llama-3-8B-like
+32/8/128 bf16): all-to-all and ring KV, forward and backward; and, for the workload and CP
+size, ring-only beside every valid Ulysses x ring factorisation ``U x R``.
 """
 from __future__ import annotations
 
 import argparse
 
 from .layout import STRATEGIES, DocLayout
-from .plan import COMM_SHAPES, DEFAULT_COMM, Plan, build_plan
+from .plan import COMM_SHAPES, DEFAULT_COMM, CPStats, Plan, build_plan
 from .workloads import load_workload
 
-__all__ = ["rank_table", "summary_line", "work_matrix", "traffic_matrix", "main"]
+__all__ = ["rank_table", "summary_line", "work_matrix", "traffic_matrix", "cp_rank_table", "factorisations",
+           "factorisation_table", "main"]
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+MIB = 1 << 20
 
 
 def rank_table(plan: Plan) -> str:
@@ -36,6 +43,50 @@ def summary_line(plan: Plan) -> str:
     return (f"{plan.comm:>6}: steps {st.num_steps}, imbalance {st.imbalance:.3f}, KV recv total {sum(st.kv_recv_tokens)} "
             f"tokens, max/rank {max(st.kv_recv_tokens)} ({max(r / t for r, t in zip(st.kv_recv_tokens, st.tokens)):.3f}x local), "
             f"critical path {sum(per_step_max)} tokens")
+
+
+def cp_rank_table(st: CPStats) -> str:
+    """Per CP rank: ring/Ulysses rank, tokens, all-to-all and ring KV MiB received, forward and backward."""
+    lines = [f"{'cp rank':>7} {'ring':>4} {'uly':>3} {'tokens':>8} {'a2a fwd MiB':>11} {'ring fwd MiB':>12} "
+             f"{'a2a bwd MiB':>11} {'ring bwd MiB':>12} {'total MiB':>9} {'inter-node':>10}"]
+    for c in range(st.cp_size):
+        r, u = divmod(c, st.ulysses_size)
+        lines.append(f"{c:>7} {r:>4} {u:>3} {st.tokens[c]:>8} {st.a2a_fwd_bytes[c] / MIB:>11.2f} "
+                     f"{st.ring_fwd_bytes[c] / MIB:>12.2f} {st.a2a_bwd_bytes[c] / MIB:>11.2f} "
+                     f"{st.ring_bwd_bytes[c] / MIB:>12.2f} {st.total_bytes[c] / MIB:>9.2f} "
+                     f"{st.inter_total_bytes[c] / MIB:>10.2f}")
+    return "\n".join(lines)
+
+
+def factorisations(cu_seqlens, cp: int, sample_len: int, strategy: str, chunks_per_rank, comm: str, heads: int,
+                   kv_heads: int, head_dim: int, itemsize: int,
+                   node_size: int | None = None) -> list[tuple[int, int, CPStats | str]]:
+    """``(U, R, CPStats or why invalid)`` for every ``U`` dividing ``cp`` (``U = 1``: ring only)."""
+    rows = []
+    for u in (d for d in range(1, cp + 1) if cp % d == 0):
+        try:
+            layout = DocLayout.from_cu_seqlens(cu_seqlens, cp, sample_len=sample_len, strategy=strategy,
+                                               chunks_per_rank=chunks_per_rank, ulysses_size=u)
+            rows.append((u, cp // u, layout.cp_stats(heads, kv_heads, head_dim, itemsize, comm, node_size)))
+        except ValueError as exc:
+            rows.append((u, cp // u, str(exc)))
+    return rows
+
+
+def factorisation_table(rows) -> str:
+    """Ring-only beside every ``U x R``: per-rank maxima of tokens and bytes, work imbalance, ring steps."""
+    lines = [f"{'U x R':>7} {'tokens':>8} {'ring tok':>8} {'imbalance':>9} {'a2a fwd MiB':>11} {'ring fwd MiB':>12} "
+             f"{'fwd MiB':>8} {'fwd+bwd MiB':>11} {'inter fwd':>9} {'inter f+b':>9} {'steps':>5}  (MiB: max per rank)"]
+    for u, r, st in rows:
+        name = f"{u}x{r}"
+        if isinstance(st, str):
+            lines.append(f"{name:>7} not valid: {st}")
+            continue
+        lines.append(f"{name:>7} {max(st.tokens):>8} {max(st.ring.tokens):>8} {st.imbalance:>9.3f} "
+                     f"{max(st.a2a_fwd_bytes) / MIB:>11.1f} {max(st.ring_fwd_bytes) / MIB:>12.1f} "
+                     f"{max(st.fwd_bytes) / MIB:>8.1f} {max(st.total_bytes) / MIB:>11.1f} "
+                     f"{max(st.inter_fwd_bytes) / MIB:>9.1f} {max(st.inter_total_bytes) / MIB:>9.1f} {st.num_steps:>5}")
+    return "\n".join(lines)
 
 
 def work_matrix(plan: Plan) -> list[list[int]]:
@@ -90,17 +141,36 @@ def main(argv=None) -> None:
     p.add_argument("--strategy", default="zigzag", choices=STRATEGIES)
     p.add_argument("--chunks-per-rank", type=int, default=None, help="chunks of each sample per rank (balanced)")
     p.add_argument("--comm", default=DEFAULT_COMM, choices=COMM_SHAPES)
+    p.add_argument("--ulysses", type=int, default=1, help="Ulysses size U (CP = U x ring size; default 1: pure ring)")
+    p.add_argument("--heads", type=int, default=32, help="query heads, for bytes (default 32)")
+    p.add_argument("--kv-heads", type=int, default=8, help="KV heads, for bytes (default 8)")
+    p.add_argument("--head-dim", type=int, default=128, help="head dim, for bytes (default 128)")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="element type, for bytes")
+    p.add_argument("--node-size", type=int, default=8, help="CP ranks per node, for inter-node bytes (default 8)")
     p.add_argument("--png", help="write the rank x rank work and traffic matrices to this PNG")
     args = p.parse_args(argv)
     wl = load_workload(args.workload)
     layout = DocLayout.from_cu_seqlens(wl["cu_seqlens"], args.cp, sample_len=wl["sample_len"], strategy=args.strategy,
-                                       chunks_per_rank=args.chunks_per_rank)
+                                       chunks_per_rank=args.chunks_per_rank, ulysses_size=args.ulysses)
     plan = build_plan(layout, args.comm)
-    title = f"{wl['name']}: {layout.num_docs} docs, {layout.total_tokens} tokens, CP={args.cp}, {args.strategy}, comm={args.comm}"
+    split = f" = {args.ulysses} Ulysses x {layout.ring_size} ring" if args.ulysses > 1 else ""
+    title = (f"{wl['name']}: {layout.num_docs} docs, {layout.total_tokens} tokens, CP={args.cp}{split}, {args.strategy}, "
+             f"comm={args.comm}")
+    heads = (args.heads, args.kv_heads, args.head_dim, DTYPE_BYTES[args.dtype])
     print(title)
+    if args.ulysses > 1:
+        print(f"ring plan over the {layout.ring_size} ring ranks (each Ulysses rank runs it on its share of the heads):")
     print(rank_table(plan))
     for comm in COMM_SHAPES:
         print(summary_line(build_plan(layout, comm)))
+    print(f"\nbytes received per CP rank, Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}, "
+          f"{args.node_size} CP ranks per node (all-to-all: sent = received; backward ring: KV replay + fp32 dK/dV; "
+          f"inter-node: forward + backward from other nodes):")
+    print(cp_rank_table(layout.cp_stats(*heads, comm=args.comm, node_size=args.node_size)))
+    print(f"\nring only vs Ulysses x ring at CP={args.cp} ({args.strategy}, comm={args.comm}, same heads, "
+          f"{args.node_size} CP ranks per node):")
+    print(factorisation_table(factorisations(wl["cu_seqlens"], args.cp, wl["sample_len"], args.strategy,
+                                             args.chunks_per_rank, args.comm, *heads, args.node_size)))
     if args.png:
         save_png(plan, args.png, title)
         print(f"wrote {args.png}")

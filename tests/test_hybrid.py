@@ -270,3 +270,38 @@ def test_hybrid_peer_dying_in_an_all_to_all_raises_naming_the_phase():
             assert "forward all-to-all of the output with Ulysses peer rank(s) [" in msg, msg
         else:  # the others fail in the ring exchange or in their own all-to-all, naming it
             assert "all-to-all" in msg or "exchange of step" in msg, msg
+
+
+def test_hybrid_accounting_invariants():
+    """Ring-only CPStats agree with PlanStats; inter-node bytes are 0 on one node and everything on 1-rank nodes."""
+    from ringattn.plan import PlanStats
+
+    cu = (0, 100, 700, 1500, 2048, 2300, 4096)
+    ring = DocLayout.from_cu_seqlens(cu, 8, sample_len=2048)
+    st = ring.cp_stats(32, 8, 128, 2, node_size=8)
+    ps = ring.stats()
+    for c in range(8):
+        assert st.ring_fwd_bytes[c] == ps.kv_recv_tokens[c] * PlanStats.kv_bytes_per_token(8, 128, 2)
+        assert st.a2a_fwd_bytes[c] == st.a2a_bwd_bytes[c] == st.inter_fwd_bytes[c] == 0
+    for u in (1, 2, 4, 8):
+        lay = DocLayout.from_cu_seqlens(cu, 8, sample_len=2048, ulysses_size=u)
+        one_node, lonely = (lay.cp_stats(32, 2, 64, 2, node_size=n) for n in (8, 1))
+        assert one_node.inter_total_bytes == (0,) * 8
+        assert lonely.inter_total_bytes == lonely.total_bytes
+        assert one_node.imbalance == lay.stats().imbalance and one_node.num_steps == lay.stats().num_steps
+        hq, hkv = 32 // u, 1 if u > 2 else 2 // u  # 2 KV heads: split for U <= 2, replicated beyond
+        n = 4096 // 8
+        assert one_node.a2a_fwd_bytes[0] == (u - 1) * n * (2 * hq + 2 * hkv) * 64 * 2
+        assert one_node.a2a_bwd_bytes[0] == (u - 1) * n * (2 * hq * 2 + 2 * hkv * (4 if u > 2 else 2)) * 64
+
+
+def test_hybrid_inspector_prints_every_factorisation(capsys):
+    from ringattn.report import main
+
+    main(["--workload", "one_64k_plus_short_128k", "--cp", "8", "--ulysses", "2", "--heads", "8", "--kv-heads", "2"])
+    text = capsys.readouterr().out
+    assert "CP=8 = 2 Ulysses x 4 ring" in text
+    for row in ("1x8", "2x4", "4x2", "8x1"):  # 8x1: each of the 2 KV heads replicated 4 times
+        assert f"\n{row:>7} " in text
+    assert "not valid" not in text
+    assert text.count("\n      7    3   1 ") == 1, "per-CP-rank byte table lists CP rank 7 = ring 3, Ulysses 1"

@@ -51,6 +51,8 @@ class CPStats:
     dK/dV of replicated KV heads travel in fp32).
     ring_fwd_bytes: KV bytes a rank receives over the ring in forward; ring_bwd_bytes:
     backward (the KV exchange replayed, plus the fp32 dK/dV partials of its rows coming back).
+    node_size: CP ranks per node (0: not given); inter_fwd_bytes / inter_bwd_bytes: the part of
+    the above (all-to-all and ring) a rank receives from peers on other nodes.
     """
 
     comm: str
@@ -69,6 +71,9 @@ class CPStats:
     a2a_bwd_bytes: tuple[int, ...]
     ring_fwd_bytes: tuple[int, ...]
     ring_bwd_bytes: tuple[int, ...]
+    node_size: int = 0
+    inter_fwd_bytes: tuple[int, ...] = ()
+    inter_bwd_bytes: tuple[int, ...] = ()
 
     @property
     def cp_size(self) -> int:
@@ -94,19 +99,31 @@ class CPStats:
         return tuple(a + b + c + d for a, b, c, d in
                      zip(self.a2a_fwd_bytes, self.a2a_bwd_bytes, self.ring_fwd_bytes, self.ring_bwd_bytes))
 
+    @property
+    def inter_total_bytes(self) -> tuple[int, ...]:
+        """Forward plus backward bytes received from other nodes per rank (0 without ``node_size``)."""
+        return tuple(a + b for a, b in zip(self.inter_fwd_bytes, self.inter_bwd_bytes))
+
     def __repr__(self) -> str:
         return (f"CPStats(comm={self.comm!r}, ulysses={self.ulysses_size}, ring={self.ring_size}, "
                 f"imbalance={self.imbalance:.3f}, steps={self.num_steps}, a2a_fwd_bytes={list(self.a2a_fwd_bytes)}, "
                 f"ring_fwd_bytes={list(self.ring_fwd_bytes)})")
 
 
-def cp_stats(layout, heads: int, kv_heads: int, head_dim: int, itemsize: int, comm: str) -> CPStats:
-    """:class:`CPStats` of ``layout`` (any ``ulysses_size``) for the given heads and element size."""
+def cp_stats(layout, heads: int, kv_heads: int, head_dim: int, itemsize: int, comm: str,
+             node_size: int | None = None) -> CPStats:
+    """:class:`CPStats` of ``layout`` (any ``ulysses_size``) for the given heads and element size.
+
+    node_size: CP ranks per node (consecutive CP ranks share a node); bytes from a peer on
+    another node are counted in ``inter_fwd_bytes`` / ``inter_bwd_bytes`` (all 0 without it).
+    """
     from .build import build_plan
 
     u, r = layout.ulysses_size, layout.ring_size
     if heads % kv_heads:
         raise ValueError(f"heads: q heads ({heads}) must be a multiple of k/v heads ({kv_heads})")
+    if node_size is not None and (not isinstance(node_size, int) or node_size < 1):
+        raise ValueError(f"node_size: expected a positive int, got {node_size!r}")
     hq, hkv, rep = ulysses_heads(heads, kv_heads, u)
     plan = build_plan(layout.ring_layout, comm)
     st = plan.stats
@@ -115,17 +132,34 @@ def cp_stats(layout, heads: int, kv_heads: int, head_dim: int, itemsize: int, co
     grad_row = PlanStats.kv_bytes_per_token(hkv, head_dim, 4)  # dK/dV partials travel in fp32
     # replicated KV heads send their dK/dV back in fp32 (summed after the all-to-all, see ringattn.attention)
     kv_grad_row = head_dim * (4 if rep > 1 else itemsize)
-    tokens, work, a2a, a2a_b, ring_f, ring_b = [], [], [], [], [], []
+
+    def remote(a: int, b: int) -> bool:
+        return node_size is not None and a // node_size != b // node_size
+
+    cols = {k: [] for k in ("tokens", "work", "a2a_f", "a2a_b", "ring_f", "ring_b", "inter_f", "inter_b")}
     for c in range(layout.cp_size):
-        rr, _ = divmod(c, u)
+        rr, uu = divmod(c, u)
         n = layout.local_tokens(c)
-        tokens.append(n)
-        work.append(st.work[rr] * hq)
-        # to each of the U-1 peers: q, k, v heads of the peer's share in, output heads of mine back
-        a2a.append((u - 1) * n * ((hq + 2 * hkv) + hq) * row)
-        a2a_b.append((u - 1) * n * (2 * hq * row + 2 * hkv * kv_grad_row))  # dout in; dq, dk, dv back
-        ring_f.append(st.kv_recv_tokens[rr] * kv_row)
-        grads = sum(s.grad_recv.tokens for s in plan.ranks[rr].steps if s.grad_recv)
-        ring_b.append(st.kv_recv_tokens[rr] * kv_row + grads * grad_row)
-    return CPStats(comm, u, r, heads, kv_heads, head_dim, itemsize, hkv, rep, st, tuple(tokens), tuple(work),
-                   tuple(a2a), tuple(a2a_b), tuple(ring_f), tuple(ring_b))
+        # from each of the U-1 peers: its tokens of my q/k/v heads in, my tokens of its output heads back;
+        # backward: dout in, dq and dk/dv back
+        per_peer_f = n * ((hq + 2 * hkv) + hq) * row
+        per_peer_b = n * (2 * hq * row + 2 * hkv * kv_grad_row)
+        far = sum(1 for j in range(u) if j != uu and remote(c, rr * u + j))
+        ring_f = ring_b = inter_f = inter_b = 0
+        for step in plan.ranks[rr].steps:  # ring peers are ring ranks; the CP rank is peer * U + my Ulysses rank
+            if step.recv:
+                b = step.recv.tokens * kv_row
+                ring_f, ring_b = ring_f + b, ring_b + b  # backward replays the forward exchange
+                if remote(c, step.recv.peer * u + uu):
+                    inter_f, inter_b = inter_f + b, inter_b + b
+            if step.grad_recv:
+                b = step.grad_recv.tokens * grad_row
+                ring_b += b
+                inter_b += b if remote(c, step.grad_recv.peer * u + uu) else 0
+        for key, val in (("tokens", n), ("work", st.work[rr] * hq), ("a2a_f", (u - 1) * per_peer_f),
+                         ("a2a_b", (u - 1) * per_peer_b), ("ring_f", ring_f), ("ring_b", ring_b),
+                         ("inter_f", inter_f + far * per_peer_f), ("inter_b", inter_b + far * per_peer_b)):
+            cols[key].append(val)
+    t = {k: tuple(v) for k, v in cols.items()}
+    return CPStats(comm, u, r, heads, kv_heads, head_dim, itemsize, hkv, rep, st, t["tokens"], t["work"], t["a2a_f"],
+                   t["a2a_b"], t["ring_f"], t["ring_b"], node_size or 0, t["inter_f"], t["inter_b"])
