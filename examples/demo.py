@@ -1,12 +1,14 @@
 """Multi-rank demo: EoD-packed batch -> ring attention forward + backward, checked.
 
-    torchrun --standalone --nproc-per-node 4 examples/demo.py [--workload NAME|PATH] [--comm ring]
+    torchrun --standalone --nproc-per-node 4 examples/demo.py [--workload NAME|PATH] [--comm ring] [--ulysses 2]
 
 Builds a seeded packed batch of EoD-separated documents (or a standard workload, rescaled
 to ``--sample-len``), shards it with the zigzag layout, runs ``ring_eod_attention`` forward
 and backward on CPU with gloo, compares every rank's output and gradients with a float64
 single-device reference computed per document with plain torch, and prints a per-rank
 table of tokens, work, skipped block pairs and KV traffic. Exits non-zero on a mismatch.
+``--ulysses U`` runs hybrid context parallelism: CP = U Ulysses x CP/U ring ranks (4 ranks,
+``--ulysses 2``: 2 x 2), with groups from ``ringattn.new_cp_groups``.
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ def main() -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--comm", default=None, choices=["plain", "ring", "direct"])
     p.add_argument("--strategy", default="zigzag", choices=["zigzag", "balanced"])
+    p.add_argument("--ulysses", type=int, default=1, help="Ulysses size U: CP = U x ring (default 1: pure ring)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=1, help="untimed forward+backward runs before the timed one")
     args = p.parse_args()
@@ -87,7 +90,8 @@ def main() -> int:
         title = f"seeded random batch ({args.samples} x {args.sample_len} tokens)"
     tokens = packed_tokens(cu, args.sample_len, 32000, gen)
     meta = eod_metadata(tokens, EOD)  # documents and reset position ids, as Megatron defines them
-    layout = DocLayout.from_tokens(tokens, EOD, cp, strategy=args.strategy)
+    layout = DocLayout.from_tokens(tokens, EOD, cp, strategy=args.strategy, ulysses_size=args.ulysses)
+    groups = ringattn.new_cp_groups(args.ulysses) if args.ulysses > 1 else None  # collective, every rank
     assert list(layout.cu_seqlens) == meta.cu_seqlens.tolist()
 
     dtype = getattr(torch, args.dtype)
@@ -100,7 +104,7 @@ def main() -> int:
     idx = layout.local_indices(rank)
     assert torch.equal(layout.position_ids(rank), meta.position_ids.reshape(-1)[idx])
     ql, kl, vl = (x[idx].clone().requires_grad_() for x in (q, k, v))
-    attn = ringattn.RingEoDAttention(comm=args.comm)
+    attn = ringattn.RingEoDAttention(comm=args.comm, group=groups)
     for _ in range(args.warmup):  # first P2P between a pair of ranks sets up its connection
         attn(ql, kl, vl, layout).backward(dout[idx])
     ql.grad = kl.grad = vl.grad = None
@@ -121,7 +125,21 @@ def main() -> int:
 
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     ok = bool((errs <= tol).all())
-    if rank == 0:
+    if rank == 0 and args.ulysses > 1:
+        comm = args.comm or ringattn.attention.DEFAULT_COMM
+        cs = layout.cp_stats(args.heads, args.kv_heads, args.head_dim, q.element_size(), comm)
+        print(f"ringattn demo: {title}, {layout.num_docs} documents, CP={cp} = {args.ulysses} Ulysses x "
+              f"{layout.ring_size} ring, {args.strategy}, comm={comm}, Hq={args.heads} Hkv={args.kv_heads} "
+              f"D={args.head_dim} {args.dtype}")
+        print(f"{'rank':>4} {'ring':>4} {'uly':>3} {'tokens':>7} {'a2a KiB':>9} {'ring KV KiB':>11} {'fwd ms':>7} "
+              f"{'bwd ms':>7}   (KiB received, forward)")
+        for r in range(cp):
+            rr, uu = layout.split(r)
+            print(f"{r:>4} {rr:>4} {uu:>3} {cs.tokens[r]:>7} {cs.a2a_fwd_bytes[r] / 1024:>9.1f} "
+                  f"{cs.ring_fwd_bytes[r] / 1024:>11.1f} {all_times[r][0] * 1e3:>7.1f} {all_times[r][1] * 1e3:>7.1f}")
+        print(f"ring work imbalance (max/mean) {cs.imbalance:.3f}; ring exchange steps {cs.num_steps}; "
+              "one all-to-all in and one out, forward and backward")
+    elif rank == 0:
         comm = args.comm or ringattn.attention.DEFAULT_COMM
         st = build_plan(layout, comm).stats
         kv_row = 2 * args.kv_heads * args.head_dim * q.element_size()
@@ -136,6 +154,7 @@ def main() -> int:
                   f"{st.pairs_skipped[r]:>7} {st.kv_recv_tokens[r]:>11} {st.kv_recv_tokens[r] * kv_row / 1024:>11.1f} "
                   f"{steps:>5} {all_times[r][0] * 1e3:>7.1f} {all_times[r][1] * 1e3:>7.1f}")
         print(f"work imbalance (max/mean) {st.imbalance:.3f}; exchange steps {st.num_steps}")
+    if rank == 0:
         print("max abs error vs float64 reference: " + ", ".join(
             f"{n} {e:.2e}" for n, e in zip(("out", "dq", "dk", "dv"), errs.tolist())) + f" (tolerance {tol:g})")
         print("OK" if ok else "MISMATCH")
