@@ -161,7 +161,8 @@ def _bad_megatron_configs():
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from ringattn.adapters.megatron import RingEoDCoreAttention
+    from ringattn import DocLayout
+    from ringattn.adapters.megatron import RingEoDCoreAttention, RingEoDPackedSeqParams, cp_ulysses_size
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -175,6 +176,8 @@ def _bad_megatron_configs():
                                      hcp=[cols[rank % 2], rows[rank // 2]])
     wrong_size = ProcessGroupCollection(cp=ps.get_context_parallel_group(), tp=ps.get_tensor_model_parallel_group(),
                                         hcp=[ps.get_context_parallel_group(), rows[rank // 2]])
+    no_hcp = ProcessGroupCollection(cp=ps.get_context_parallel_group(), tp=ps.get_tensor_model_parallel_group(), hcp=[])
+    ring_layout = RingEoDPackedSeqParams(qkv_format="sbhd", layout=DocLayout.from_cu_seqlens([0, 5, 32], 4))
     trials = {
         "all_gather": (dict(cp_comm_type="all_gather"), "all_gather", None),
         "per-layer list": (dict(cp_comm_type=["a2a+p2p", "p2p"]), "a2a+p2p", None),
@@ -183,11 +186,24 @@ def _bad_megatron_configs():
         "swapped groups": (dict(cp_comm_type="a2a+p2p", hierarchical_context_parallel_sizes=[2, 2]), "a2a+p2p", swapped),
         "sizes not multiplying to CP": (dict(cp_comm_type="a2a+p2p"), "a2a+p2p", wrong_size),
     }
+    trials["no hierarchical groups"] = (dict(cp_comm_type="a2a+p2p"), "a2a+p2p", no_hcp)
     out = {}
     for name, (extra, comm_type, pgs) in trials.items():
         try:
             cfg = TransformerConfig(**base, **extra)
             RingEoDCoreAttention(cfg, 1, AttnMaskType.causal, "self", cp_comm_type=comm_type, pg_collection=pgs)
+            out[name] = None
+        except ValueError as exc:
+            out[name] = str(exc)
+    hybrid_cfg = TransformerConfig(**base, cp_comm_type="a2a+p2p", hierarchical_context_parallel_sizes=[2, 2])
+    more = {
+        "cp_ulysses_size without sizes": lambda: cp_ulysses_size(TransformerConfig(**base, cp_comm_type="a2a+p2p")),
+        "batch sharded for the ring": lambda: RingEoDCoreAttention(hybrid_cfg, 1, AttnMaskType.causal, "self",
+                                                                   cp_comm_type="a2a+p2p")._layout(ring_layout, 0),
+    }
+    for name, call in more.items():
+        try:
+            call()
             out[name] = None
         except ValueError as exc:
             out[name] = str(exc)

@@ -135,6 +135,10 @@ def test_megatron_hybrid_ulysses_cp_equals_cp1():
             "swapped groups": "groups: CP rank 0 (global rank 0) has Ulysses group [0, 2] and ring group [0, 1]",
             "sizes not multiplying to CP": "groups: the Ulysses group size (4) times the ring group size (2) must "
                                            "equal the CP size (4)",
+            "no hierarchical groups": "cp_comm_type='a2a+p2p' needs megatron's two hierarchical CP groups",
+            "cp_ulysses_size without sizes": "hierarchical_context_parallel_sizes: cp_comm_type='a2a+p2p' needs [U, R]",
+            "batch sharded for the ring": "packed_seq_params.layout: ulysses_size 1, but cp_comm_type='a2a+p2p' runs "
+                                          "ulysses_size 2",
         }
         for name, text in expect.items():
             assert refused[name] is not None and text in refused[name], (rank, name, refused[name])
