@@ -211,6 +211,16 @@ def _bad_megatron_configs():
 
 
 def hybrid_runs(rank, world, names):
-    """Every :data:`HYBRID_RUNS` setup in turn on the same 4 processes, then the refused configurations."""
-    results = {name: _hybrid_loss_and_grads(*HYBRID_RUNS[name]) for name in names}
-    return results, _bad_megatron_configs()
+    """Every :data:`HYBRID_RUNS` setup in turn on the same 4 processes, then the refused configurations.
+
+    Runs on the long-lived rank pool of 4 (megatron's state is global per process): megatron's
+    parallel state is destroyed again at the end, so the pool stays usable.
+    """
+    from megatron.core import parallel_state as ps
+
+    try:
+        results = {name: _hybrid_loss_and_grads(*HYBRID_RUNS[name]) for name in names}
+        return results, _bad_megatron_configs()
+    finally:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()

@@ -84,7 +84,7 @@ def hybrid_cases(draw, cp: int) -> Case:
 
 
 @pytest.mark.parametrize("cp", [4, 6])
-@settings(deadline=None, max_examples=max(1, settings().max_examples // 2))
+@settings(deadline=None, max_examples=max(1, settings().max_examples // 4))
 @given(data=st.data())
 def test_fuzz_hybrid_ulysses_ring(cp, rank_pools, data):
     case = data.draw(hybrid_cases(cp))

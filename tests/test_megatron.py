@@ -113,13 +113,13 @@ def test_layer_spec_passes_the_comm_shape():
         assert isinstance(module, RingEoDCoreAttention) and module.comm == comm
 
 
-def test_megatron_hybrid_ulysses_cp_equals_cp1():
+def test_megatron_hybrid_ulysses_cp_equals_cp1(rank_pools):
     """megatron-core's own hierarchical CP config: CP=4 as 2x2 ("a2a+p2p") and 4x1 ("a2a"), a 1x4 hierarchy
     (degrades to the ring) and TP=2 x CP=2 ("a2a", KV heads replicated per TP rank) equal CP=1 in loss and
     CP-summed gradients, EoD reset; refused configurations raise the same ValueError on every rank."""
     from .megatron_cases import HYBRID_RUNS
 
-    results = unwrap(run_ranks(4, hybrid_runs, list(HYBRID_RUNS), timeout_s=120))
+    results = unwrap(rank_pools(4).run(hybrid_runs, list(HYBRID_RUNS)))
     for rank, (runs, refused) in enumerate(results):
         ref = runs["tp1 cp1"][:2]
         for name in ("cp4 a2a+p2p 2x2", "cp4 a2a 4x1", "cp4 a2a+p2p 1x4 (ring)"):
