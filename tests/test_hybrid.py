@@ -2,7 +2,8 @@
 
 Every (U, R) of the acceptance set runs in one job on the long-lived rank pool of its CP size:
 MHA, GQA with Hkv >= U (KV heads split) and Hkv < U (KV heads replicated), MQA, zigzag and
-balanced layouts, micro-batches of 2 samples, fp32 (1e-5) and bf16 (test_attention.check_case).
+balanced layouts, micro-batches of 2 samples, fp32 (1e-5) and bf16 (test_attention.check_case),
+the CPU backend and one case on the NPU backend's emulation.
 """
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ def hybrid_cases(u: int, r: int) -> list[Case]:
     cases.append(Case(f"hybrid {u}x{r} replicated KV bf16 balanced", random_cu_seqlens(rng, s, 2, max_doc=s // 2), s,
                       hq=hq, hkv=hkv, d=32, dtype="bfloat16", seed=8 + u, strategy="balanced", chunks_per_rank=2,
                       ulysses=u))
+    # the NPU backend (on the emulation of the documented torch_npu contract) on the gathered heads
+    cases.append(Case(f"hybrid {u}x{r} replicated KV fp32 npu", random_cu_seqlens(rng, s, 2, max_doc=s), s,
+                      hq=hq, hkv=hkv, d=32, seed=9 + u, backend="npu", ulysses=u))
     return cases
 
 
