@@ -229,9 +229,8 @@ def ring_eod_attention(
     if layout.ulysses_size == 1:
         ring = groups.ring if groups is not None else group
         return _RingEoDFunction.apply(q, k, v, rank_plan(layout, rank, comm), ring, scale, kernel)
-    ring_rank, _ = layout.split(rank)
     _, _, replication = ulysses_heads(q.shape[1], k.shape[1], layout.ulysses_size)
-    plan = rank_plan(layout.ring_layout, ring_rank, comm)
+    plan = rank_plan(layout, rank, comm)  # the ring plan of this rank's ring rank
     return _UlyssesRingFunction.apply(q, k, v, plan, groups.ulysses, groups.ring, replication, scale, kernel)
 
 

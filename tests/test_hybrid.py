@@ -306,3 +306,13 @@ def test_hybrid_inspector_prints_every_factorisation(capsys):
         assert f"\n{row:>7} " in text
     assert "not valid" not in text
     assert text.count("\n      7    3   1 ") == 1, "per-CP-rank byte table lists CP rank 7 = ring 3, Ulysses 1"
+
+
+def test_hybrid_rank_plan_is_the_ring_plan_of_the_ring_rank():
+    from ringattn import rank_plan
+
+    hybrid = DocLayout.from_cu_seqlens((0, 9, 30, 48), 6, ulysses_size=3)
+    for c in range(6):
+        assert rank_plan(hybrid, c) is rank_plan(hybrid.ring_layout, c // 3)
+    with pytest.raises(ValueError, match="rank: expected 0 <= rank < cp_size=6"):
+        rank_plan(hybrid, 6)

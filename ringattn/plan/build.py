@@ -169,6 +169,7 @@ def build_plan(layout: DocLayout, comm: str = DEFAULT_COMM) -> Plan:
 
 
 def rank_plan(layout: DocLayout, rank: int, comm: str = DEFAULT_COMM) -> RankPlan:
-    """The plan of one rank (the global plan is built once and cached)."""
-    layout._check_rank(rank)
-    return build_plan(layout, comm).ranks[rank]
+    """The plan of one CP rank (the global plan is built once and cached); for a hybrid layout, the ring
+    plan of its ring rank."""
+    ring_rank, _ = layout.split(rank)
+    return build_plan(layout, comm).ranks[ring_rank]
