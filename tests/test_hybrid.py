@@ -120,6 +120,25 @@ def test_hybrid_bytes_match_the_accounting(u, hkv, rank_pools):
         assert sum(total["p2p"] for _, total in results) > 0
 
 
+def _staged_hybrid_worker(rank, cp, cases):
+    """Force host staging (what a gloo group over GPU/NPU tensors takes) for the all-to-alls and P2P."""
+    import ringattn.comm.p2p as p2p
+
+    real = p2p.host_staging
+    p2p.host_staging = lambda group, device: True
+    try:
+        return run_cases(rank, cp, cases)
+    finally:
+        p2p.host_staging = real
+
+
+def test_hybrid_host_staging_path_is_exact(rank_pools):
+    cases = [c for c in hybrid_cases(2, 2) if c.backend is None][:2]
+    per_rank = unwrap(rank_pools(4).run(_staged_hybrid_worker, cases))
+    for i, case in enumerate(cases):
+        check_case(case, assemble([res[i] for res in per_rank], case.cu_seqlens[-1]))
+
+
 def test_hybrid_layout_shards_every_cp_rank():
     """local_indices / position_ids per CP rank: the ring rank's tokens in U contiguous parts."""
     cu = (0, 3, 17, 40, 41, 48, 96)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .p2p import host_staging
+from . import p2p
 
 __all__ = ["all_to_all", "gather_tokens", "scatter_tokens", "pack_qkv", "pack_rows", "unpack_rows"]
 
@@ -28,7 +28,7 @@ __all__ = ["all_to_all", "gather_tokens", "scatter_tokens", "pack_qkv", "pack_ro
 def all_to_all(x: torch.Tensor, group, what: str) -> torch.Tensor:
     """``out[j]`` = ``x[j]`` of group rank ``j`` (dim 0 of ``x`` has the group's size)."""
     x = x.contiguous()
-    staged = host_staging(group, x.device)
+    staged = p2p.host_staging(group, x.device)
     send = x.to("cpu", copy=True) if staged else x
     recv = torch.empty_like(send)
     peers = dist.get_process_group_ranks(group)
