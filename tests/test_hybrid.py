@@ -88,10 +88,12 @@ def _traffic_worker(rank, cp, payload):
     idx = layout.local_indices(rank)
     q, k, v, dout = global_tensors(case)
     q, k, v = (x[idx].clone().requires_grad_() for x in (q, k, v))
-    ringattn.ring_eod_attention(q, k, v, layout, groups, comm=case.comm)  # agreement done outside the count
+    attn = ringattn.RingEoDAttention(group=groups, comm=case.comm)
+    assert f"ulysses_size={u}" in repr(attn)
+    attn(q, k, v, layout)  # agreement done outside the count
     dist.all_to_all_single, dist.batch_isend_irecv = a2a, p2p
     try:
-        out = ringattn.ring_eod_attention(q, k, v, layout, groups, comm=case.comm)
+        out = attn(q, k, v, layout)
         fwd = dict(moved)
         out.backward(dout[idx])
     finally:

@@ -8,6 +8,8 @@ Flags as in Megatron-LM: with ``--reset-attention-mask`` attention stays inside 
 ``--context-parallel-size N`` splits every sequence over N ranks with ringattn (N = 1 runs
 the same document-masked attention on one rank). ``--attention-mask-type general`` is
 accepted for compatibility with the Ascend stack (the layout replaces the mask).
+``--cp-comm-type a2a`` runs Ulysses, ``--cp-comm-type a2a+p2p
+--hierarchical-context-parallel-sizes U R`` the hybrid (e.g. CP=4 as 2 x 2 on 4 processes).
 Synthetic EoD-packed data; prints the loss of every step (it should fall).
 """
 from __future__ import annotations
@@ -44,6 +46,9 @@ def main() -> int:
     p.add_argument("--reset-position-ids", action="store_true")
     p.add_argument("--eod-mask-loss", action="store_true")
     p.add_argument("--attention-mask-type", default="general", choices=["general", "causal"])
+    p.add_argument("--cp-comm-type", default="p2p", help="p2p (ring), a2a (Ulysses) or a2a+p2p (hybrid)")
+    p.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs="+", default=None,
+                   help="[U, R] for --cp-comm-type a2a+p2p (the a2a group size first)")
     p.add_argument("--seq-length", type=int, default=64)
     p.add_argument("--micro-batch-size", type=int, default=2)
     p.add_argument("--train-iters", type=int, default=5)
@@ -61,20 +66,23 @@ def main() -> int:
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from ringattn.adapters.megatron import get_batch, ringattn_layer_spec, use_reset_position_rope
+    from ringattn.adapters.megatron import cp_ulysses_size, get_batch, ringattn_layer_spec, use_reset_position_rope
 
     cp = args.context_parallel_size
     if dist.get_world_size() != cp:
         raise SystemExit(f"this example runs TP=PP=DP=1: start it with --nproc-per-node {cp}")
-    ps.initialize_model_parallel(1, 1, context_parallel_size=cp)
+    hcp = args.hierarchical_context_parallel_sizes
+    ps.initialize_model_parallel(1, 1, context_parallel_size=cp, hierarchical_context_parallel_sizes=hcp)
     cp_group = ps.get_context_parallel_group()
 
     torch.manual_seed(0)  # same initial weights on every CP rank
     config = TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups, use_cpu_initialization=True, attention_dropout=0.0,
-        hidden_dropout=0.0, context_parallel_size=cp, params_dtype=torch.float32,
+        hidden_dropout=0.0, context_parallel_size=cp, params_dtype=torch.float32, cp_comm_type=args.cp_comm_type,
+        hierarchical_context_parallel_sizes=hcp,
     )
+    ulysses = cp_ulysses_size(config)  # the batch is sharded for the split attention runs
     model = GPTModel(config=config, transformer_layer_spec=ringattn_layer_spec(), vocab_size=args.vocab_size,
                      max_sequence_length=args.seq_length, position_embedding_type="rope")
     use_reset_position_rope(model)  # RoPE rotates by the (reset) position_ids given to forward
@@ -84,7 +92,8 @@ def main() -> int:
     losses = []
     for it in range(args.train_iters):
         batch = get_batch(data, EOD, reset_attention_mask=args.reset_attention_mask,
-                          reset_position_ids=args.reset_position_ids, eod_mask_loss=args.eod_mask_loss)
+                          reset_position_ids=args.reset_position_ids, eod_mask_loss=args.eod_mask_loss,
+                          ulysses_size=ulysses)
         out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                     packed_seq_params=batch["packed_seq_params"])
         num = (out * batch["loss_mask"]).sum()
@@ -101,7 +110,8 @@ def main() -> int:
         losses.append(total.item())
         if dist.get_rank() == 0:
             docs = batch["packed_seq_params"].layout.num_docs
-            print(f"step {it + 1}: loss {total.item():.4f} ({docs} documents, CP={cp})", flush=True)
+            split = f" = {ulysses} Ulysses x {cp // ulysses} ring" if ulysses > 1 else ""
+            print(f"step {it + 1}: loss {total.item():.4f} ({docs} documents, CP={cp}{split})", flush=True)
     ok = losses[-1] < losses[0]
     if dist.get_rank() == 0:
         print("loss decreased" if ok else "loss did NOT decrease")
