@@ -337,3 +337,44 @@ def test_hybrid_rank_plan_is_the_ring_plan_of_the_ring_rank():
         assert rank_plan(hybrid, c) is rank_plan(hybrid.ring_layout, c // 3)
     with pytest.raises(ValueError, match="rank: expected 0 <= rank < cp_size=6"):
         rank_plan(hybrid, 6)
+
+
+def _dp_cp_worker(rank, world, _):
+    """DP 2 x CP 2: every process builds its own CP group's Ulysses/ring subgroups; each CP group runs a case."""
+    import math
+
+    import torch.distributed as dist
+
+    from .reference import dense_with_grads
+
+    cps = [dist.new_group(r) for r in ([0, 1], [2, 3])]
+    mine = cps[rank // 2]
+    out = {}
+    try:
+        ringattn.new_cp_groups(2, mine if rank else dist.group.WORLD)
+    except ValueError as exc:
+        out["overlap"] = str(exc)
+    case = Case("dp x cp", (0, 3, 11, 16, 21, 32), 16, hq=4, hkv=1, d=16, seed=5 + rank // 2)
+    for u in (2, 1):
+        groups = ringattn.new_cp_groups(u, mine)
+        out[u] = (dist.get_process_group_ranks(groups.ulysses) if groups.ulysses is not None else None,
+                  dist.get_process_group_ranks(groups.ring) if groups.ring is not None else None, groups.ranks())
+        layout = DocLayout.from_cu_seqlens(case.cu_seqlens, 2, sample_len=16, ulysses_size=u)
+        idx = layout.local_indices(dist.get_rank(mine))
+        q, k, v, dout = global_tensors(case)
+        ql, kl, vl = (x[idx].clone().requires_grad_() for x in (q, k, v))
+        res = ringattn.ring_eod_attention(ql, kl, vl, layout, groups)
+        res.backward(dout[idx])
+        ref = dense_with_grads(q, k, v, dout, case.cu_seqlens, 1 / math.sqrt(case.d))
+        out[f"err{u}"] = max((x.double() - r[idx]).abs().max().item() for x, r in zip((res, ql.grad, kl.grad, vl.grad), ref))
+    return out
+
+
+def test_hybrid_groups_per_cp_group_of_a_dp_x_cp_job(rank_pools):
+    results = unwrap(rank_pools(4).run(_dp_cp_worker))
+    for rank, res in enumerate(results):
+        assert res["overlap"] == "new_cp_groups: CP groups [0, 1] and [0, 1, 2, 3] overlap at rank 0"
+        cp_ranks = [0, 1] if rank < 2 else [2, 3]
+        assert res[2] == (cp_ranks, None, (rank % 2, 0, rank % 2))  # pure Ulysses inside each CP group
+        assert res[1] == (None, cp_ranks, (rank % 2, rank % 2, 0))  # pure ring inside each CP group
+        assert res["err2"] < 1e-5 and res["err1"] < 1e-5
