@@ -26,6 +26,7 @@ rank's tokens with an all-to-all over heads and runs the ring plan of :attr:`Doc
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -108,6 +109,46 @@ def _zigzag_pieces(num_samples: int, sample_len: int, cp: int) -> tuple[tuple[Ra
     )
 
 
+def _check_split(cp_size, strategy, chunks_per_rank, ulysses_size) -> tuple[int, int]:
+    """``(ring_size, chunks_per_rank in effect)`` for valid layout arguments, else ``ValueError``."""
+    if not isinstance(cp_size, int) or isinstance(cp_size, bool) or cp_size < 1:
+        raise ValueError(f"cp_size: expected a positive int, got {cp_size!r}")
+    if not isinstance(ulysses_size, int) or isinstance(ulysses_size, bool) or ulysses_size < 1:
+        raise ValueError(f"ulysses_size: expected a positive int, got {ulysses_size!r}")
+    if cp_size % ulysses_size:
+        raise ValueError(f"ulysses_size: expected a divisor of cp_size={cp_size}, got {ulysses_size}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    per_rank = 2  # zigzag: chunks r and 2R-1-r
+    if strategy == "balanced":
+        per_rank = DEFAULT_CHUNKS_PER_RANK if chunks_per_rank is None else chunks_per_rank
+        if not isinstance(per_rank, int) or isinstance(per_rank, bool) or per_rank < 1:
+            raise ValueError(f"chunks_per_rank: expected a positive int, got {chunks_per_rank!r}")
+    return cp_size // ulysses_size, per_rank
+
+
+def _sample_len_rules(ring: int, ulysses_size: int, strategy: str, per_rank: int, num_samples: int):
+    """``[(modulus, message(sample_len))]``: a layout of ``num_samples`` samples needs ``sample_len %
+    modulus == 0`` for each rule, checked in this order (the message names the first broken one).
+
+    The one source of the sample-length rules: :meth:`DocLayout.from_cu_seqlens` checks them and
+    :meth:`DocLayout.required_multiple` combines them (what the adapters pad to).
+    """
+    u = ulysses_size
+    ring_name = "cp_size" if u == 1 else "ring_size"
+    rules = [(2 * ring, lambda s: f"sample_len: expected a multiple of 2*{ring_name}={2 * ring}, got {s}")]
+    if strategy == "balanced":
+        rules.append((per_rank * ring, lambda s: f"sample_len: expected a multiple of chunks_per_rank*{ring_name}="
+                                                 f"{per_rank * ring} for strategy='balanced', got {s}"))
+    if u > 1:
+        # each ring rank's tokens (num_samples * sample_len / R, an integer once the first rule holds) split into U
+        # equal parts: with R | s, U | n*s/R  <=>  (R*U / gcd(U, n)) | s
+        rules.append((ring * u // math.gcd(u, num_samples), lambda s: (
+            f"ulysses_size: each ring rank's {num_samples * s // ring} tokens (total {num_samples * s} / ring_size "
+            f"{ring}) must split into ulysses_size={u} equal parts")))
+    return rules
+
+
 @dataclass(frozen=True)
 class DocLayout:
     """Documents and CP pieces of one micro-batch.
@@ -147,22 +188,16 @@ class DocLayout:
             total token count; every multiple of ``sample_len`` must be a boundary.
         cp_size: the whole CP size; with ``ulysses_size = U`` it is ``U * R`` for ``R`` ring ranks.
         sample_len: tokens per sample (default: the total, i.e. one sample); must be divisible
-            by ``2 * R`` (zigzag) or ``chunks_per_rank * R`` (balanced), ``R = cp_size // ulysses_size``.
+            by ``2 * R`` (zigzag) or ``chunks_per_rank * R`` (balanced), ``R = cp_size // ulysses_size``,
+            and split each ring rank's tokens in ``ulysses_size`` equal parts: exactly the multiples
+            of :meth:`required_multiple`.
         chunks_per_rank: chunks of every sample each rank holds with ``strategy="balanced"``
             (default 4); ignored by zigzag, which always uses 2.
         ulysses_size: Ulysses ranks per ring rank (default 1: pure ring); must divide ``cp_size``
             and each ring rank's token count (``total / R``).
         """
         cu = _as_int_list(cu_seqlens)
-        if not isinstance(cp_size, int) or isinstance(cp_size, bool) or cp_size < 1:
-            raise ValueError(f"cp_size: expected a positive int, got {cp_size!r}")
-        if not isinstance(ulysses_size, int) or isinstance(ulysses_size, bool) or ulysses_size < 1:
-            raise ValueError(f"ulysses_size: expected a positive int, got {ulysses_size!r}")
-        if cp_size % ulysses_size:
-            raise ValueError(f"ulysses_size: expected a divisor of cp_size={cp_size}, got {ulysses_size}")
-        ring = cp_size // ulysses_size
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+        ring, per_rank = _check_split(cp_size, strategy, chunks_per_rank, ulysses_size)
         if len(cu) < 2:
             raise ValueError(f"cu_seqlens: expected at least 2 entries, got {cu}")
         if cu[0] != 0:
@@ -181,21 +216,9 @@ class DocLayout:
             raise ValueError(
                 f"cu_seqlens: expected to end at a multiple of sample_len={sample_len} (the token count), got {total}"
             )
-        ring_name = "cp_size" if ulysses_size == 1 else "ring_size"
-        if sample_len % (2 * ring):
-            raise ValueError(
-                f"sample_len: expected a multiple of 2*{ring_name}={2 * ring}, got {sample_len}"
-            )
-        if strategy == "balanced":
-            per_rank = DEFAULT_CHUNKS_PER_RANK if chunks_per_rank is None else chunks_per_rank
-            if not isinstance(per_rank, int) or per_rank < 1:
-                raise ValueError(f"chunks_per_rank: expected a positive int, got {chunks_per_rank!r}")
-            if sample_len % (per_rank * ring):
-                raise ValueError(f"sample_len: expected a multiple of chunks_per_rank*{ring_name}={per_rank * ring} "
-                                 f"for strategy='balanced', got {sample_len}")
-        if (total // ring) % ulysses_size:
-            raise ValueError(f"ulysses_size: each ring rank's {total // ring} tokens (total {total} / ring_size {ring}) "
-                             f"must split into ulysses_size={ulysses_size} equal parts")
+        for modulus, message in _sample_len_rules(ring, ulysses_size, strategy, per_rank, total // sample_len):
+            if sample_len % modulus:
+                raise ValueError(message(sample_len))
         bounds = set(cu)
         missing = [b for b in range(sample_len, total, sample_len) if b not in bounds]
         if missing:
@@ -215,6 +238,23 @@ class DocLayout:
         cu = cu_seqlens_from_tokens(tokens, eod_id)
         return cls.from_cu_seqlens(cu, cp_size, sample_len=int(tokens.shape[1]), strategy=strategy,
                                    chunks_per_rank=chunks_per_rank, ulysses_size=ulysses_size)
+
+    @staticmethod
+    def required_multiple(cp_size: int, *, strategy: str = "zigzag", chunks_per_rank: int | None = None,
+                          ulysses_size: int = 1, num_samples: int = 1) -> int:
+        """The sample lengths :meth:`from_cu_seqlens` accepts with these arguments are exactly the
+        positive multiples of this number (pad samples up to one).
+
+        ``lcm(2R, chunks_per_rank*R (balanced), R*U / gcd(U, num_samples))`` for ``R = cp_size //
+        ulysses_size`` ring ranks and ``U = ulysses_size``: zigzag cuts a sample into ``2R`` chunks,
+        balanced into ``chunks_per_rank*R``, and each ring rank's tokens of all ``num_samples``
+        samples must split into ``U`` equal parts. The value for ``num_samples=1`` (the default)
+        suits any number of samples. Invalid arguments raise the ``ValueError`` the layout would.
+        """
+        ring, per_rank = _check_split(cp_size, strategy, chunks_per_rank, ulysses_size)
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
+        return math.lcm(*(m for m, _ in _sample_len_rules(ring, ulysses_size, strategy, per_rank, num_samples)))
 
     # ------------------------------------------------------------------ queries
     @property

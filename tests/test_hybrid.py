@@ -378,3 +378,30 @@ def test_hybrid_groups_per_cp_group_of_a_dp_x_cp_job(rank_pools):
         assert res[2] == (cp_ranks, None, (rank % 2, 0, rank % 2))  # pure Ulysses inside each CP group
         assert res[1] == (None, cp_ranks, (rank % 2, rank % 2, 0))  # pure ring inside each CP group
         assert res["err2"] < 1e-5 and res["err1"] < 1e-5
+
+
+def test_required_multiple_is_exactly_the_hybrid_layout_rule():
+    """DocLayout.required_multiple(...) = m  <=>  from_cu_seqlens accepts a sample length iff it is a multiple of m,
+    for ring, Ulysses and hybrid splits, both strategies and 1-3 samples (brute force over sample lengths)."""
+    for cp in range(1, 7):
+        for u in (d for d in range(1, cp + 1) if cp % d == 0):
+            for strategy, per_rank in (("zigzag", None), ("balanced", None), ("balanced", 3)):
+                for n in (1, 2, 3):
+                    kw = dict(strategy=strategy, chunks_per_rank=per_rank, ulysses_size=u)
+                    m = DocLayout.required_multiple(cp, num_samples=n, **kw)
+                    assert DocLayout.required_multiple(cp, **kw) % m == 0, "the 1-sample value suits any count"
+                    for s in range(1, 2 * m + 1):
+                        cu = list(range(0, n * s + 1, s))
+                        try:
+                            DocLayout.from_cu_seqlens(cu, cp, sample_len=s, **kw)
+                            ok = True
+                        except ValueError:
+                            ok = False
+                        assert ok == (s % m == 0), (cp, u, strategy, per_rank, n, s, m)
+    assert DocLayout.required_multiple(4, ulysses_size=4) == 4  # pure Ulysses: 2*1 and 1*4
+    assert DocLayout.required_multiple(4, ulysses_size=2, num_samples=2) == 4  # 2*2; each ring rank holds 2*s/2
+    assert DocLayout.required_multiple(8, strategy="balanced", ulysses_size=2) == 16  # 4*4
+    with pytest.raises(ValueError, match="ulysses_size: expected a divisor of cp_size=4, got 3"):
+        DocLayout.required_multiple(4, ulysses_size=3)
+    with pytest.raises(ValueError, match="num_samples: expected a positive int"):
+        DocLayout.required_multiple(4, num_samples=0)
