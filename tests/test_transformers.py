@@ -1,8 +1,9 @@
 """transformers adapter against real transformers models (tiny Llama and Qwen3 from config, CPU, gloo).
 
 Exactness: a packed batch at CP 1, 2, 4 (zigzag and balanced layouts, with and without gradient
-checkpointing) gives the loss and CP-summed gradients of the same weights run in float64 with
-transformers' own attention on every document as its own unpacked sequence.
+checkpointing), and at CP=4 as Ulysses x ring 2x2 and pure Ulysses 4x1 (CPGroups), gives the loss and
+CP-summed gradients of the same weights run in float64 with transformers' own attention on every
+document as its own unpacked sequence.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from .dist import unwrap  # noqa: E402
 
 TOL = 1e-5
 EOD_SAMPLES = ((5, 11, 8), (9, 3, 1, 11))  # two samples of 24 tokens, EoD-terminated documents
+ODD_LENS = (5, 11, 1, 9, 3, 8)  # 37 tokens: pure Ulysses at CP=4 pads them to 40 (each ring rank's tokens in 4 parts)
 
 
 def assert_close(got, want, what):
-    loss, grads, logits = got
+    loss, grads, logits = got[:3]
     ref_loss, ref_grads, ref_logits = want
     assert abs(loss - ref_loss) <= TOL, f"{what}: loss {loss!r} vs unpacked reference {ref_loss!r}"
     assert grads.keys() == ref_grads.keys()
@@ -48,6 +50,9 @@ def setups():
             "collator": (tc.collator_batch(docs), tc.reference(kind, state, docs, sum(len(d) - 1 for d in docs))),
             "eod": (tc.eod_batch(eod_samples), tc.reference(kind, state, eod_docs, sum(len(d) - 1 for d in eod_docs))),
         }
+    odd = tc.documents(ODD_LENS, seed=3)
+    out["llama"]["odd"] = (tc.collator_batch(odd), tc.reference("llama", out["llama"]["state"], odd,
+                                                               sum(len(d) - 1 for d in odd)))
     return out
 
 
@@ -263,3 +268,80 @@ def test_example_trains_at_cp2_with_the_losses_of_cp1(rank_pools):
     for cp_loss, ref_loss in results[0]:
         assert abs(cp_loss - ref_loss) <= TOL, results[0]
     assert results[0][-1][0] < results[0][0][0], results[0]
+
+
+# ---------------------------------------------------------------------------------------------- Ulysses x ring
+HYBRID_ROWS = [  # (label, case, batch kind, padded sample length): all at CP=4 on the 4-rank pool, one job
+    ("hybrid 2x2 qwen3 zigzag", dict(kind="qwen3", strategy="zigzag", ulysses=2), "collator", 36),
+    ("hybrid 2x2 qwen3 balanced EoD [2, 24]", dict(kind="qwen3", strategy="balanced", eod_id=tc.EOD, ulysses=2), "eod",
+     24),
+    ("hybrid 2x2 llama zigzag checkpointing", dict(kind="llama", strategy="zigzag", ulysses=2, checkpointing=True),
+     "collator", 36),
+    # pure Ulysses: 4 query heads, 2 KV heads, each KV head replicated on 2 of the 4 Ulysses ranks
+    ("ulysses 4x1 llama zigzag (KV heads replicated)", dict(kind="llama", strategy="zigzag", ulysses=4), "collator", 36),
+    ("ulysses 4x1 qwen3 zigzag (KV heads replicated)", dict(kind="qwen3", strategy="zigzag", ulysses=4), "collator", 36),
+    ("ulysses 4x1 llama zigzag, 37 tokens", dict(kind="llama", strategy="zigzag", ulysses=4), "odd", 40),
+    ("ulysses 1x4 llama zigzag (CPGroups of the plain ring)", dict(kind="llama", strategy="zigzag", ulysses=1),
+     "collator", 40),
+]
+
+HYBRID_REFUSALS = [  # (label, ulysses, llama config overrides, ranks that get them), expected message
+    (("q heads % U, every rank", 4, dict(num_attention_heads=6, hidden_size=48), (0, 1, 2, 3)),
+     "heads: q heads (6) must be a multiple of ulysses_size=4; this layer has 6 query and 2 KV heads (config "
+     "num_attention_heads=6, num_key_value_heads=2) and the CP groups have ulysses_size=4"),
+    (("kv heads vs U, every rank", 2, dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48), (0, 1, 2, 3)),
+     "heads: k/v heads (3) must be a multiple or a divisor of ulysses_size=2 (split or replicated over the Ulysses "
+     "ranks); this layer has 6 query and 3 KV heads (config num_attention_heads=6, num_key_value_heads=3)"),
+    (("q heads % U, rank 2 only", 4, dict(num_attention_heads=6, hidden_size=48), (2,)),
+     "rank 2: heads: q heads (6) must be a multiple of ulysses_size=4"),
+]
+
+
+@pytest.fixture(scope="module")
+def hybrid_job(setups, rank_pools):
+    """The Ulysses x ring cases, the head refusals and the example at 2x2, in one job on the 4-rank pool."""
+    cases = []
+    for label, case, batch_kind, padded in HYBRID_ROWS:
+        batch, ref = setups[case["kind"]][batch_kind]
+        cases.append((label, {**case, "state": setups[case["kind"]]["state"], "batch": batch}, ref, padded))
+    payload = ([case for _, case, _, _ in cases], [r for r, _ in HYBRID_REFUSALS], ["--steps", "3", "--ulysses", "2"])
+    return cases, unwrap(rank_pools(4).run(tc.run_hybrid_job, payload))
+
+
+def test_hybrid_and_ulysses_packed_cp4_equals_unpacked_documents(hybrid_job):
+    """CP=4 as 2x2 (Ulysses x ring) and 4x1 (pure Ulysses, KV heads replicated): the loss, CP-summed gradients and
+    gathered logits of the float64 per-document reference; each sample padded to what the split's layout needs."""
+    cases, per_rank = hybrid_job
+    results = per_rank[0][0]
+    for (label, _, ref, padded), got in zip(cases, results):
+        assert_close(got, ref, f"CP=4 {label}")
+        assert got[3] == padded, f"{label}: padded to {got[3]}, expected {padded}"
+
+
+def test_hybrid_ulysses_head_refusals_raise_on_every_rank_before_communication(hybrid_job):
+    _, per_rank = hybrid_job
+    for rank, (_, (messages, posted), _) in enumerate(per_rank):
+        assert posted == 0, f"rank {rank} posted an all-to-all or P2P before refusing"
+        for (case, expect), got in zip(HYBRID_REFUSALS, messages):
+            assert got is not None and expect in got, (rank, case[0], got)
+    for i, (case, _) in enumerate(HYBRID_REFUSALS):
+        assert len({r[1][0][i] for r in per_rank}) == 1, f"{case[0]}: ranks raised different errors"
+
+
+def test_example_trains_hybrid_2x2_with_the_losses_of_cp1(hybrid_job):
+    """examples/transformers/train_packed.py --ulysses 2 on the 4-rank pool: CP=4 as 2x2, losses equal CP=1's."""
+    _, per_rank = hybrid_job
+    losses = [r[2] for r in per_rank]
+    assert all(x == losses[0] for x in losses), "every rank sees the same reduced loss"
+    for cp_loss, ref_loss in losses[0]:
+        assert abs(cp_loss - ref_loss) <= TOL, losses[0]
+    assert losses[0][-1][0] < losses[0][0][0], losses[0]
+
+
+def test_shard_batch_hybrid_split_comes_from_the_groups():
+    """Without a process group (CP size 1) an explicit ulysses_size that is not the groups' is refused."""
+    from ringattn.adapters.transformers import shard_batch
+
+    with pytest.raises(ValueError, match=re.escape("ulysses_size: shard_batch takes the Ulysses split from the group "
+                                                   "(here 1), got ulysses_size=2")):
+        shard_batch({"input_ids": torch.ones(1, 8, dtype=torch.long)}, ulysses_size=2)

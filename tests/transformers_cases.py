@@ -75,8 +75,23 @@ def reference(kind: str, state, docs, num_items: int):
     return total, grads, torch.cat(logits)
 
 
+def cp_group(cp: int, ulysses=None):
+    """The CP group of a case: None at CP=1, the world group (ring), or the world's CPGroups for ``ulysses``
+    (tests.cases.cp_groups: created once per process, so every rank creates the subgroups in one order)."""
+    import torch.distributed as dist
+
+    if cp == 1:
+        return None
+    if ulysses is None:
+        return dist.group.WORLD
+    from .cases import cp_groups
+
+    return cp_groups(ulysses)
+
+
 def cp_loss_and_grads(rank: int, cp: int, case: dict):
-    """One case on this rank: (CP-summed loss, CP-summed gradients, gathered logits), rank 0 only."""
+    """One case on this rank: (CP-summed loss, CP-summed gradients, gathered logits, padded sample length), rank 0
+    only. ``case["ulysses"]``: shard and attend over the world's CPGroups of that Ulysses size (hybrid/Ulysses)."""
     import torch.distributed as dist
 
     from ringattn.adapters.transformers import gather_logits, prepare_model, reduce_loss, shard_batch
@@ -85,17 +100,19 @@ def cp_loss_and_grads(rank: int, cp: int, case: dict):
     if case.get("checkpointing"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=case.get("checkpointing_kwargs"))
     model.train()
-    inputs = shard_batch(case["batch"], dist.group.WORLD if cp > 1 else None, strategy=case["strategy"],
-                         eod_id=case.get("eod_id"))
+    groups = cp_group(cp, case.get("ulysses"))
+    inputs = shard_batch(case["batch"], groups, strategy=case["strategy"], eod_id=case.get("eod_id"))
+    ctx = inputs["ringattn_context"]
+    assert ctx.ulysses_size == (case.get("ulysses") or 1) and ctx.attention_group is (groups if cp > 1 else None)
     out = model(**inputs)
     out.loss.backward()
-    loss = reduce_loss(out.loss, inputs["ringattn_context"])
+    loss = reduce_loss(out.loss, groups if case.get("ulysses") else ctx)  # a CPGroups sums over its cp group
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     if cp > 1:
         for g in grads.values():
             dist.all_reduce(g)
-    logits = gather_logits(out.logits.detach(), inputs["ringattn_context"])
-    return (loss.item(), grads, logits) if rank == 0 else None
+    logits = gather_logits(out.logits.detach(), ctx)
+    return (loss.item(), grads, logits, ctx.padded_len) if rank == 0 else None
 
 
 def run_cases(rank: int, cp: int, cases):
@@ -131,3 +148,35 @@ def run_example(rank: int, cp: int, argv):
     path = Path(__file__).resolve().parent.parent / "examples" / "transformers" / "train_packed.py"
     example = runpy.run_path(str(path), run_name="train_packed_example")
     return example["train"](example["parse_args"](argv), log=None)
+
+
+def hybrid_refusals(rank: int, cp: int, cases):
+    """Head counts the Ulysses split cannot scatter, through the adapter: per case (label, ulysses, config overrides,
+    ranks that get them) the ValueError this rank raised (None if none), and the all-to-all/P2P posts before it."""
+    import torch.distributed as dist
+
+    from ringattn.adapters.transformers import prepare_model, shard_batch
+
+    posted = []
+    real_a2a, real_p2p = dist.all_to_all_single, dist.batch_isend_irecv
+    dist.all_to_all_single = lambda *a, **k: (posted.append("a2a"), real_a2a(*a, **k))[1]
+    dist.batch_isend_irecv = lambda ops: (posted.append("p2p"), real_p2p(ops))[1]
+    out = []
+    try:
+        for _, ulysses, overrides, bad_ranks in cases:
+            model = prepare_model(build("llama", **(overrides if rank in bad_ranks else {})))
+            inputs = shard_batch(collator_batch(documents()), cp_group(cp, ulysses))
+            try:
+                model(**inputs)
+                out.append(None)
+            except ValueError as exc:
+                out.append(str(exc))
+    finally:
+        dist.all_to_all_single, dist.batch_isend_irecv = real_a2a, real_p2p
+    return out, len(posted)
+
+
+def run_hybrid_job(rank: int, cp: int, payload):
+    """One pool job for the hybrid/Ulysses transformers tests: exactness cases, head refusals, the example."""
+    cases, refusals, example_argv = payload
+    return run_cases(rank, cp, cases), hybrid_refusals(rank, cp, refusals), run_example(rank, cp, example_argv)

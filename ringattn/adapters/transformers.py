@@ -8,6 +8,8 @@ Qwen2/3, Mistral, ...)::
     model = prepare_model(model)                  # its own config, attn_implementation="ringattn"
     for batch in loader:                          # e.g. DataCollatorWithFlattening output, same on every CP rank
         inputs = shard_batch(batch, cp_group)     # this rank's tokens + the attention context
+                                                  # (cp_group: a ProcessGroup, or ringattn.new_cp_groups(U) for
+                                                  # Ulysses x ring / pure Ulysses CP)
         loss = model(**inputs).loss               # its sum over the CP group == the single-device mean
         loss.backward()                           # then sum the gradients over the CP group (see README)
 
@@ -17,7 +19,9 @@ Qwen2/3, Mistral, ...)::
 * :func:`shard_batch` turns a packed batch into this CP rank's ``model(**inputs)`` arguments:
   ``input_ids``, ``position_ids`` (restarting per document), ``labels``, ``shift_labels``
   (shifted over the *whole* batch before sharding), the global ``num_items_in_batch``,
-  ``use_cache=False`` and the :class:`RingAttnContext` under ``ringattn_context``.
+  ``use_cache=False`` and the :class:`RingAttnContext` under ``ringattn_context``. The CP group
+  is a ProcessGroup (ring attention) or a :class:`ringattn.CPGroups` (Ulysses x ring; pure
+  Ulysses when its ring size is 1): the layout, the padding and the attention follow its split.
 * :func:`reduce_loss` sums the per-rank losses for logging; :func:`gather_logits` puts per-token
   outputs back in the batch's order.
 
@@ -51,7 +55,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -60,7 +63,9 @@ import torch.distributed as dist
 from ..agreement import agree, signature
 from ..attention import ring_eod_attention
 from ..eod import cu_seqlens_from_tokens, position_ids_from_cu_seqlens
-from ..layout import DEFAULT_CHUNKS_PER_RANK, DocLayout
+from ..groups import CPGroups
+from ..layout import DocLayout
+from ..plan import ulysses_heads
 
 try:
     from transformers import AttentionInterface
@@ -84,9 +89,12 @@ IGNORE_INDEX = -100  # ForCausalLMLoss's default ignore_index, DataCollatorWithF
 class RingAttnContext:
     """What the attention function needs for one packed batch on one CP rank (built by :func:`shard_batch`).
 
-    layout: the batch's :class:`DocLayout` (padded samples, filler documents included).
-    group: the CP process group handed to :func:`ring_eod_attention` (None for CP size 1).
-    rank: this rank in ``group``. position_ids: ``[1, n_local]`` reset position ids of this rank.
+    layout: the batch's :class:`DocLayout` (padded samples, filler documents included; its
+    ``ulysses_size`` is the groups').
+    group: the CP process group (None for CP size 1): agreement, :func:`reduce_loss`, :func:`gather_logits`.
+    rank: this rank in ``group`` (the CP rank). groups: the :class:`ringattn.CPGroups` given to
+    :func:`shard_batch` (None when it got a ProcessGroup, or for CP size 1); :attr:`attention_group`
+    is what :func:`ring_eod_attention` gets. position_ids: ``[1, n_local]`` reset position ids of this rank.
     batch_shape: ``(b, s)`` of the batch before padding; padded_len: sample length after padding;
     max_doc_len: the longest real document (a sliding window at least this long masks nothing).
     batch_digest: fingerprint of the global batch, agreed by all ranks before the first exchange
@@ -103,12 +111,22 @@ class RingAttnContext:
     max_doc_len: int
     comm: str | None = None
     backend: str | None = None
+    groups: CPGroups | None = None
     #: signatures the ranks already agreed on for this context (see ringattn.agreement)
     agreed: set = field(default_factory=set, repr=False)
 
     @property
     def cp_size(self) -> int:
         return self.layout.cp_size
+
+    @property
+    def ulysses_size(self) -> int:
+        return self.layout.ulysses_size
+
+    @property
+    def attention_group(self):
+        """The ``group=`` of :func:`ring_eod_attention`: the :class:`CPGroups` if any, else the CP group."""
+        return self.groups if self.groups is not None else self.group
 
     @property
     def local_tokens(self) -> int:
@@ -222,18 +240,32 @@ def _pre_forward(module, args, kwargs):
 
 # ---------------------------------------------------------------------------------------------- batches
 def _resolve_group(group):
-    """``(group or None, rank, size)``: None means the world group when torch.distributed is initialised.
+    """``(CP group or None, CPGroups or None, CP rank, CP size)``; both None for CP size 1.
 
-    ``group`` is a ``torch.distributed`` ProcessGroup today; hybrid CP groups will be accepted here.
+    ``group``: a ``torch.distributed`` ProcessGroup (ring), a :class:`ringattn.CPGroups` (Ulysses x
+    ring, as :func:`ringattn.new_cp_groups` builds it), or None: the world group when
+    torch.distributed is initialised, else CP size 1. Local checks only (no communication).
     """
-    if group is None:
+    groups = None
+    if isinstance(group, CPGroups):
+        groups, group = group, group.cp
+        if not isinstance(group, dist.ProcessGroup):
+            raise ValueError(f"group: the CPGroups' cp group must be a torch.distributed ProcessGroup, got "
+                             f"{type(group).__name__}")
+    elif group is None:
         if not (dist.is_available() and dist.is_initialized()):
-            return None, 0, 1
+            return None, None, 0, 1
         group = dist.group.WORLD
     if not isinstance(group, dist.ProcessGroup):
-        raise ValueError(f"group: expected a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+        raise ValueError(f"group: expected a torch.distributed ProcessGroup, a ringattn.CPGroups or None, got "
+                         f"{type(group).__name__}")
     size = dist.get_world_size(group)
-    return (group if size > 1 else None), dist.get_rank(group), size
+    if groups is not None and groups.cp_size != size:
+        raise ValueError(f"group: the CPGroups split {groups.cp_size} ranks (ulysses_size={groups.ulysses_size} x "
+                         f"ring_size={groups.ring_size}) but its cp group has {size}")
+    if size == 1:
+        return None, None, 0, 1
+    return group, groups, dist.get_rank(group), size
 
 
 def _as_2d(name: str, x, shape=None) -> torch.Tensor:
@@ -279,14 +311,6 @@ def _documents(batch, ids: torch.Tensor, eod_id, pos) -> torch.Tensor:
     return torch.cat([first, torch.tensor([total])])
 
 
-def _pad_multiple(cp: int, strategy: str, layout_kwargs: dict) -> int:
-    multiple = 2 * cp  # zigzag: 2*cp chunks per sample
-    if strategy != "zigzag":  # document-aware strategies cut samples into chunks_per_rank*cp chunks
-        per_rank = layout_kwargs.get("chunks_per_rank") or DEFAULT_CHUNKS_PER_RANK
-        multiple = math.lcm(multiple, per_rank * cp)
-    return multiple
-
-
 def _digest(*tensors: torch.Tensor) -> int:
     h = hashlib.blake2b(digest_size=8)
     for t in tensors:
@@ -313,13 +337,19 @@ def shard_batch(batch: dict, group=None, *, eod_id: int | None = None, strategy:
     -100 at document starts does this already). ``num_items_in_batch``: the number of labels that
     count in the whole batch (override it, e.g. with the count over data-parallel ranks).
 
-    Each sample is padded to a multiple of ``pad_to_multiple_of`` (default: what ``strategy`` needs for
-    the CP size: ``2*cp``, or ``lcm(2*cp, chunks_per_rank*cp)`` for document-aware strategies) with a
-    filler document (``pad_token_id``, labels -100) that no real token attends to.
+    Each sample is padded to a multiple of ``pad_to_multiple_of`` (default: what the layout needs,
+    :meth:`DocLayout.required_multiple` for the CP split, ``strategy``, ``chunks_per_rank`` and the
+    number of samples: ``2*R``, ``chunks_per_rank*R`` for ``balanced``, and each ring rank's tokens
+    in ``U`` equal parts) with a filler document (``pad_token_id``, labels -100) that no real token
+    attends to. An explicit ``pad_to_multiple_of`` must give a length the layout accepts.
 
-    group: the CP ProcessGroup (None: the world group if torch.distributed is initialised, else CP
-    size 1). ``strategy`` and ``**layout_kwargs`` go to :meth:`DocLayout.from_cu_seqlens`; ``comm``
-    and ``backend`` to :func:`ring_eod_attention`. Returns ``input_ids``, ``position_ids``,
+    group: the CP group. A ProcessGroup runs ring attention over it; a :class:`ringattn.CPGroups`
+    (``ringattn.new_cp_groups(U, cp_group)``, or ``CPGroups.from_groups`` over existing groups)
+    runs Ulysses x ring with ``U = groups.ulysses_size`` (pure Ulysses when ``ring_size == 1``,
+    the plain ring when ``U == 1``); None: the world group if torch.distributed is initialised,
+    else CP size 1. Shards by the CP rank (``cp_rank = ring_rank * U + ulysses_rank``).
+    ``strategy`` and ``**layout_kwargs`` go to :meth:`DocLayout.from_cu_seqlens` (its
+    ``ulysses_size`` comes from the groups); ``comm`` and ``backend`` to :func:`ring_eod_attention`. Returns ``input_ids``, ``position_ids``,
     ``labels``, ``shift_labels`` as ``[1, n_local]`` (this rank's tokens of every sample, in the
     layout's local order, on ``device``), ``num_items_in_batch``, ``use_cache=False`` and
     ``ringattn_context``. Raises ``ValueError`` (no communication) for malformed batches.
@@ -328,7 +358,12 @@ def shard_batch(batch: dict, group=None, *, eod_id: int | None = None, strategy:
         raise ValueError(f"batch: expected a dict of tensors, got {type(batch).__name__}")
     if "input_ids" not in batch or batch["input_ids"] is None:
         raise ValueError("batch: expected input_ids (inputs_embeds are not supported)")
-    group, rank, cp = _resolve_group(group)
+    group, groups, rank, cp = _resolve_group(group)
+    ulysses = groups.ulysses_size if groups is not None else 1
+    if layout_kwargs.get("ulysses_size", ulysses) != ulysses:
+        raise ValueError(f"ulysses_size: shard_batch takes the Ulysses split from the group (here {ulysses}), got "
+                         f"ulysses_size={layout_kwargs['ulysses_size']!r}; pass group=ringattn.new_cp_groups(U, cp_group)")
+    layout_kwargs["ulysses_size"] = ulysses
     ids = _as_2d("input_ids", batch["input_ids"])
     b, s = ids.shape
     if s == 0:
@@ -361,7 +396,11 @@ def shard_batch(batch: dict, group=None, *, eod_id: int | None = None, strategy:
     if num_items_in_batch is None:
         num_items_in_batch = (shift != IGNORE_INDEX).sum()
 
-    multiple = pad_to_multiple_of if pad_to_multiple_of is not None else _pad_multiple(cp, strategy, layout_kwargs)
+    if pad_to_multiple_of is not None:
+        multiple = pad_to_multiple_of
+    else:  # the layout's own rule (one source of truth: DocLayout.required_multiple)
+        multiple = DocLayout.required_multiple(cp, strategy=strategy, chunks_per_rank=layout_kwargs.get("chunks_per_rank"),
+                                               ulysses_size=ulysses, num_samples=b)
     if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
         raise ValueError(f"pad_to_multiple_of: expected a positive int, got {multiple!r}")
     padded = -(-s // multiple) * multiple
@@ -390,7 +429,7 @@ def shard_batch(batch: dict, group=None, *, eod_id: int | None = None, strategy:
     local_pos = local(pos_p)
     ctx = RingAttnContext(layout=layout, group=group, rank=rank, position_ids=local_pos, batch_shape=shape,
                           padded_len=padded, batch_digest=_digest(ids_p, pos_p, shift_p),
-                          max_doc_len=int((cu[1:] - cu[:-1]).max()), comm=comm, backend=backend)
+                          max_doc_len=int((cu[1:] - cu[:-1]).max()), comm=comm, backend=backend, groups=groups)
     return {
         "input_ids": local(ids_p),
         "position_ids": local_pos,
@@ -436,6 +475,16 @@ def _refusal(ctx, module, query, key, value, attention_mask, dropout, sliding_wi
     if key.shape[2] != query.shape[2]:
         return (f"key: expected as many tokens as the query ({query.shape[2]}), got {key.shape[2]} "
                 "(cross-attention or a KV cache is not supported)")
+    if ctx.ulysses_size > 1:  # the all-to-all scatters heads: ring_eod_attention's rule, named for the model
+        try:
+            ulysses_heads(query.shape[1], key.shape[1], ctx.ulysses_size)
+        except ValueError as exc:
+            names = ", ".join(f"{n}={getattr(config, n)}" for n in ("num_attention_heads", "num_key_value_heads")
+                              if isinstance(getattr(config, n, None), int))
+            return (f"{exc}; this layer has {query.shape[1]} query and {key.shape[1]} KV heads"
+                    + (f" (config {names})" if names else "")
+                    + f" and the CP groups have ulysses_size={ctx.ulysses_size}: use a Ulysses size that divides the "
+                      "query heads and divides or is a multiple of the KV heads")
     return None
 
 
@@ -450,11 +499,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                       **kwargs):
     """transformers attention function: ``[b, Hq, s, d]`` q, ``[b, Hkv, s, d]`` k/v -> (``[b, s, Hq, d]``, None).
 
-    Runs :func:`ring_eod_attention` over the context's layout and group with the model's ``scaling``.
+    Runs :func:`ring_eod_attention` over the context's layout and group (its :class:`CPGroups` for
+    Ulysses x ring) with the model's ``scaling``.
     Refused (the same ``ValueError`` on every CP rank, before any communication): no context,
     an attention mask, dropout > 0, a sliding window shorter than the longest document (a longer
     one masks nothing and is accepted), softcap, sinks, position bias, non-causal attention,
-    ``output_attentions``, ``use_cache``, a key longer than the query.
+    ``output_attentions``, ``use_cache``, a key longer than the query, and with a Ulysses size
+    ``U > 1`` query heads not divisible by ``U`` or KV heads neither divisible by nor dividing ``U``.
     """
     ctx = kwargs.get(CONTEXT_KWARG)
     if not isinstance(ctx, RingAttnContext):
@@ -479,7 +530,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     q = query.transpose(1, 2).reshape(b * s, hq, d)
     k = key.transpose(1, 2).reshape(b * s, key.shape[1], key.shape[3])
     v = value.transpose(1, 2).reshape(b * s, value.shape[1], value.shape[3])
-    out = ring_eod_attention(q, k, v, ctx.layout, ctx.group, scaling, comm=ctx.comm, backend=ctx.backend)
+    out = ring_eod_attention(q, k, v, ctx.layout, ctx.attention_group, scaling, comm=ctx.comm, backend=ctx.backend)
     return out.view(b, s, hq, d), None
 
 
@@ -488,14 +539,15 @@ def reduce_loss(loss: torch.Tensor, group=None) -> torch.Tensor:
     """The batch loss for logging: the sum of the CP ranks' losses (detached).
 
     With :func:`shard_batch`'s ``num_items_in_batch`` each rank's loss is its share of the batch
-    mean, so the sum is the single-device mean. ``group``: the CP group or a :class:`RingAttnContext`
-    (None: the world group if torch.distributed is initialised).
+    mean, so the sum is the single-device mean. ``group``: the CP group, a :class:`ringattn.CPGroups`
+    (summed over its ``cp`` group) or a :class:`RingAttnContext` (None: the world group if
+    torch.distributed is initialised).
     """
     if isinstance(group, RingAttnContext):
         group = group.group
         if group is None:
             return loss.detach().clone()
-    group, _, _ = _resolve_group(group)
+    group, _, _, _ = _resolve_group(group)
     total = loss.detach().clone()
     if group is not None:
         dist.all_reduce(total, group=group)
@@ -506,8 +558,8 @@ def reduce_loss(loss: torch.Tensor, group=None) -> torch.Tensor:
 def gather_logits(x: torch.Tensor, context: RingAttnContext) -> torch.Tensor:
     """Any per-token output of this rank (``[1, n_local, ...]``, e.g. logits) in the batch's order.
 
-    Collective over the context's group; returns ``[b, s, ...]`` (the batch's shape before padding),
-    not differentiable.
+    Collective over the context's CP group (the whole CP group in Ulysses x ring); returns
+    ``[b, s, ...]`` (the batch's shape before padding), not differentiable.
     """
     layout, n = context.layout, context.local_tokens
     if x.shape[:2] != (1, n):
