@@ -5,7 +5,8 @@
 Each revision runs its *own* ``benchmarks/kernels.py`` against its own source tree (REV is exported with
 ``git archive`` into a temporary folder), alternately, ``--rounds`` times, so machine noise hits both
 alike. Prints, per workload and CP size, the median busiest-rank forward+backward time of each and their
-ratio (working tree / REV; below 1 is faster).
+ratio (working tree / REV; below 1 is faster). Both run with ``--threads`` intra-op threads (default 1:
+on a shared machine a descheduled OpenMP thread stalls a whole parallel region, which swamps any difference).
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def parse(output: str) -> dict:
     return rows
 
 
-def run(tree: Path, args: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+def run(tree: Path, args: list[str], threads: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     out = subprocess.run([sys.executable, str(tree / "benchmarks" / "kernels.py"), *args], env=env, check=True,
                          capture_output=True, text=True).stdout
     return parse(out)
@@ -49,6 +50,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("rev")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     a = p.parse_args(argv[:split])
@@ -62,9 +64,10 @@ def main() -> None:
             t.extractall(old_tree)
         results = {"rev": [], "tree": []}
         for _ in range(a.rounds):
-            results["rev"].append(run(old_tree, kargs))
-            results["tree"].append(run(ROOT, kargs))
-    print(f"benchmarks/kernels.py {' '.join(kargs)}: median of {a.rounds} alternating rounds; ratio = working tree / {a.rev}")
+            results["rev"].append(run(old_tree, kargs, a.threads))
+            results["tree"].append(run(ROOT, kargs, a.threads))
+    print(f"benchmarks/kernels.py {' '.join(kargs)}: median of {a.rounds} alternating rounds, {a.threads} thread(s); "
+          f"ratio = working tree / {a.rev}")
     print(f"{'workload':<26} {'CP':>3} {a.rev[:10] + ' ms':>14} {'tree ms':>10} {'ratio':>6}")
     keys = sorted({(w, cp) for r in results["tree"] for (w, _, cp) in r})
     for w, cp in keys:
