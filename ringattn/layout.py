@@ -26,6 +26,7 @@ rank's tokens with an all-to-all over heads and runs the ring plan of :attr:`Doc
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 from dataclasses import dataclass, field
 
@@ -61,13 +62,35 @@ def doc_segments(cu, start: int, end: int):
         start, d = e, d + 1
 
 
-def _chunk_work(cu: list[int], start: int, end: int) -> int:
-    """Unmasked score entries of the queries in ``[start, end)``: sum of (offset in document + 1)."""
-    work = 0
-    for s, e, d in doc_segments(cu, start, end):
-        a, b = s - cu[d] + 1, e - cu[d]  # offsets + 1 of the first and last token
-        work += (a + b) * (b - a + 1) // 2
-    return work
+def work_prefix(cu) -> list[int]:
+    """``C[d]``: unmasked score entries of documents ``0 .. d-1`` (``len(cu)`` entries)."""
+    out = [0]
+    for a, b in zip(cu, cu[1:]):
+        n = b - a
+        out.append(out[-1] + n * (n + 1) // 2)
+    return out
+
+
+def work_before(cu, prefix, t: int, d: int | None = None) -> int:
+    """Unmasked score entries of the queries before global token ``t`` (``d``: the document
+    holding ``t``, i.e. ``cu[d] <= t < cu[d + 1]``, or None to look it up)."""
+    if d is None:
+        d = bisect.bisect_right(cu, t) - 1
+    m = t - cu[d]
+    return prefix[d] + m * (m + 1) // 2
+
+
+def _chunk_works(cu: list[int], prefix: list[int], base: int, chunk: int, n: int) -> list[int]:
+    """Work of the ``n`` chunks ``[base + c*chunk, base + (c+1)*chunk)`` (one pass over the boundaries)."""
+    d = bisect.bisect_right(cu, base) - 1
+    last_doc = len(cu) - 2
+    cum = []
+    for c in range(n + 1):
+        t = base + c * chunk
+        while d < last_doc and cu[d + 1] <= t:
+            d += 1
+        cum.append(work_before(cu, prefix, t, d))
+    return [cum[c + 1] - cum[c] for c in range(n)]
 
 
 def _merge_adjacent(pieces: list[Range], sample_len: int) -> tuple[Range, ...]:
@@ -80,22 +103,34 @@ def _merge_adjacent(pieces: list[Range], sample_len: int) -> tuple[Range, ...]:
     return tuple(out)
 
 
-def _balanced_pieces(cu: list[int], num_samples: int, sample_len: int, cp: int,
-                     chunks_per_rank: int) -> tuple[tuple[Range, ...], ...]:
+def balanced_assignment(cu: list[int], num_samples: int, sample_len: int, cp: int, chunks_per_rank: int,
+                        prefix: list[int] | None = None) -> tuple[list[list[Range]], list[int]]:
+    """The balanced strategy's dealing: per rank its chunks (unsorted) and its total work."""
+    if prefix is None:
+        prefix = work_prefix(cu)
     n = chunks_per_rank * cp
     chunk = sample_len // n
     load = [0] * cp
     held: list[list[Range]] = [[] for _ in range(cp)]
     for b in range(num_samples):
         base = b * sample_len
-        chunks = [(base + c * chunk, base + (c + 1) * chunk) for c in range(n)]
-        weights = [_chunk_work(cu, s, e) for s, e in chunks]
+        weights = _chunk_works(cu, prefix, base, chunk, n)
         room = [chunks_per_rank] * cp
+        heap = [(load[r], r) for r in range(cp)]  # ranks with room, by (work so far, rank)
+        heapq.heapify(heap)
         for c in sorted(range(n), key=lambda i: (-weights[i], i)):
-            r = min((r for r in range(cp) if room[r]), key=lambda r: (load[r], r))
-            held[r].append(chunks[c])
+            _, r = heapq.heappop(heap)
+            held[r].append((base + c * chunk, base + (c + 1) * chunk))
             load[r] += weights[c]
             room[r] -= 1
+            if room[r]:
+                heapq.heappush(heap, (load[r], r))
+    return held, load
+
+
+def _balanced_pieces(cu: list[int], num_samples: int, sample_len: int, cp: int,
+                     chunks_per_rank: int) -> tuple[tuple[Range, ...], ...]:
+    held, _ = balanced_assignment(cu, num_samples, sample_len, cp, chunks_per_rank)
     return tuple(_merge_adjacent(p, sample_len) for p in held)
 
 
@@ -356,6 +391,11 @@ class DocLayout:
         from .plan import DEFAULT_COMM, cp_stats
 
         return cp_stats(self, heads, kv_heads, head_dim, itemsize, comm or DEFAULT_COMM, node_size)
+
+    def __getstate__(self) -> dict:
+        # per-process caches (the planner's index and rank plans, see ringattn.plan) are not copied
+        # or pickled with the layout: they are rebuilt on demand from the fields
+        return {k: v for k, v in self.__dict__.items() if k != "_plan_cache"}
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.cp_size:

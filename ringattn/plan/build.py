@@ -1,175 +1,375 @@
-"""The planner: from a :class:`~ringattn.layout.DocLayout` to every rank's steps (see :mod:`ringattn.plan`)."""
+"""The planner: from a :class:`~ringattn.layout.DocLayout` to each rank's steps (see :mod:`ringattn.plan`).
+
+A rank's plan is built from what that rank needs only: the KV it reads from every origin
+and what the other ranks read of its own KV (for its sends and dK/dV returns). Both come
+from a per-layout :class:`_Index` over the layout's pieces, built once per layout in
+``O(pieces log pieces)`` and shared by all ranks and comm shapes, so planning one rank costs
+about the size of its own reads instead of all ``CP^2`` rank pairs.
+
+Caching: :func:`rank_plan` returns the same :class:`RankPlan` object for a given
+``(layout, rank, comm)`` on every call (kept in a dict on the layout object, like
+``DocLayout.agreed``); :func:`build_plan` assembles those objects and the exact
+:class:`PlanStats`, also cached on the layout. Nothing hashes the layout, so a repeated call
+costs a dict lookup, not time proportional to documents.
+
+Reading rule (pieces of a rank are sorted and disjoint, and together partition the tokens):
+rank ``x`` reads a piece ``b`` of another rank, in the document ``d`` holding ``b``'s last
+token, iff ``x`` has a piece starting inside ``d`` at or after ``b``'s end; it reads ``b``'s
+part inside ``d``. The start of ``x``'s last piece in ``d`` therefore decides everything ``x``
+reads of ``d``.
+"""
 from __future__ import annotations
 
-import functools
+from bisect import bisect_right
 
-from ..layout import DocLayout, doc_segments
+from ..layout import DocLayout
 from .types import COMM_SHAPES, DEFAULT_COMM, Plan, PlanStats, RankPlan, Range, Segment, Step, Transfer
 
 __all__ = ["build_plan", "rank_plan"]
 
 
-# ---------------------------------------------------------------------------- helpers
-def _merge_ranges(ranges) -> tuple[Range, ...]:
+def _merged(rows) -> tuple[Range, ...]:
+    """Touching or overlapping sorted row ranges merged (input sorted by start)."""
     out: list[list[int]] = []
-    for s, e in sorted(ranges):
-        if e <= s:
-            continue
+    for s, e in rows:
         if out and s <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], e)
+            if e > out[-1][1]:
+                out[-1][1] = e
         else:
             out.append([s, e])
     return tuple((s, e) for s, e in out)
 
 
-def _rows_of(ranges: tuple[Range, ...], sub: tuple[Range, ...]) -> tuple[Range, ...]:
-    """Row ranges, inside a buffer laid out as the sorted ``ranges``, of the global ``sub``."""
-    rows = []
-    covered = 0
-    offset = 0
-    for s, e in ranges:
-        for ss, se in sub:
-            lo, hi = max(s, ss), min(e, se)
-            if lo < hi:
-                rows.append((offset + lo - s, offset + hi - s))
-                covered += hi - lo
-        offset += e - s
-    if covered != sum(e - s for s, e in sub):
-        raise AssertionError(f"planner: ranges {sub} are not inside the buffer {ranges}")
-    return _merge_ranges(rows)
+class _Index:
+    """Per-layout facts every rank's plan is built from (see the module docstring).
 
-
-def _contiguous_rows(ranges: tuple[Range, ...], sub: tuple[Range, ...]) -> Range:
-    rows = _rows_of(ranges, sub)
-    if len(rows) != 1:
-        raise AssertionError(f"planner: KV {sub} is not contiguous in buffer {ranges}")
-    return rows[0]
-
-
-def _reads(layout: DocLayout, x: int, o: int):
-    """Block pairs of rank ``x``'s queries against rank ``o``'s KV.
-
-    Yields ``(q_local_range, kv_global_ranges, causal)``; for ``o != x`` the KV ranges of one
-    query range are merged (they are contiguous in any sorted buffer of ``o``'s tokens).
+    Global pieces sorted by start (``starts``, ``ends``, ``owner``); per piece: the document of
+    its first token (``dfirst``), the start of its part in the document of its last token
+    (``cstart``: what another rank may read of it), its row in its owner's local order
+    (``local``), the first piece index whose KV its queries may read (``lo``: pieces
+    ``lo .. i-1``); per document: readers (rank -> start of its last piece starting in it).
     """
-    cu = layout.cu_seqlens
-    q_off = 0
-    for a in layout.pieces[x]:
-        a0, a1 = a
-        if o == x:
-            for s, e, _ in doc_segments(cu, a0, a1):
-                yield (q_off + s - a0, q_off + e - a0), ((s, e),), True
-        d = layout.doc_of(a0)
-        ds, de = cu[d], cu[d + 1]
-        kv = [(max(b0, ds), b1) for b0, b1 in layout.pieces[o] if (b0, b1) != a and ds < b1 <= a0]
-        if kv:
-            q_len = min(a1, de) - a0
-            yield (q_off, q_off + q_len), _merge_ranges(kv), False
-        q_off += a1 - a0
+
+    def __init__(self, layout: DocLayout):
+        cu = layout.cu_seqlens
+        cp = layout.cp_size
+        self.cp, self.cu = cp, cu
+        items = sorted((s, e, r) for r, ps in enumerate(layout.pieces) for s, e in ps)
+        n = len(items)
+        self.starts = starts = [s for s, _, _ in items]
+        self.ends = ends = [e for _, e, _ in items]
+        self.owner = owner = [r for _, _, r in items]
+        self.of_rank: list[list[int]] = [[] for _ in range(cp)]
+        self.local = [0] * n
+        self.dfirst = [0] * n
+        self.dlast = [0] * n
+        self.cstart = [0] * n
+        self.lo = list(range(n))
+        off = [0] * cp
+        readers: dict[int, dict[int, int]] = {}  # doc -> {rank: start of its last piece starting in it}
+        for i in range(n):
+            s, e, r = items[i]
+            self.of_rank[r].append(i)
+            self.local[i] = off[r]
+            off[r] += e - s
+            d = bisect_right(cu, s) - 1
+            dl = d if e <= cu[d + 1] else bisect_right(cu, e - 1) - 1
+            self.dfirst[i], self.dlast[i] = d, dl
+            self.cstart[i] = max(s, cu[dl])
+            if s > cu[d]:
+                self.lo[i] = bisect_right(ends, cu[d], 0, i)
+                readers.setdefault(d, {})[r] = s
+        self.readers = readers
+        # pieces per sample (pair counts of PlanStats)
+        self.sample_len = layout.sample_len
+        self.per_sample: dict[int, int] = {}
+        for s in starts:
+            b = s // layout.sample_len
+            self.per_sample[b] = self.per_sample.get(b, 0) + 1
+        self._reader_lists: dict[int, tuple[list[int], list[int]]] = {}
+        self._distances: tuple[int, ...] | None = None
+        self._maxdist: list[int] | None = None
+
+    # ------------------------------------------------------------------ who reads what
+    def reader_list(self, d: int) -> tuple[list[int], list[int]]:
+        """Readers of document ``d`` sorted by their last start, descending: (negated starts, ranks)."""
+        got = self._reader_lists.get(d)
+        if got is None:
+            pairs = sorted(((-s, r) for r, s in self.readers.get(d, {}).items()))
+            got = ([p[0] for p in pairs], [p[1] for p in pairs])
+            self._reader_lists[d] = got
+        return got
+
+    def readers_of(self, i: int) -> list[int]:
+        """Ranks other than its owner that read piece ``i``."""
+        neg, ranks = self.reader_list(self.dlast[i])
+        k = bisect_right(neg, -self.ends[i])  # readers whose last start >= ends[i]
+        o = self.owner[i]
+        return [r for r in ranks[:k] if r != o]
+
+    def distances(self) -> tuple[int, ...]:
+        """Step distances ``(reader - origin) % cp`` with something to read (comm ``direct``)."""
+        if self._distances is None:
+            cp, full = self.cp, (1 << self.cp) - 1
+            # per document: owners of readable parts, by their smallest end
+            first_end: dict[int, dict[int, int]] = {}
+            for i in range(len(self.starts)):
+                d = self.dlast[i]
+                if d in self.readers:
+                    first_end.setdefault(d, {}).setdefault(self.owner[i], self.ends[i])
+            mask = 0
+            for d, owners in first_end.items():
+                order = sorted((e, o) for o, e in owners.items())
+                ends_sorted = [e for e, _ in order]
+                cum = [0]
+                for _, o in order:  # bit (-o) % cp: rotating left by y puts it at (y - o) % cp
+                    cum.append(cum[-1] | (1 << ((-o) % cp)))
+                for y, last_start in self.readers[d].items():
+                    m = cum[bisect_right(ends_sorted, last_start)] & ~(1 << ((-y) % cp))
+                    if m:
+                        mask |= ((m << y) | (m >> (cp - y))) & full if y else m
+            self._distances = tuple(t for t in range(1, cp) if mask >> t & 1)
+        return self._distances
+
+    def maxdist(self) -> list[int]:
+        """Per piece: the largest distance ``(reader - owner) % cp`` of a rank reading it (0: none)."""
+        if self._maxdist is None:
+            cp = self.cp
+            out = [0] * len(self.starts)
+            for i in range(len(self.starts)):
+                o = self.owner[i]
+                best = 0
+                for y in self.readers_of(i):
+                    t = (y - o) % cp
+                    if t > best:
+                        best = t
+                out[i] = best
+            self._maxdist = out
+        return self._maxdist
+
+    # ------------------------------------------------------------------ one rank
+    def reads(self, x: int):
+        """Rank ``x``'s block pairs.
+
+        Returns ``(own, remote, need)``: ``own`` the step-0 segments; ``remote[o]`` a list of
+        ``(q rows, first piece, last piece)`` (the pieces of ``o`` that q range reads, in
+        order); ``need[o]`` the sorted pieces of ``o`` that ``x`` reads.
+        """
+        cu, starts, ends, owner, lo = self.cu, self.starts, self.ends, self.owner, self.lo
+        own: list[Segment] = []
+        remote: dict[int, list] = {}
+        need: dict[int, list[int]] = {}
+        q_off = 0
+        cur_doc, k = -1, 0
+        first: dict[int, int] = {}
+        last: dict[int, int] = {}
+        for i in self.of_rank[x]:
+            s, e = starts[i], ends[i]
+            d = self.dfirst[i]
+            # causal blocks: the piece cut at document boundaries
+            a, dd = s, d
+            while a < e:
+                b = min(e, cu[dd + 1])
+                own.append(Segment((q_off + a - s, q_off + b - s), (q_off + a - s, q_off + b - s), True))
+                a, dd = b, dd + 1
+            if lo[i] < i:
+                if d != cur_doc:
+                    cur_doc, k = d, lo[i]
+                    first, last = {}, {}
+                while k < i:
+                    o = owner[k]
+                    if o not in first:
+                        first[o] = k
+                    last[o] = k
+                    if o != x:
+                        need.setdefault(o, []).append(k)
+                    k += 1
+                q = (q_off, q_off + min(e, cu[d + 1]) - s)
+                for o, f in first.items():
+                    if o == x:
+                        own.append(Segment(q, (self.local[f] + self.cstart[f] - starts[f],
+                                               self.local[last[o]] + ends[last[o]] - starts[last[o]]), False))
+                    else:
+                        remote.setdefault(o, []).append((q, f, last[o]))
+            q_off += e - s
+        return own, remote, need
+
+    def read_by_others(self, x: int) -> dict[int, list[int]]:
+        """``theirs[y]``: the sorted pieces of ``x`` that rank ``y`` reads."""
+        theirs: dict[int, list[int]] = {}
+        for i in self.of_rank[x]:
+            for y in self.readers_of(i):
+                theirs.setdefault(y, []).append(i)
+        return theirs
+
+    def local_rows(self, pieces: list[int]) -> tuple[Range, ...]:
+        """Rows, in the owner's local KV, of the readable parts of ``pieces`` (merged)."""
+        return _merged([(self.local[i] + self.cstart[i] - self.starts[i], self.local[i] + self.ends[i] - self.starts[i])
+                        for i in pieces])
 
 
-def _pair_counts(layout: DocLayout, x: int) -> tuple[int, int]:
+def _layout_cache(layout: DocLayout) -> dict:
+    cache = layout.__dict__.get("_plan_cache")
+    if cache is None:
+        cache = {}
+        object.__setattr__(layout, "_plan_cache", cache)
+    return cache
+
+
+def _index(layout: DocLayout) -> _Index:
+    cache = _layout_cache(layout)
+    ix = cache.get("index")
+    if ix is None:
+        ix = cache["index"] = _Index(layout)
+    return ix
+
+
+class _Buffer:
+    """A receive buffer: some pieces of one origin, in order; ``row[i]`` is where the readable
+    part of piece ``i`` starts (``full``: whole pieces are stored, as the plain ring sends them)."""
+
+    __slots__ = ("row", "tokens")
+
+    def __init__(self, ix: _Index, pieces, full: bool = False):
+        self.row: dict[int, int] = {}
+        n = 0
+        for i in pieces:
+            s = ix.starts[i] if full else ix.cstart[i]
+            self.row[i] = n + ix.cstart[i] - s
+            n += ix.ends[i] - s
+        self.tokens = n
+
+    def span(self, ix: _Index, f: int, l: int) -> Range:
+        """Rows from the readable part of piece ``f`` to the end of piece ``l``."""
+        return (self.row[f], self.row[l] + ix.ends[l] - ix.cstart[l])
+
+    def rows(self, ix: _Index, pieces, full: bool = False) -> tuple[Range, ...]:
+        """Rows of the readable parts (``full``: the whole pieces) of ``pieces`` (merged)."""
+        if full:
+            return _merged([(self.row[i] - ix.cstart[i] + ix.starts[i], self.row[i] + ix.ends[i] - ix.cstart[i])
+                            for i in pieces])
+        return _merged([(self.row[i], self.row[i] + ix.ends[i] - ix.cstart[i]) for i in pieces])
+
+
+def _build_rank(layout: DocLayout, ix: _Index, x: int, comm: str) -> RankPlan:
+    cp = ix.cp
+    own, remote, need = ix.reads(x)
+    theirs = ix.read_by_others(x)
+    steps = [Step(0, x, tuple(own))]
+    local_n = layout.local_tokens(x)
+
+    if comm == "direct":
+        for t in ix.distances():
+            o, y = (x - t) % cp, (x + t) % cp
+            mine = need.get(o)
+            buf = _Buffer(ix, mine) if mine else None
+            segs = tuple(Segment(q, buf.span(ix, f, l), False) for q, f, l in remote.get(o, ())) if buf else ()
+            recv = Transfer(o, ((0, buf.tokens),)) if buf else None
+            out = theirs.get(y)
+            rows_out = ix.local_rows(out) if out else None
+            send = Transfer(y, rows_out) if out else None
+            grad_send = Transfer(o, buf.rows(ix, mine)) if buf else None
+            grad_recv = Transfer(y, rows_out) if out else None
+            steps.append(Step(t, o, segs, recv, send, False, grad_send, grad_recv))
+        return RankPlan(x, cp, comm, local_n, tuple(steps))
+
+    # ring / plain: neighbour forwarding; buffer (o, t) is what arrives at rank o + t at step t
+    full = comm == "plain"
+    if full:
+        last = cp - 1
+
+        def content(o: int, t: int) -> list[int]:
+            return ix.of_rank[o]
+    else:
+        maxdist = ix.maxdist()
+        last = max(maxdist, default=0)
+
+        def content(o: int, t: int) -> list[int]:
+            return [i for i in ix.of_rank[o] if maxdist[i] >= t]
+    prev: _Buffer | None = None  # the buffer received at the previous step (origin x + 1 - t)
+    for t in range(1, last + 1):
+        o, y = (x - t) % cp, (x + t) % cp
+        pieces_in = content(o, t)
+        buf = _Buffer(ix, pieces_in, full) if pieces_in else None
+        segs = tuple(Segment(q, buf.span(ix, f, l), False) for q, f, l in remote.get(o, ())) if buf else ()
+        recv = Transfer((x - 1) % cp, ((0, buf.tokens),)) if buf else None
+        out = content((x + 1 - t) % cp, t)
+        if not out:
+            send = None
+        elif t == 1:  # from the local KV
+            send = Transfer((x + 1) % cp, _merged([(ix.local[i] + (0 if full else ix.cstart[i] - ix.starts[i]),
+                                                    ix.local[i] + ix.ends[i] - ix.starts[i]) for i in out]))
+        else:  # forwarded from the previous step's buffer
+            send = Transfer((x + 1) % cp, prev.rows(ix, out, full))
+        mine = need.get(o)
+        grad_send = Transfer(o, buf.rows(ix, mine)) if mine else None
+        read = theirs.get(y)
+        grad_recv = Transfer(y, ix.local_rows(read)) if read else None
+        steps.append(Step(t, o, segs, recv, send, t > 1, grad_send, grad_recv))
+        prev = buf
+    return RankPlan(x, cp, comm, local_n, tuple(steps))
+
+
+def rank_plan(layout: DocLayout, rank: int, comm: str = DEFAULT_COMM) -> RankPlan:
+    """The plan of one CP rank, built from what that rank needs and cached on the layout object;
+    for a hybrid layout, the ring plan of its ring rank (cached on ``layout.ring_layout``).
+
+    The same :class:`RankPlan` object comes back for a given ``(layout, rank, comm)``.
+    """
+    if layout.ulysses_size > 1:
+        ring_rank, _ = layout.split(rank)
+        return rank_plan(layout.ring_layout, ring_rank, comm)
+    cache = _layout_cache(layout)
+    key = (rank, comm)
+    rp = cache.get(key)
+    if rp is None:
+        if comm not in COMM_SHAPES:
+            raise ValueError(f"comm: expected one of {COMM_SHAPES}, got {comm!r}")
+        layout._check_rank(rank)
+        rp = cache[key] = _build_rank(layout, _index(layout), rank, comm)
+    return rp
+
+
+def _pair_counts(ix: _Index, x: int) -> tuple[int, int]:
     """(computed, skipped) (q piece, KV piece) pairs of the same sample for rank ``x``."""
-    cu = layout.cu_seqlens
     computed = total = 0
-    all_pieces = [p for ps in layout.pieces for p in ps]
-    for a0, a1 in layout.pieces[x]:
-        d = layout.doc_of(a0)
-        sample = a0 // layout.sample_len
-        for b0, b1 in all_pieces:
-            if b0 // layout.sample_len != sample:
-                continue
-            total += 1
-            if (b0, b1) == (a0, a1) or (cu[d] < b1 <= a0):
-                computed += 1
+    for i in ix.of_rank[x]:
+        total += ix.per_sample[ix.starts[i] // ix.sample_len]
+        computed += 1 + (i - ix.lo[i])
     return computed, total - computed
 
 
-# ---------------------------------------------------------------------------- planner
-@functools.lru_cache(maxsize=64)
 def build_plan(layout: DocLayout, comm: str = DEFAULT_COMM) -> Plan:
-    """The global plan of ``layout`` for comm shape ``comm`` (cached per layout and shape).
+    """Every rank's plan for comm shape ``comm`` with the exact :class:`PlanStats` (cached on the layout).
 
-    A hybrid layout (``ulysses_size > 1``) is planned over its ring ranks (``layout.ring_layout``)."""
+    Training needs only :func:`rank_plan`; this is for statistics, the inspector and benchmarks.
+    A hybrid layout (``ulysses_size > 1``) is planned over its ring ranks (``layout.ring_layout``).
+    """
     if layout.ulysses_size > 1:
         return build_plan(layout.ring_layout, comm)
     if comm not in COMM_SHAPES:
         raise ValueError(f"comm: expected one of {COMM_SHAPES}, got {comm!r}")
-    cp = layout.cp_size
-    pieces = layout.pieces
-
-    # reads[x][o] = list of (q rows, kv global ranges, causal)
-    reads = [[list(_reads(layout, x, o)) for o in range(cp)] for x in range(cp)]
-    need = [[_merge_ranges(r for _, kv, _ in reads[x][o] for r in kv) if o != x else () for o in range(cp)]
-            for x in range(cp)]  # need[x][o]: global KV of o that x reads
-
-    def need_at(o: int, t: int) -> tuple[Range, ...]:
-        return need[(o + t) % cp][o]
-
-    # buffer contents at distance t for origin o (what arrives at rank o + t)
-    if comm == "plain":
-        distances = list(range(1, cp))
-        content = {(o, t): _merge_ranges(pieces[o]) for o in range(cp) for t in distances}
-    elif comm == "ring":
-        last = max((t for t in range(1, cp) for o in range(cp) if need_at(o, t)), default=0)
-        distances = list(range(1, last + 1))
-        content = {}
-        for o in range(cp):
-            acc: tuple[Range, ...] = ()
-            for t in reversed(distances):
-                acc = _merge_ranges(acc + need_at(o, t))
-                content[(o, t)] = acc
-    else:  # direct
-        distances = [t for t in range(1, cp) if any(need_at(o, t) for o in range(cp))]
-        content = {(o, t): need_at(o, t) for o in range(cp) for t in distances}
-
-    rank_plans = []
-    for x in range(cp):
-        steps = [Step(0, x, tuple(Segment(q, _contiguous_rows(pieces[x], kv), c) for q, kv, c in reads[x][x]))]
-        for t in distances:
-            o = (x - t) % cp
-            buf = content[(o, t)]
-            segments = tuple(Segment(q, _contiguous_rows(buf, kv), False) for q, kv, _ in reads[x][o])
-            src_peer = (x - 1) % cp if comm in ("plain", "ring") else o
-            recv = Transfer(src_peer, ((0, sum(e - s for s, e in buf)),)) if buf else None
-            # what leaves x at distance t
-            if comm in ("plain", "ring"):
-                dst, out_origin = (x + 1) % cp, (x + 1 - t) % cp
-                out = content[(out_origin, t)]
-                from_buffer = t > 1
-                src_layout = content[(out_origin, t - 1)] if from_buffer else pieces[x]
-            else:
-                dst, out_origin, from_buffer = (x + t) % cp, x, False
-                out = content[(x, t)]
-                src_layout = pieces[x]
-            send = Transfer(dst, _rows_of(src_layout, out)) if out else None
-            mine = need[x][o]
-            grad_send = Transfer(o, _rows_of(buf, mine)) if mine else None
-            reader = (x + t) % cp
-            theirs = need[reader][x]
-            grad_recv = Transfer(reader, _rows_of(pieces[x], theirs)) if theirs else None
-            steps.append(Step(t, o, segments, recv, send, from_buffer, grad_send, grad_recv))
-        rank_plans.append(RankPlan(x, cp, comm, layout.local_tokens(x), tuple(steps)))
-
-    pairs = [_pair_counts(layout, x) for x in range(cp)]
+    cache = _layout_cache(layout)
+    plan = cache.get(("plan", comm))
+    if plan is not None:
+        return plan
+    ix = _index(layout)
+    rank_plans = tuple(rank_plan(layout, x, comm) for x in range(layout.cp_size))
+    pairs = [_pair_counts(ix, x) for x in range(layout.cp_size)]
     stats = PlanStats(
         comm=comm,
-        cp_size=cp,
+        cp_size=layout.cp_size,
         tokens=tuple(rp.local_tokens for rp in rank_plans),
         work=tuple(rp.work for rp in rank_plans),
         pairs_computed=tuple(p[0] for p in pairs),
         pairs_skipped=tuple(p[1] for p in pairs),
         kv_recv_tokens=tuple(rp.kv_recv_tokens for rp in rank_plans),
-        kv_send_tokens=tuple(sum(s.send.tokens for s in rp.steps if s.send) for rp in rank_plans),
+        kv_send_tokens=tuple(rp.kv_send_tokens for rp in rank_plans),
         step_distances=tuple(s.distance for s in rank_plans[0].steps),
         kv_recv_per_step=tuple(tuple(s.recv.tokens if s.recv else 0 for s in rp.steps) for rp in rank_plans),
         kv_send_per_step=tuple(tuple(s.send.tokens if s.send else 0 for s in rp.steps) for rp in rank_plans),
+        grad_send_tokens=tuple(rp.grad_send_tokens for rp in rank_plans),
+        grad_recv_tokens=tuple(rp.grad_recv_tokens for rp in rank_plans),
     )
-    return Plan(comm, tuple(rank_plans), stats)
-
-
-def rank_plan(layout: DocLayout, rank: int, comm: str = DEFAULT_COMM) -> RankPlan:
-    """The plan of one CP rank (the global plan is built once and cached); for a hybrid layout, the ring
-    plan of its ring rank."""
-    ring_rank, _ = layout.split(rank)
-    return build_plan(layout, comm).ranks[ring_rank]
+    plan = cache[("plan", comm)] = Plan(comm, rank_plans, stats)
+    return plan

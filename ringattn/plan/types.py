@@ -93,6 +93,20 @@ class RankPlan:
         return sum(s.recv.tokens for s in self.steps if s.recv)
 
     @property
+    def kv_send_tokens(self) -> int:
+        return sum(s.send.tokens for s in self.steps if s.send)
+
+    @property
+    def grad_send_tokens(self) -> int:
+        """KV rows whose fp32 dK/dV partial this rank returns to their owners (backward)."""
+        return sum(s.grad_send.tokens for s in self.steps if s.grad_send)
+
+    @property
+    def grad_recv_tokens(self) -> int:
+        """Own KV rows whose fp32 dK/dV partials arrive from the ranks that read them (backward)."""
+        return sum(s.grad_recv.tokens for s in self.steps if s.grad_recv)
+
+    @property
     def max_recv_tokens(self) -> int:
         return max((s.recv.tokens for s in self.steps if s.recv), default=0)
 
@@ -111,8 +125,9 @@ class PlanStats:
     pairs of the same sample with / without an unmasked entry (a dense ring computes all).
     kv_recv_tokens / kv_send_tokens: KV tokens per rank over the forward pass;
     kv_recv_per_step[r][i] / kv_send_per_step[r][i]: tokens rank r receives / sends at
-    ``step_distances[i]``. Bytes: tokens times :meth:`kv_bytes_per_token` (backward replays the
-    forward KV exchange and returns fp32 dK/dV for the rows read).
+    ``step_distances[i]``. grad_send_tokens / grad_recv_tokens: KV rows whose fp32 dK/dV partial
+    a rank returns / receives in backward. Bytes: tokens times :meth:`kv_bytes_per_token`
+    (backward replays the forward KV exchange and returns fp32 dK/dV for the rows read).
     """
 
     comm: str
@@ -126,6 +141,8 @@ class PlanStats:
     step_distances: tuple[int, ...]
     kv_recv_per_step: tuple[tuple[int, ...], ...]
     kv_send_per_step: tuple[tuple[int, ...], ...]
+    grad_send_tokens: tuple[int, ...] = ()
+    grad_recv_tokens: tuple[int, ...] = ()
 
     @property
     def num_steps(self) -> int:
