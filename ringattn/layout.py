@@ -36,7 +36,7 @@ from .eod import cu_seqlens_from_tokens, position_ids_from_cu_seqlens
 
 __all__ = ["DocLayout", "STRATEGIES", "doc_segments"]
 
-STRATEGIES = ("zigzag", "balanced")
+STRATEGIES = ("zigzag", "balanced", "auto")
 DEFAULT_CHUNKS_PER_RANK = 4
 
 Range = tuple[int, int]
@@ -154,7 +154,7 @@ def _check_split(cp_size, strategy, chunks_per_rank, ulysses_size) -> tuple[int,
         raise ValueError(f"ulysses_size: expected a divisor of cp_size={cp_size}, got {ulysses_size}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
-    per_rank = 2  # zigzag: chunks r and 2R-1-r
+    per_rank = 2  # zigzag: chunks r and 2R-1-r; auto: the zigzag rules (its candidates need no more)
     if strategy == "balanced":
         per_rank = DEFAULT_CHUNKS_PER_RANK if chunks_per_rank is None else chunks_per_rank
         if not isinstance(per_rank, int) or isinstance(per_rank, bool) or per_rank < 1:
@@ -216,6 +216,7 @@ class DocLayout:
         strategy: str = "zigzag",
         chunks_per_rank: int | None = None,
         ulysses_size: int = 1,
+        cost=None,
     ) -> "DocLayout":
         """Build a layout from global document boundaries.
 
@@ -227,9 +228,13 @@ class DocLayout:
             and split each ring rank's tokens in ``ulysses_size`` equal parts: exactly the multiples
             of :meth:`required_multiple`.
         chunks_per_rank: chunks of every sample each rank holds with ``strategy="balanced"``
-            (default 4); ignored by zigzag, which always uses 2.
+            (default 4); ignored by zigzag, which always uses 2, and by auto.
         ulysses_size: Ulysses ranks per ring rank (default 1: pure ring); must divide ``cp_size``
             and each ring rank's token count (``total / R``).
+        cost: the :class:`ringattn.cost.CostModel` whose predicted step time ``strategy="auto"``
+            minimises (see :mod:`ringattn.solver`); default :func:`ringattn.cost.default_cost_model`
+            (400 TFLOP/s, 450 GB/s, Hq=32, Hkv=8, D=128, bf16). Ignored by the other strategies.
+            With ``ulysses_size > 1`` the ring ranks' pieces are solved as a ring of ``R`` ranks.
         """
         cu = _as_int_list(cu_seqlens)
         ring, per_rank = _check_split(cp_size, strategy, chunks_per_rank, ulysses_size)
@@ -260,6 +265,21 @@ class DocLayout:
             raise ValueError(
                 f"cu_seqlens: sample boundaries must be document boundaries; missing {missing[:4]}"
             )
+        if strategy == "auto":
+            from .cost import CostModel, default_cost_model  # cost and solver sit after plan in the data flow
+            from .solver import auto_layout
+
+            if cost is None:
+                cost = default_cost_model()
+            elif not isinstance(cost, CostModel):
+                raise ValueError(f"cost: expected a ringattn.cost.CostModel, got {type(cost).__name__}")
+            solved = auto_layout(cu, ring, sample_len, cost)
+            if ulysses_size == 1:
+                return solved
+            layout = cls(tuple(cu), cp_size, sample_len, strategy, solved.pieces, ulysses_size)
+            object.__setattr__(layout, "_ring_layout", solved)  # its planner caches serve the ring plan
+            object.__setattr__(layout, "_auto_choice", solved.auto_choice)
+            return layout
         if strategy == "balanced":
             pieces = _balanced_pieces(cu, total // sample_len, sample_len, ring, per_rank)
         else:
@@ -268,11 +288,11 @@ class DocLayout:
 
     @classmethod
     def from_tokens(cls, tokens: torch.Tensor, eod_id: int, cp_size: int, *, strategy: str = "zigzag",
-                    chunks_per_rank: int | None = None, ulysses_size: int = 1) -> "DocLayout":
+                    chunks_per_rank: int | None = None, ulysses_size: int = 1, cost=None) -> "DocLayout":
         """Layout of ``tokens [b, s]`` whose documents end with ``eod_id`` (see :mod:`ringattn.eod`)."""
         cu = cu_seqlens_from_tokens(tokens, eod_id)
         return cls.from_cu_seqlens(cu, cp_size, sample_len=int(tokens.shape[1]), strategy=strategy,
-                                   chunks_per_rank=chunks_per_rank, ulysses_size=ulysses_size)
+                                   chunks_per_rank=chunks_per_rank, ulysses_size=ulysses_size, cost=cost)
 
     @staticmethod
     def required_multiple(cp_size: int, *, strategy: str = "zigzag", chunks_per_rank: int | None = None,
@@ -303,6 +323,11 @@ class DocLayout:
                             self.ulysses_size))
             object.__setattr__(self, "_fingerprint", fp)
         return fp
+
+    @property
+    def auto_choice(self) -> str | None:
+        """With ``strategy="auto"``: the solver's winning candidate (e.g. ``"packed(0.25)"``)."""
+        return self.__dict__.get("_auto_choice")
 
     @property
     def ring_size(self) -> int:

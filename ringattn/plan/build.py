@@ -21,11 +21,12 @@ reads of ``d``.
 from __future__ import annotations
 
 from bisect import bisect_right
+from dataclasses import dataclass
 
-from ..layout import DocLayout
+from ..layout import DocLayout, work_prefix
 from .types import COMM_SHAPES, DEFAULT_COMM, Plan, PlanStats, RankPlan, Range, Segment, Step, Transfer
 
-__all__ = ["build_plan", "rank_plan"]
+__all__ = ["build_plan", "rank_plan", "direct_accounting", "Accounting"]
 
 
 def _merged(rows) -> tuple[Range, ...]:
@@ -56,30 +57,53 @@ class _Index:
         self.cp, self.cu = cp, cu
         items = sorted((s, e, r) for r, ps in enumerate(layout.pieces) for s, e in ps)
         n = len(items)
-        self.starts = starts = [s for s, _, _ in items]
-        self.ends = ends = [e for _, e, _ in items]
-        self.owner = owner = [r for _, _, r in items]
-        self.of_rank: list[list[int]] = [[] for _ in range(cp)]
-        self.local = [0] * n
-        self.dfirst = [0] * n
-        self.dlast = [0] * n
-        self.cstart = [0] * n
-        self.lo = list(range(n))
+        self.starts = starts = [it[0] for it in items]
+        self.ends = ends = [it[1] for it in items]
+        self.owner = [it[2] for it in items]
+        of_rank: list[list[int]] = [[] for _ in range(cp)]
+        local = [0] * n
+        dfirst = [0] * n
+        dlast = [0] * n
+        cstart = [0] * n
+        lo = list(range(n))
         off = [0] * cp
         readers: dict[int, dict[int, int]] = {}  # doc -> {rank: start of its last piece starting in it}
+        own_before: dict[int, dict[int, int]] = {}  # doc -> {rank: its tokens of the doc before that start}
+        first_end: dict[int, dict[int, int]] = {}  # doc -> {rank: end of its first piece ending in it}
+        own_doc = [-1] * cp  # rank -> document of its last piece's end, and its tokens of that document so far
+        own_tok = [0] * cp
+        d = dl = 0
+        lo_doc, lo_d = -1, 0
         for i in range(n):
             s, e, r = items[i]
-            self.of_rank[r].append(i)
-            self.local[i] = off[r]
+            of_rank[r].append(i)
+            local[i] = off[r]
             off[r] += e - s
-            d = bisect_right(cu, s) - 1
-            dl = d if e <= cu[d + 1] else bisect_right(cu, e - 1) - 1
-            self.dfirst[i], self.dlast[i] = d, dl
-            self.cstart[i] = max(s, cu[dl])
-            if s > cu[d]:
-                self.lo[i] = bisect_right(ends, cu[d], 0, i)
+            while cu[d + 1] <= s:
+                d += 1
+            if dl < d:
+                dl = d
+            while cu[dl + 1] < e:
+                dl += 1
+            dfirst[i], dlast[i] = d, dl
+            ds = cu[d]
+            cstart[i] = s if s > cu[dl] else cu[dl]
+            if s > ds:
+                if lo_doc != d:
+                    lo_doc, lo_d = d, bisect_right(ends, ds, 0, i)
+                lo[i] = lo_d
                 readers.setdefault(d, {})[r] = s
+                own_before.setdefault(d, {})[r] = own_tok[r] if own_doc[r] == d else 0
+            first_end.setdefault(dl, {}).setdefault(r, e)
+            if dl == d:
+                own_tok[r] = (own_tok[r] if own_doc[r] == d else 0) + e - s
+            else:
+                own_tok[r] = e - cu[dl]
+            own_doc[r] = dl
+        self.of_rank, self.local, self.dfirst, self.dlast, self.cstart, self.lo = of_rank, local, dfirst, dlast, cstart, lo
         self.readers = readers
+        self.own_before = own_before
+        self.first_end = first_end
         # pieces per sample (pair counts of PlanStats)
         self.sample_len = layout.sample_len
         self.per_sample: dict[int, int] = {}
@@ -111,20 +135,15 @@ class _Index:
         """Step distances ``(reader - origin) % cp`` with something to read (comm ``direct``)."""
         if self._distances is None:
             cp, full = self.cp, (1 << self.cp) - 1
-            # per document: owners of readable parts, by their smallest end
-            first_end: dict[int, dict[int, int]] = {}
-            for i in range(len(self.starts)):
-                d = self.dlast[i]
-                if d in self.readers:
-                    first_end.setdefault(d, {}).setdefault(self.owner[i], self.ends[i])
             mask = 0
-            for d, owners in first_end.items():
+            for d, readers in self.readers.items():
+                owners = self.first_end[d]  # owners of readable parts, with their smallest end
                 order = sorted((e, o) for o, e in owners.items())
                 ends_sorted = [e for e, _ in order]
                 cum = [0]
                 for _, o in order:  # bit (-o) % cp: rotating left by y puts it at (y - o) % cp
                     cum.append(cum[-1] | (1 << ((-o) % cp)))
-                for y, last_start in self.readers[d].items():
+                for y, last_start in readers.items():
                     m = cum[bisect_right(ends_sorted, last_start)] & ~(1 << ((-y) % cp))
                     if m:
                         mask |= ((m << y) | (m >> (cp - y))) & full if y else m
@@ -146,6 +165,30 @@ class _Index:
                 out[i] = best
             self._maxdist = out
         return self._maxdist
+
+    def accounting(self) -> "Accounting":
+        """Exact per-rank counts of the ``direct`` plan, without building its steps."""
+        cu, cp = self.cu, self.cp
+        prefix = work_prefix(cu)
+        readers = self.readers
+        work = [0] * cp
+        send = [0] * cp
+        for s, e, r, df, dl, cs in zip(self.starts, self.ends, self.owner, self.dfirst, self.dlast, self.cstart):
+            a, b = s - cu[df], e - cu[dl]
+            work[r] += prefix[dl] + b * (b + 1) // 2 - prefix[df] - a * (a + 1) // 2
+            rs = readers.get(dl)
+            if rs:
+                count = bisect_right(self.reader_list(dl)[0], -e)  # readers whose last start >= this piece's end
+                if rs.get(r, -1) >= e:
+                    count -= 1
+                send[r] += count * (e - cs)
+        recv = [0] * cp
+        for d, rs in readers.items():
+            before = self.own_before[d]
+            ds = cu[d]
+            for r, last_start in rs.items():
+                recv[r] += last_start - ds - before[r]
+        return Accounting(tuple(work), tuple(recv), tuple(send), len(self.distances()))
 
     # ------------------------------------------------------------------ one rank
     def reads(self, x: int):
@@ -206,6 +249,24 @@ class _Index:
         """Rows, in the owner's local KV, of the readable parts of ``pieces`` (merged)."""
         return _merged([(self.local[i] + self.cstart[i] - self.starts[i], self.local[i] + self.ends[i] - self.starts[i])
                         for i in pieces])
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """Per-rank counts of the ``direct`` plan (what :class:`PlanStats` reports for it): work
+    (unmasked score entries), KV tokens received (= dK/dV rows returned) and sent (= dK/dV
+    rows arriving), and the number of exchange steps."""
+
+    work: tuple[int, ...]
+    kv_recv: tuple[int, ...]
+    kv_send: tuple[int, ...]
+    steps: int
+
+
+def direct_accounting(layout: DocLayout) -> Accounting:
+    """Exact counts of ``build_plan(layout, "direct").stats`` in ``O(pieces log pieces)``, from
+    the planner's per-layout index (shared with :func:`rank_plan`) instead of every step."""
+    return _index(layout).accounting()
 
 
 def _layout_cache(layout: DocLayout) -> dict:

@@ -1,0 +1,247 @@
+"""``strategy="auto"``: the layout with the least predicted step time under a cost model.
+
+The solver builds a small, fixed portfolio of candidate layouts that all hold equal tokens per
+rank per sample (so Megatron's ``[s/CP, b]`` shapes hold), prices each one exactly with the
+cost model (:class:`ringattn.cost.CostModel`) on the counts of its ``direct`` plan, and keeps
+the cheapest (the earlier candidate on ties). Candidates, in order:
+
+* ``zigzag`` — Megatron's order (2 chunks per rank and sample);
+* ``balanced(k)`` — equal chunks dealt by work, ``k`` = 1, 2, 4, 8, 16 chunks per rank and
+  sample (``k`` above the balanced strategy's default of 4 only for chunks of at least
+  ``min_chunk`` tokens, see below);
+* ``packed(split)`` — document-aware packing: every document that fits a rank's share of its
+  sample and is light enough stays whole on one rank (it then exchanges nothing); a document
+  that is too long or too heavy is cut into ``2m`` equal chunks paired head with tail
+  (chunk ``i`` with chunk ``2m-1-i``, equal work per pair, as zigzag pairs a sample's chunks),
+  over as few pairs ``m`` as fitting and balance need: "too heavy" means more than ``split``
+  times the mean work per rank (``split`` = none, 1, 1/4, 1/16). The units (whole documents
+  and pairs) are placed heaviest first on the rank with the least predicted time (compute and
+  estimated exchange) that has room left in that sample; a unit that fits nowhere goes where
+  most room is left, and overfull ranks then hand the first tokens of a document (the
+  cheapest to move: least work, and only that prefix is read back) to ranks with room.
+
+Exact pricing is cheap (:func:`ringattn.plan.direct_accounting`, ``O(pieces log pieces)``),
+and candidates are priced in order of their compute lower bound (busiest rank's compute), so
+a candidate that cannot beat the best found is never priced. Everything is integer
+arithmetic or floating point in a fixed order: every rank derives the same layout.
+
+``min_chunk`` (512 tokens, or half a rank's share of a sample when that is smaller) keeps
+chunks large enough for block kernels to run efficiently: the cost model does not price
+per-segment overheads, so the portfolio never cuts finer than that unless a document must be
+split to fit a rank at all.
+"""
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+
+from .layout import (DEFAULT_CHUNKS_PER_RANK, DocLayout, Range, _merge_adjacent, _zigzag_pieces, balanced_assignment,
+                     work_prefix)
+from .plan import direct_accounting
+
+__all__ = ["MIN_CHUNK", "SPLITS", "BALANCED_CHUNKS", "auto_layout", "candidates"]
+
+MIN_CHUNK = 512
+#: ``packed`` candidates: a document heavier than ``split`` x the mean work per rank is split into pairs
+SPLITS = (None, 1.0, 0.25, 0.0625)
+#: ``balanced`` candidates: chunks per rank and sample
+BALANCED_CHUNKS = (1, 2, 4, 8, 16)
+
+
+def _piece_work(cu, prefix, pieces) -> int:
+    """Unmasked score entries of the queries in sorted ``pieces`` (each inside one sample)."""
+    total = 0
+    d = 0
+    last = len(cu) - 2
+    for s, e in pieces:
+        while cu[d + 1] <= s:
+            d += 1
+        a = s - cu[d]
+        de = d
+        while de < last and cu[de + 1] < e:
+            de += 1
+        b = e - cu[de]
+        total += prefix[de] + b * (b + 1) // 2 - prefix[d] - a * (a + 1) // 2
+    return total
+
+
+class _Packer:
+    """The ``packed`` construction (see the module docstring) for one ``split``."""
+
+    def __init__(self, cu, prefix, num_samples, sample_len, cp, cost, floor):
+        self.cu, self.prefix = cu, prefix
+        self.nb, self.S, self.P = num_samples, sample_len, cp
+        self.L = sample_len // cp
+        self.floor = floor
+        self.spe = cost.seconds_per_entry
+        self.kvb = cost.kv_bytes_per_token
+        self.gb = cost.grad_bytes_per_token
+        self.bw = cost.profile.p2p_bandwidth
+
+    def pairs_per_doc(self, split) -> list[int]:
+        """``m`` per document: 1 keeps it whole, ``m > 1`` cuts it into ``m`` head/tail pairs."""
+        cu, L = self.cu, self.L
+        mean = self.prefix[-1] / self.P
+        out = []
+        for d in range(len(cu) - 1):
+            n = cu[d + 1] - cu[d]
+            w = n * (n + 1) // 2
+            fit = -(-n // L)
+            m = fit
+            if split is not None and w > split * mean:
+                m = max(m, math.ceil(w / (split * mean)))
+            m = max(min(m, n // (2 * self.floor)), fit)
+            out.append(m)
+        return out
+
+    def _work(self, a: int, s: int, e: int) -> int:
+        """Work of ``[s, e)`` inside the document starting at ``a``."""
+        x, y = s - a, e - a
+        return (y * (y + 1) - x * (x + 1)) // 2
+
+    def build(self, pairs: list[int]) -> tuple[tuple[Range, ...], ...]:
+        cu, S, P, L = self.cu, self.S, self.P, self.L
+        # units: (-work, start, sample, ranges, tokens read, tokens sent, tokens): read/sent are estimates
+        units = []
+        for d, m in enumerate(pairs):
+            a, e = cu[d], cu[d + 1]
+            b = a // S
+            if m == 1:
+                units.append((-self._work(a, a, e), a, b, [(a, e)], 0, 0, e - a))
+                continue
+            n = e - a
+            k = min(2 * m, n)  # chunks (one token each where a rank's share is tiny)
+            cuts = [a + n * j // k for j in range(k + 1)]
+            for p in range(k // 2):
+                h0, h1, t0, t1 = cuts[p], cuts[p + 1], cuts[k - 1 - p], cuts[k - p]
+                w = self._work(a, h0, h1) + self._work(a, t0, t1)
+                ranges = [(h0, h1), (t0, t1)] if h1 < t0 else [(h0, t1)]
+                units.append((-w, h0, b, ranges, t0 - a - (h1 - h0), (h1 - h0) * (k // 2 - 1) + (t1 - t0) * p,
+                              h1 - h0 + t1 - t0))
+            if k % 2:  # the middle chunk on its own
+                c0, c1 = cuts[k // 2], cuts[k // 2 + 1]
+                units.append((-self._work(a, c0, c1), c0, b, [(c0, c1)], c0 - a, (c1 - c0) * (k // 2), c1 - c0))
+        units.sort(key=lambda u: (u[0], u[1]))
+
+        spe, kvb, gb, bw = self.spe, self.kvb, self.gb, self.bw
+        comp = [0.0] * P
+        rd = [0] * P
+        sd = [0] * P
+        room = [[L] * P for _ in range(self.nb)]
+        held: list[list[list[list[int]]]] = [[[] for _ in range(P)] for _ in range(self.nb)]  # [sample][rank] -> units
+        version = [0] * P
+        heap = [(0.0, r, 0) for r in range(P)]  # (predicted time, rank, version)
+
+        def time_of(r: int) -> float:
+            return max(comp[r], max(2 * rd[r] * kvb + sd[r] * gb, 2 * sd[r] * kvb + rd[r] * gb) / bw)
+
+        for negw, _, b, ranges, r_est, s_est, size in units:
+            rooms = room[b]
+            stash = []
+            chosen = -1
+            while heap:
+                t, r, v = heapq.heappop(heap)
+                if v != version[r]:
+                    continue
+                if rooms[r] >= size:
+                    chosen = r
+                    break
+                stash.append((t, r, v))
+            if chosen < 0:  # fits nowhere: where most room is left (then the least time, the lowest rank)
+                chosen = max(range(P), key=lambda x: (rooms[x], -time_of(x), -x))
+                stash = [e for e in stash if e[1] != chosen]
+            for entry in stash:
+                heapq.heappush(heap, entry)
+            r = chosen
+            comp[r] -= negw * spe
+            rd[r] += r_est
+            sd[r] += s_est
+            rooms[r] -= size
+            held[b][r].append([list(x) for x in ranges])
+            version[r] += 1
+            heapq.heappush(heap, (time_of(r), r, version[r]))
+
+        # overfull ranks hand document prefixes to ranks with room (same sample): to the ranks with
+        # room in order of their predicted time, from the unit whose first range starts earliest in
+        # its document (the prefix moved carries the least work and is all the donor reads back)
+        for b in range(self.nb):
+            rooms = room[b]
+            over = [r for r in range(P) if rooms[r] < 0]
+            if not over:
+                continue
+            under = sorted((x for x in range(P) if rooms[x] > 0), key=lambda x: (time_of(x), x))
+            k = 0
+            for r in over:
+                us = held[b][r]
+                while rooms[r] < 0:
+                    j = min(range(len(us)), key=lambda i: (us[i][0][0] - self._doc_start(us[i][0][0]), us[i][0][0]))
+                    first = us[j][0]
+                    dst = under[k]
+                    delta = min(-rooms[r], rooms[dst], first[1] - first[0])
+                    moved = self._work(self._doc_start(first[0]), first[0], first[0] + delta)
+                    comp[r] -= moved * spe
+                    comp[dst] += moved * spe
+                    held[b][dst].append([[first[0], first[0] + delta]])
+                    first[0] += delta
+                    if first[0] == first[1]:
+                        us[j].pop(0)
+                        if not us[j]:
+                            us.pop(j)
+                    rooms[r] += delta
+                    rooms[dst] -= delta
+                    if rooms[dst] == 0:
+                        k += 1
+        return tuple(
+            _merge_adjacent([(s, e) for b in range(self.nb) for u in held[b][r] for s, e in u], S) for r in range(P)
+        )
+
+    def _doc_start(self, t: int) -> int:
+        return self.cu[bisect.bisect_right(self.cu, t) - 1]
+
+
+def candidates(cu: list[int], cp: int, sample_len: int, cost, min_chunk: int = MIN_CHUNK):
+    """Yield ``(name, pieces)`` of the portfolio, in order (see the module docstring)."""
+    nb = cu[-1] // sample_len
+    L = sample_len // cp
+    floor = max(1, min(min_chunk, L // 2))
+    prefix = work_prefix(cu)
+    yield "zigzag", _zigzag_pieces(nb, sample_len, cp)
+    for k in BALANCED_CHUNKS:
+        if sample_len % (k * cp) == 0 and (k <= DEFAULT_CHUNKS_PER_RANK or sample_len // (k * cp) >= floor):
+            held, _ = balanced_assignment(cu, nb, sample_len, cp, k, prefix)
+            yield f"balanced({k})", tuple(_merge_adjacent(p, sample_len) for p in held)
+    packer = _Packer(cu, prefix, nb, sample_len, cp, cost, floor)
+    seen = []
+    for split in SPLITS:
+        pairs = packer.pairs_per_doc(split)
+        if pairs in seen:  # same cuts as a finer-grained candidate already built: same layout
+            continue
+        seen.append(pairs)
+        yield f"packed({'none' if split is None else split})", packer.build(pairs)
+
+
+def auto_layout(cu: list[int], cp: int, sample_len: int, cost) -> DocLayout:
+    """The candidate with the least predicted step time (``direct`` plan), as a ``DocLayout``
+    with ``strategy="auto"``; ``layout.auto_choice`` names the winning candidate."""
+    cu_t = tuple(cu)
+    prefix = work_prefix(cu)
+    spe = cost.seconds_per_entry
+    scored = []
+    for order, (name, pieces) in enumerate(candidates(cu, cp, sample_len, cost)):
+        work = [_piece_work(cu, prefix, p) for p in pieces]
+        scored.append((max(work) * spe, order, name, pieces, work))
+    scored.sort(key=lambda c: (c[0], c[1]))
+    best = None
+    for bound, order, name, pieces, work in scored:
+        if best is not None and bound > best[0]:
+            break
+        layout = DocLayout(cu_t, cp, sample_len, "auto", pieces)
+        acc = direct_accounting(layout)
+        step = max(cost.rank_seconds(acc.work[r], acc.kv_recv[r], acc.kv_send[r], acc.kv_send[r], acc.kv_recv[r],
+                                     acc.steps)[2] for r in range(cp))
+        if best is None or (step, order) < (best[0], best[1]):
+            best = (step, order, name, layout)
+    layout = best[3]
+    object.__setattr__(layout, "_auto_choice", best[2])
+    return layout
