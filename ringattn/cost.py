@@ -18,6 +18,11 @@ shape (heads, KV heads, head dim, dtype) and prices a layout:
   step is overlapped with the current step's compute, as the executor does); the step's time
   is the busiest rank's; efficiency = ideal / step time with ideal = total compute / CP.
 
+One optional term goes beyond that default: ``profile.segment_overhead`` seconds per block pair
+given to the kernel (fixed per-segment cost: a kernel call or a partly filled tile), added to a
+rank's compute. It is 0 in the presets, so the default model is exactly the one above;
+``--calibrate`` measures it, which matters on CPU, where every segment is a separate kernel call.
+
 All counts come from the plan (:class:`ringattn.plan.PlanStats`), exact for every comm shape.
 All-to-all bandwidth (``a2a_bandwidth``) is kept in the profile for hybrid Ulysses x ring CP;
 layouts without a Ulysses dimension do no all-to-all.
@@ -55,6 +60,8 @@ class HardwareProfile:
     a2a_bandwidth: all-to-all bytes/s per rank (hybrid Ulysses x ring CP; ``None``: as P2P).
     latency: fixed seconds per exchange step of a forward + backward pass.
     name, source: a label and where the figures come from.
+    segment_overhead: fixed seconds per block pair given to the kernel (forward + backward);
+        0 in the presets (the default model), measured by ``--calibrate``.
     """
 
     flops: float
@@ -63,15 +70,17 @@ class HardwareProfile:
     latency: float = 0.0
     name: str = "custom"
     source: str = ""
+    segment_overhead: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "flops", _positive("flops", self.flops))
         object.__setattr__(self, "p2p_bandwidth", _positive("p2p_bandwidth", self.p2p_bandwidth))
         object.__setattr__(self, "a2a_bandwidth", _positive("a2a_bandwidth", self.a2a_bandwidth, allow_none=True))
-        lat = self.latency
-        if isinstance(lat, bool) or not isinstance(lat, (int, float)) or not math.isfinite(lat) or lat < 0:
-            raise ValueError(f"latency: expected a finite number >= 0, got {lat!r}")
-        object.__setattr__(self, "latency", float(lat))
+        for name in ("latency", "segment_overhead"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+            object.__setattr__(self, name, float(v))
         if not isinstance(self.name, str) or not isinstance(self.source, str):
             raise ValueError("name/source: expected strings")
 
@@ -242,9 +251,9 @@ class CostModel:
         return PlanStats.kv_bytes_per_token(self.num_kv_heads, self.head_dim, 4)
 
     def rank_seconds(self, work: int, kv_recv: int, kv_send: int, grad_recv: int, grad_send: int,
-                     steps: int) -> tuple[float, float, float]:
+                     steps: int, segments: int = 0) -> tuple[float, float, float]:
         """``(compute, communication, time)`` seconds of one rank from its exact counts."""
-        compute = work * self.seconds_per_entry
+        compute = work * self.seconds_per_entry + segments * self.profile.segment_overhead
         kvb, gb = self.kv_bytes_per_token, self.grad_bytes_per_token
         comm = max(2 * kv_recv * kvb + grad_recv * gb, 2 * kv_send * kvb + grad_send * gb) / self.profile.p2p_bandwidth
         return compute, comm, max(compute, comm) + steps * self.profile.latency
@@ -255,8 +264,9 @@ class CostModel:
         cp = stats.cp_size
         grad_recv = stats.grad_recv_tokens or (0,) * cp
         grad_send = stats.grad_send_tokens or (0,) * cp
+        segments = stats.segments or (0,) * cp
         per = [self.rank_seconds(stats.work[r], stats.kv_recv_tokens[r], stats.kv_send_tokens[r], grad_recv[r],
-                                 grad_send[r], stats.num_steps) for r in range(cp)]
+                                 grad_send[r], stats.num_steps, segments[r]) for r in range(cp)]
         kvb, gb = self.kv_bytes_per_token, self.grad_bytes_per_token
         compute = tuple(p[0] for p in per)
         step = max(p[2] for p in per)
@@ -285,3 +295,200 @@ class CostModel:
 def default_cost_model() -> CostModel:
     """The model ``strategy="auto"`` uses without ``cost``: :data:`DEFAULT_PROFILE`, Hq=32, Hkv=8, D=128, bf16."""
     return CostModel(DEFAULT_PROFILE)
+
+
+# ---------------------------------------------------------------------------- calibration
+def _timed(fn, sync, repeat: int) -> float:
+    """Median seconds of ``fn`` over ``repeat`` runs after one warm-up."""
+    import statistics
+    import time
+
+    fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_kernel(kernel, device, heads: int, kv_heads: int, head_dim: int, dtype, seq: int, docs: int,
+                   repeat: int, sync) -> tuple[int, float]:
+    """``(unmasked entries, seconds)`` of ``kernel`` forward + backward on ``docs`` causal segments
+    of ``seq // docs`` tokens each, the way the executor calls it."""
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    q, dout = mk(seq, heads, head_dim), mk(seq, heads, head_dim)
+    k, v = mk(seq, kv_heads, head_dim), mk(seq, kv_heads, head_dim)
+    n = seq // docs
+    cu = tuple(range(0, n * docs + 1, n))
+    q, dout, k, v = q[: cu[-1]], dout[: cu[-1]], k[: cu[-1]], v[: cu[-1]]
+    scale = head_dim ** -0.5
+
+    def run():
+        out, lse = kernel.forward(q, k, v, cu, cu, n, n, True, scale)
+        kernel.backward(dout, q, k, v, out.to(dtype), lse, cu, cu, n, n, True, scale)
+
+    return docs * n * (n + 1) // 2, _timed(run, sync, repeat)
+
+
+def measure_p2p(group, device, nbytes: int, repeat: int, sync) -> tuple[float, float]:
+    """``(bytes/s per rank and direction, seconds of a small exchange)``: every rank sends ``nbytes``
+    to the next rank while receiving as much from the previous one (one ring step of the
+    executor, through :func:`ringattn.comm.p2p.post`); the slowest rank's time counts."""
+    import torch.distributed as dist
+
+    from .comm.p2p import post
+
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    nxt, prv = (rank + 1) % size, (rank - 1) % size
+
+    def exchange(n: int):
+        send = torch.ones(n, dtype=torch.uint8, device=device)
+        recv = torch.empty(n, dtype=torch.uint8, device=device)
+
+        def run():
+            post(group, "calibration exchange", [(nxt, send)], [(prv, recv)], 99).wait()
+        return run
+
+    def slowest(seconds: float) -> float:
+        t = torch.tensor([seconds], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return float(t.item())
+
+    big = slowest(_timed(exchange(nbytes), sync, repeat))
+    small = slowest(_timed(exchange(8), sync, repeat))
+    return nbytes / big, small
+
+
+def measure_a2a(group, device, nbytes: int, repeat: int, sync) -> float | None:
+    """All-to-all bytes/s per rank (bytes a rank sends to the others over the time), or None
+    where the backend has no all-to-all."""
+    import torch.distributed as dist
+
+    size = dist.get_world_size(group)
+    per = max(1, nbytes // size)
+    send = torch.ones(per * size, dtype=torch.uint8, device=device)
+    recv = torch.empty_like(send)
+    try:
+        seconds = _timed(lambda: dist.all_to_all_single(recv, send, group=group), sync, repeat)
+    except (RuntimeError, NotImplementedError, ValueError):
+        return None
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return per * (size - 1) / float(t.item())
+
+
+def main(argv=None) -> None:
+    """``python -m ringattn.cost --calibrate``: measure this machine and write a profile JSON."""
+    import argparse
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    from .kernels import get_backend
+
+    p = argparse.ArgumentParser(
+        prog="python -m ringattn.cost",
+        description="Measure the attention kernel rate (the selected backend) and the P2P bandwidth over the "
+                    "current group and write a HardwareProfile JSON. Run it under torchrun with the ranks, devices "
+                    "and interconnect you train on, e.g. torchrun --nproc-per-node 8 -m ringattn.cost --calibrate.")
+    p.add_argument("--calibrate", action="store_true", required=True)
+    p.add_argument("--out", default="ringattn_profile.json", help="where rank 0 writes the profile")
+    p.add_argument("--device", default=None, help="cpu, cuda or npu (default: cuda/npu where available)")
+    p.add_argument("--backend", default=None, help="kernel backend (default: from the device)")
+    p.add_argument("--dist-backend", default=None, help="process group backend (default: gloo on cpu, nccl, hccl)")
+    p.add_argument("--heads", type=int, default=None, help="query heads (default 32 on accelerators, 8 on cpu)")
+    p.add_argument("--kv-heads", type=int, default=None, help="KV heads (default heads/4)")
+    p.add_argument("--head-dim", type=int, default=None, help="head dim (default 128, 64 on cpu)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--seq", type=int, default=None, help="tokens per kernel call (default 8192, 2048 on cpu)")
+    p.add_argument("--short", type=int, default=128,
+                   help="segment length of the second measurement (many short segments), for segment_overhead")
+    p.add_argument("--p2p-bytes", type=int, default=None, help="message size (default 64 MiB, 8 MiB on cpu)")
+    p.add_argument("--p2p-bandwidth", type=float, default=None,
+                   help="bytes/s to record instead of measuring (needed without a group of 2+ ranks)")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per rank (cpu)")
+    args = p.parse_args(argv)
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else ("npu" if hasattr(torch, "npu") and torch.npu.is_available()
+                                                                  else "cpu")
+    cpu = args.device == "cpu"
+    heads = args.heads or (8 if cpu else 32)
+    kv_heads = args.kv_heads or max(1, heads // 4)
+    head_dim = args.head_dim or (64 if cpu else 128)
+    seq = args.seq or (2048 if cpu else 8192)
+    nbytes = args.p2p_bytes or ((8 if cpu else 64) << 20)
+    dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    group = None
+    if world > 1:
+        dist_backend = args.dist_backend or {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}[args.device]
+        dist.init_process_group(dist_backend)
+        group = dist.group.WORLD
+    rank = dist.get_rank() if group is not None else 0
+    if args.device != "cpu":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        getattr(torch, args.device).set_device(local)
+    device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device(args.device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elif device.type == "npu":
+            torch.npu.synchronize()
+
+    kernel = get_backend(device.type, args.backend)
+    if group is not None:
+        dist.barrier()
+    # one long causal segment gives the rate; the same tokens in short segments the fixed cost per segment
+    e_long, t_long = measure_kernel(kernel, device, heads, kv_heads, head_dim, dtype, seq, 1, args.repeat, sync)
+    n_short = max(1, seq // args.short)
+    e_short, t_short = measure_kernel(kernel, device, heads, kv_heads, head_dim, dtype, seq, n_short, args.repeat, sync)
+    per_entry = t_long / e_long
+    overhead = max(0.0, (t_short - e_short * per_entry) / n_short)
+    if group is not None:  # every rank computes at once (as in training); the median rank counts
+        got = [None] * world
+        dist.all_gather_object(got, (per_entry, overhead))
+        per_entry = sorted(g[0] for g in got)[world // 2]
+        overhead = sorted(g[1] for g in got)[world // 2]
+    rate = FWD_BWD_FACTOR * flops_per_entry(heads, head_dim) / per_entry
+    if args.p2p_bandwidth is not None:
+        bw, small, a2a, how = args.p2p_bandwidth, 0.0, None, "P2P bandwidth given (--p2p-bandwidth)"
+    elif group is None:
+        raise SystemExit("--calibrate: measuring P2P bandwidth needs a group of 2+ ranks: run under torchrun "
+                         "--nproc-per-node 2 (or more), or pass --p2p-bandwidth BYTES_PER_S")
+    else:
+        bw, small = measure_p2p(group, device, nbytes, args.repeat, sync)
+        a2a = measure_a2a(group, device, nbytes, args.repeat, sync)
+        how = f"P2P: ring exchange of {nbytes} B over {world} ranks ({dist.get_backend(group)})"
+    kind = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    profile = HardwareProfile(
+        flops=rate, p2p_bandwidth=bw, a2a_bandwidth=a2a,
+        latency=3 * small,  # a step posts 3 exchanges: forward KV, backward KV, dK/dV
+        segment_overhead=overhead,
+        name=f"calibrated-{device.type}-{kernel.__name__.rsplit('.', 1)[-1]}",
+        source=(f"python -m ringattn.cost --calibrate, {datetime.date.today().isoformat()}, torch {torch.__version__}, "
+                f"{kind}, kernel backend {kernel.__name__.rsplit('.', 1)[-1]}: Hq={heads} Hkv={kv_heads} D={head_dim} "
+                f"{args.dtype}: one causal segment of {seq} tokens (rate) and {n_short} of {seq // n_short} (segment "
+                f"overhead), median rank of {world}; {how}; latency = 3 small exchanges per step"),
+    )
+    if rank == 0:
+        profile.save(args.out)
+        print(f"kernel rate {rate / 1e12:.4g} TFLOP/s, {overhead * 1e6:.4g} us per segment, P2P {bw / 1e9:.4g} GB/s"
+              + (f", all-to-all {a2a / 1e9:.4g} GB/s" if a2a else "") + f", latency {profile.latency * 1e6:.4g} us/step")
+        print(f"wrote {args.out}")
+    if group is not None:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

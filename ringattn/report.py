@@ -7,17 +7,23 @@ included, so targeted plans are read beside the baseline. Then, per CP rank, the
 moves for the given heads (``--heads/--kv-heads/--head-dim/--dtype``, default Llama-3-8B-like
 32/8/128 bf16): all-to-all and ring KV, forward and backward; and, for the workload and CP
 size, ring-only beside every valid Ulysses x ring factorisation ``U x R``.
+
+``--compare`` prints the layout strategies side by side instead (zigzag, balanced, auto) under
+a cost model (``--profile`` preset or JSON, ``--heads/--kv-heads/--head-dim/--dtype``): work
+imbalance, KV received per rank, exchange steps, the busiest rank's predicted compute and
+exchange time, the predicted step time and efficiency (pure ring layouts).
 """
 from __future__ import annotations
 
 import argparse
 
+from .cost import PRESETS, CostModel, HardwareProfile
 from .layout import STRATEGIES, DocLayout
 from .plan import COMM_SHAPES, DEFAULT_COMM, CPStats, Plan, build_plan
 from .workloads import load_workload
 
 __all__ = ["rank_table", "summary_line", "work_matrix", "traffic_matrix", "cp_rank_table", "factorisations",
-           "factorisation_table", "main"]
+           "factorisation_table", "compare_table", "load_profile", "main"]
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 MIB = 1 << 20
@@ -110,6 +116,33 @@ def traffic_matrix(plan: Plan) -> list[list[int]]:
     return m
 
 
+def load_profile(name_or_path: str) -> HardwareProfile:
+    """A preset name (see :data:`ringattn.cost.PRESETS`) or a profile JSON path."""
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]
+    return HardwareProfile.load(name_or_path)
+
+
+def compare_table(cu_seqlens, cp: int, sample_len: int, model: CostModel, comm: str = DEFAULT_COMM,
+                  strategies=("zigzag", "balanced", "auto")) -> str:
+    """The layout strategies side by side under ``model`` (one row each)."""
+    lines = [f"{'strategy':<22} {'imbal':>6} {'KV recv max':>11} {'x local':>7} {'KV recv mean':>12} {'steps':>5} "
+             f"{'compute ms':>10} {'comm ms':>8} {'step ms':>8} {'efficiency':>10}"]
+    for strategy in strategies:
+        layout = DocLayout.from_cu_seqlens(cu_seqlens, cp, sample_len=sample_len, strategy=strategy,
+                                           cost=model if strategy == "auto" else None)
+        st = build_plan(layout, comm).stats
+        pred = model.predict_stats(st)
+        b = pred.busiest
+        label = f"auto: {layout.auto_choice}" if strategy == "auto" else strategy
+        lines.append(
+            f"{label:<22} {st.imbalance:>6.3f} {max(st.kv_recv_tokens):>11} "
+            f"{max(r / t for r, t in zip(st.kv_recv_tokens, st.tokens)):>7.3f} {sum(st.kv_recv_tokens) / cp:>12.0f} "
+            f"{st.num_steps:>5} {pred.compute_s[b] * 1e3:>10.3f} {pred.comm_s[b] * 1e3:>8.3f} {pred.step_s * 1e3:>8.3f} "
+            f"{pred.efficiency:>10.3f}")
+    return "\n".join(lines)
+
+
 def save_png(plan: Plan, path: str, title: str) -> None:
     try:
         import matplotlib
@@ -148,8 +181,20 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="element type, for bytes")
     p.add_argument("--node-size", type=int, default=8, help="CP ranks per node, for inter-node bytes (default 8)")
     p.add_argument("--png", help="write the rank x rank work and traffic matrices to this PNG")
+    p.add_argument("--compare", action="store_true", help="strategies side by side under a cost model")
+    p.add_argument("--profile", default="h100-nvlink",
+                   help=f"cost model hardware (--compare): a preset ({', '.join(PRESETS)}) or a profile JSON path")
     args = p.parse_args(argv)
     wl = load_workload(args.workload)
+    if args.compare:
+        dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype]
+        model = CostModel(load_profile(args.profile), args.heads, args.kv_heads, args.head_dim, dtype)
+        prof = model.profile
+        print(f"{wl['name']}: {len(wl['cu_seqlens']) - 1} docs, {wl['cu_seqlens'][-1]} tokens, CP={args.cp}, "
+              f"comm={args.comm}; profile {prof.name}: {prof.flops / 1e12:g} TFLOP/s, {prof.p2p_bandwidth / 1e9:g} GB/s P2P, "
+              f"latency {prof.latency * 1e6:g} us; Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}")
+        print(compare_table(wl["cu_seqlens"], args.cp, wl["sample_len"], model, args.comm))
+        return
     layout = DocLayout.from_cu_seqlens(wl["cu_seqlens"], args.cp, sample_len=wl["sample_len"], strategy=args.strategy,
                                        chunks_per_rank=args.chunks_per_rank, ulysses_size=args.ulysses)
     plan = build_plan(layout, args.comm)

@@ -239,7 +239,7 @@ def auto_layout(cu: list[int], cp: int, sample_len: int, cost) -> DocLayout:
         layout = DocLayout(cu_t, cp, sample_len, "auto", pieces)
         acc = direct_accounting(layout)
         step = max(cost.rank_seconds(acc.work[r], acc.kv_recv[r], acc.kv_send[r], acc.kv_send[r], acc.kv_recv[r],
-                                     acc.steps)[2] for r in range(cp))
+                                     acc.steps, acc.segments[r])[2] for r in range(cp))
         if best is None or (step, order) < (best[0], best[1]):
             best = (step, order, name, layout)
     layout = best[3]

@@ -68,6 +68,7 @@ class _Index:
         lo = list(range(n))
         off = [0] * cp
         readers: dict[int, dict[int, int]] = {}  # doc -> {rank: start of its last piece starting in it}
+        reader_pieces: dict[int, list[int]] = {}  # doc -> pieces starting inside it (after its first token)
         own_before: dict[int, dict[int, int]] = {}  # doc -> {rank: its tokens of the doc before that start}
         first_end: dict[int, dict[int, int]] = {}  # doc -> {rank: end of its first piece ending in it}
         own_doc = [-1] * cp  # rank -> document of its last piece's end, and its tokens of that document so far
@@ -93,6 +94,7 @@ class _Index:
                     lo_doc, lo_d = d, bisect_right(ends, ds, 0, i)
                 lo[i] = lo_d
                 readers.setdefault(d, {})[r] = s
+                reader_pieces.setdefault(d, []).append(i)
                 own_before.setdefault(d, {})[r] = own_tok[r] if own_doc[r] == d else 0
             first_end.setdefault(dl, {}).setdefault(r, e)
             if dl == d:
@@ -102,6 +104,7 @@ class _Index:
             own_doc[r] = dl
         self.of_rank, self.local, self.dfirst, self.dlast, self.cstart, self.lo = of_rank, local, dfirst, dlast, cstart, lo
         self.readers = readers
+        self.reader_pieces = reader_pieces
         self.own_before = own_before
         self.first_end = first_end
         # pieces per sample (pair counts of PlanStats)
@@ -188,7 +191,21 @@ class _Index:
             ds = cu[d]
             for r, last_start in rs.items():
                 recv[r] += last_start - ds - before[r]
-        return Accounting(tuple(work), tuple(recv), tuple(send), len(self.distances()))
+        # block pairs: a causal one per document part of every piece, and for every piece that reads
+        # earlier KV of its document one per rank holding some of it (itself included)
+        segments = [0] * cp
+        for r, df, dl in zip(self.owner, self.dfirst, self.dlast):
+            segments[r] += dl - df + 1
+        owner, lo = self.owner, self.lo
+        for d, pieces in self.reader_pieces.items():
+            seen: set[int] = set()
+            k = lo[pieces[0]]
+            for i in pieces:
+                while k < i:
+                    seen.add(owner[k])
+                    k += 1
+                segments[owner[i]] += len(seen)
+        return Accounting(tuple(work), tuple(recv), tuple(send), len(self.distances()), tuple(segments))
 
     # ------------------------------------------------------------------ one rank
     def reads(self, x: int):
@@ -255,12 +272,13 @@ class _Index:
 class Accounting:
     """Per-rank counts of the ``direct`` plan (what :class:`PlanStats` reports for it): work
     (unmasked score entries), KV tokens received (= dK/dV rows returned) and sent (= dK/dV
-    rows arriving), and the number of exchange steps."""
+    rows arriving), the number of exchange steps, and block pairs given to the kernel."""
 
     work: tuple[int, ...]
     kv_recv: tuple[int, ...]
     kv_send: tuple[int, ...]
     steps: int
+    segments: tuple[int, ...]
 
 
 def direct_accounting(layout: DocLayout) -> Accounting:
@@ -431,6 +449,7 @@ def build_plan(layout: DocLayout, comm: str = DEFAULT_COMM) -> Plan:
         kv_send_per_step=tuple(tuple(s.send.tokens if s.send else 0 for s in rp.steps) for rp in rank_plans),
         grad_send_tokens=tuple(rp.grad_send_tokens for rp in rank_plans),
         grad_recv_tokens=tuple(rp.grad_recv_tokens for rp in rank_plans),
+        segments=tuple(rp.num_segments for rp in rank_plans),
     )
     plan = cache[("plan", comm)] = Plan(comm, rank_plans, stats)
     return plan

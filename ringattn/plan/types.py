@@ -97,6 +97,11 @@ class RankPlan:
         return sum(s.send.tokens for s in self.steps if s.send)
 
     @property
+    def num_segments(self) -> int:
+        """Block pairs given to the kernel over all steps (per pass)."""
+        return sum(len(s.segments) for s in self.steps)
+
+    @property
     def grad_send_tokens(self) -> int:
         """KV rows whose fp32 dK/dV partial this rank returns to their owners (backward)."""
         return sum(s.grad_send.tokens for s in self.steps if s.grad_send)
@@ -126,8 +131,9 @@ class PlanStats:
     kv_recv_tokens / kv_send_tokens: KV tokens per rank over the forward pass;
     kv_recv_per_step[r][i] / kv_send_per_step[r][i]: tokens rank r receives / sends at
     ``step_distances[i]``. grad_send_tokens / grad_recv_tokens: KV rows whose fp32 dK/dV partial
-    a rank returns / receives in backward. Bytes: tokens times :meth:`kv_bytes_per_token`
-    (backward replays the forward KV exchange and returns fp32 dK/dV for the rows read).
+    a rank returns / receives in backward. segments: block pairs given to the kernel per pass.
+    Bytes: tokens times :meth:`kv_bytes_per_token` (backward replays the forward KV exchange and
+    returns fp32 dK/dV for the rows read).
     """
 
     comm: str
@@ -143,6 +149,7 @@ class PlanStats:
     kv_send_per_step: tuple[tuple[int, ...], ...]
     grad_send_tokens: tuple[int, ...] = ()
     grad_recv_tokens: tuple[int, ...] = ()
+    segments: tuple[int, ...] = ()
 
     @property
     def num_steps(self) -> int:
