@@ -1,13 +1,17 @@
 """Kernel time of the busiest CP rank vs single-device varlen attention, side by side.
 
     python benchmarks/kernels.py [--device cuda] [--cp 4,8] [--workloads a,b] [--heads 32 --head-dim 128]
+                                 [--strategy zigzag,balanced,auto] [--profile PRESET|JSON]
 
-For each standard workload and CP size, runs every rank's planned block pairs (forward +
-backward, the executor's own step functions, random bf16 data, no communication) on one
-device, and prints: the busiest rank's time, the single-device varlen time over the whole
-pack divided by CP, their ratio (1.0 = perfect split), and useful TFLOP/s (unmasked score
-entries only: 4*H*D flops per entry forward, 2.5x that backward). On CPU the workloads are
-rescaled (``--sample-len``) and heads/dims default small.
+For each standard workload, CP size and layout strategy (several strategies are timed
+interleaved, each repeat running every strategy's ranks in turn, so their rows compare side by
+side; best time per rank over ``--repeat``), runs every rank's planned block
+pairs (forward + backward, the executor's own step functions, random bf16 data, no
+communication) on one device, and prints: the busiest rank's time, the single-device varlen
+time over the whole pack divided by CP, their ratio (1.0 = perfect split), and useful TFLOP/s
+(unmasked score entries only: 4*H*D flops per entry forward, 2.5x that backward). ``auto``
+uses the default cost model, or ``--profile``. On CPU the workloads are rescaled
+(``--sample-len``) and heads/dims default small.
 """
 from __future__ import annotations
 
@@ -18,7 +22,9 @@ import torch
 
 from ringattn import DocLayout, build_plan
 from ringattn.comm.executor import backward_step, forward_step, plan_exec
+from ringattn.cost import CostModel
 from ringattn.kernels import VarlenCall, get_backend
+from ringattn.report import load_profile
 from ringattn.workloads import load_workload, rescale_cu_seqlens, workload_names
 
 
@@ -75,7 +81,8 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--comm", default="direct")
-    p.add_argument("--strategy", default="zigzag", help="layout strategies, comma-separated (e.g. zigzag,balanced)")
+    p.add_argument("--strategy", default="zigzag", help="layout strategies, comma-separated (zigzag, balanced, auto)")
+    p.add_argument("--profile", default=None, help="cost model hardware for auto (preset or JSON; default model if unset)")
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -86,13 +93,14 @@ def main() -> None:
     sample_len = args.sample_len or (None if gpu else 4096)
     dtype = getattr(torch, args.dtype)
     kernel = get_backend(device.type, args.backend)
+    cost = CostModel(load_profile(args.profile)) if args.profile else None
     scale = dim ** -0.5
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     strategies = args.strategy.split(",")
     print(f"device {name}, backend {kernel.__name__.rsplit('.', 1)[-1]}, Hq={heads} Hkv={kv_heads} D={dim} "
           f"{args.dtype}, comm={args.comm}, best of {args.repeat}")
-    print(f"{'workload':<26} {'strategy':<9} {'tokens':>7} {'CP':>3} {'busiest ms':>10} {'single/CP ms':>12} {'ratio':>6} "
-          f"{'imbal':>6} {'TFLOP/s busiest':>15} {'TFLOP/s single':>14}")
+    print(f"{'workload':<26} {'strategy':<20} {'tokens':>7} {'CP':>3} {'busiest ms':>10} {'single/CP ms':>12} "
+          f"{'ratio':>6} {'imbal':>6} {'TFLOP/s busiest':>15} {'TFLOP/s single':>14}")
     for wname in args.workloads.split(","):
         wl = load_workload(wname)
         cu, slen = wl["cu_seqlens"], wl["sample_len"]
@@ -111,17 +119,26 @@ def main() -> None:
         t_single = timed(single, device, args.repeat)
         work_total = sum((b - a) * (b - a + 1) // 2 for a, b in zip(cu, cu[1:]))
         flops = lambda work: 3.5 * 4 * work * heads * dim  # noqa: E731
-        for cp, strategy in ((int(x), s) for x in args.cp.split(",") for s in strategies):
-            layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=slen, strategy=strategy)
-            plan = build_plan(layout, args.comm)
-            times = [timed(rank_runner(rp, heads, kv_heads, dim, dtype, device, kernel, scale), device, args.repeat)
-                     for rp in plan.ranks]
-            busiest = max(range(cp), key=lambda r: times[r])
-            ratio = times[busiest] / (t_single / cp)
-            print(f"{wl['name']:<26} {strategy:<9} {total:>7} {cp:>3} {times[busiest] * 1e3:>10.2f} {t_single / cp * 1e3:>12.2f} "
-                  f"{ratio:>6.2f} {plan.stats.imbalance:>6.2f} "
-                  f"{flops(plan.stats.work[busiest]) / times[busiest] / 1e12:>15.3f} "
-                  f"{flops(work_total) / t_single / 1e12:>14.3f}")
+        for cp in (int(x) for x in args.cp.split(",")):
+            layouts = {st: DocLayout.from_cu_seqlens(cu, cp, sample_len=slen, strategy=st, cost=cost) for st in strategies}
+            plans = {st: build_plan(layouts[st], args.comm) for st in strategies}
+            runners = {st: [rank_runner(rp, heads, kv_heads, dim, dtype, device, kernel, scale) for rp in plans[st].ranks]
+                       for st in strategies}
+            # interleaved: every repeat times every strategy's ranks, so load drift hits them alike
+            times = {st: [float("inf")] * cp for st in strategies}
+            for _ in range(args.repeat):
+                for st in strategies:
+                    for r, run in enumerate(runners[st]):
+                        times[st][r] = min(times[st][r], timed(run, device, 1))
+            for st in strategies:
+                plan = plans[st]
+                busiest = max(range(cp), key=lambda r: times[st][r])
+                t_busy = times[st][busiest]
+                label = f"auto: {layouts[st].auto_choice}" if st == "auto" else st
+                print(f"{wl['name']:<26} {label:<20} {total:>7} {cp:>3} {t_busy * 1e3:>10.2f} "
+                      f"{t_single / cp * 1e3:>12.2f} {t_busy / (t_single / cp):>6.2f} {plan.stats.imbalance:>6.2f} "
+                      f"{flops(plan.stats.work[busiest]) / t_busy / 1e12:>15.3f} "
+                      f"{flops(work_total) / t_single / 1e12:>14.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,12 @@
     torchrun --standalone --nproc-per-node 4 examples/demo.py [--workload NAME|PATH] [--comm ring] [--ulysses 2]
 
 Builds a seeded packed batch of EoD-separated documents (or a standard workload, rescaled
-to ``--sample-len``), shards it with the zigzag layout, runs ``ring_eod_attention`` forward
-and backward on CPU with gloo, compares every rank's output and gradients with a float64
-single-device reference computed per document with plain torch, and prints a per-rank
-table of tokens, work, skipped block pairs and KV traffic. Exits non-zero on a mismatch.
-``--ulysses U`` runs hybrid context parallelism: CP = U Ulysses x CP/U ring ranks (4 ranks,
-``--ulysses 2``: 2 x 2), with groups from ``ringattn.new_cp_groups``.
+to ``--sample-len``), shards it with the ``--strategy`` layout (zigzag by default; balanced or
+auto), runs ``ring_eod_attention`` forward and backward on CPU with gloo, compares every rank's
+output and gradients with a float64 single-device reference computed per document with plain
+torch, and prints a per-rank table of tokens, work, skipped block pairs and KV traffic. Exits
+non-zero on a mismatch. ``--ulysses U`` runs hybrid context parallelism: CP = U Ulysses x CP/U
+ring ranks (4 ranks, ``--ulysses 2``: 2 x 2), with groups from ``ringattn.new_cp_groups``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ import torch.nn.functional as F
 
 import ringattn
 from ringattn import DocLayout, eod_metadata
+from ringattn.cost import CostModel
+from ringattn.layout import STRATEGIES
 from ringattn.plan import build_plan
+from ringattn.report import load_profile
 from ringattn.workloads import load_workload, rescale_cu_seqlens
 
 EOD = 0
@@ -70,7 +73,9 @@ def main() -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--comm", default=None, choices=["plain", "ring", "direct"])
-    p.add_argument("--strategy", default="zigzag", choices=["zigzag", "balanced"])
+    p.add_argument("--strategy", default="zigzag", choices=list(STRATEGIES))
+    p.add_argument("--profile", default=None,
+                   help="with --strategy auto: cost model hardware (preset or profile JSON; default model if unset)")
     p.add_argument("--ulysses", type=int, default=1, help="Ulysses size U: CP = U x ring (default 1: pure ring)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=1, help="untimed forward+backward runs before the timed one")
@@ -90,7 +95,8 @@ def main() -> int:
         title = f"seeded random batch ({args.samples} x {args.sample_len} tokens)"
     tokens = packed_tokens(cu, args.sample_len, 32000, gen)
     meta = eod_metadata(tokens, EOD)  # documents and reset position ids, as Megatron defines them
-    layout = DocLayout.from_tokens(tokens, EOD, cp, strategy=args.strategy, ulysses_size=args.ulysses)
+    cost = CostModel(load_profile(args.profile), args.heads, args.kv_heads, args.head_dim, args.dtype) if args.profile else None
+    layout = DocLayout.from_tokens(tokens, EOD, cp, strategy=args.strategy, ulysses_size=args.ulysses, cost=cost)
     groups = ringattn.new_cp_groups(args.ulysses) if args.ulysses > 1 else None  # collective, every rank
     assert list(layout.cu_seqlens) == meta.cu_seqlens.tolist()
 
@@ -143,7 +149,8 @@ def main() -> int:
         comm = args.comm or ringattn.attention.DEFAULT_COMM
         st = build_plan(layout, comm).stats
         kv_row = 2 * args.kv_heads * args.head_dim * q.element_size()
-        print(f"ringattn demo: {title}, {layout.num_docs} documents, CP={cp}, {args.strategy}, comm={comm}, "
+        strategy = f"auto ({layout.auto_choice})" if args.strategy == "auto" else args.strategy
+        print(f"ringattn demo: {title}, {layout.num_docs} documents, CP={cp}, {strategy}, comm={comm}, "
               f"Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}")
         print(f"{'rank':>4} {'tokens':>7} {'work':>10} {'work/mean':>9} {'pairs':>6} {'skipped':>7} "
               f"{'KV recv tok':>11} {'KV recv KiB':>11} {'steps':>5} {'fwd ms':>7} {'bwd ms':>7}")

@@ -72,7 +72,8 @@ def loss_and_grads(rank, cp, args):
 
     fmt, spec = args.get("format", "sbhd"), args.get("spec", "ringattn")
     model = build_model(cp, spec)
-    batch = get_batch(iter([batch_tokens(args.get("samples", 2))]), EOD, eod_mask_loss=True)
+    batch = get_batch(iter([batch_tokens(args.get("samples", 2))]), EOD, eod_mask_loss=True,
+                      strategy=args.get("strategy", "zigzag"))
     params = batch["packed_seq_params"]
     mask = None
     if fmt == "thd":
@@ -104,6 +105,7 @@ def loss_and_grads(rank, cp, args):
     rank_in_cp = ps.get_context_parallel_rank()
     used = model.rotary_pos_emb.position_ids.reshape(-1)
     assert torch.equal(used, layout.position_ids(rank_in_cp)), "RoPE did not get the reset position ids"
+    assert layout.strategy == args.get("strategy", "zigzag")
     return loss.item(), grads
 
 
@@ -224,3 +226,8 @@ def hybrid_runs(rank, world, names):
     finally:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
+
+
+def loss_and_grads_per_strategy(rank, cp, args):
+    """:func:`loss_and_grads` for each of ``args["strategies"]`` in this process (same weights)."""
+    return [loss_and_grads(rank, cp, {**args, "strategy": s}) for s in args["strategies"]]

@@ -34,6 +34,8 @@ def layout_cases(cp: int) -> list[Case]:
         Case("bf16 one doc MHA d128", (0, s), s, hq=2, hkv=2, d=128, dtype="bfloat16", seed=7),
         Case("balanced strategy, 2 samples GQA", random_cu_seqlens(rng, s, num_samples=2, max_doc=s), s,
              hq=4, hkv=2, d=64, seed=8, strategy="balanced", chunks_per_rank=4),
+        Case("auto strategy, 2 samples GQA", random_cu_seqlens(rng, s, num_samples=2, max_doc=s // 2), s,
+             hq=4, hkv=2, d=64, seed=9, strategy="auto"),
     ]
     return [Case(**{**c.__dict__, "comm": comm}) for c in cases for comm in COMMS]
 

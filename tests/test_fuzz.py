@@ -1,8 +1,8 @@
 """Property-based fuzzing against the float64 reference (hypothesis).
 
 Random document layouts, CP 1-4, micro-batches, GQA ratios, head dims, fp32/bf16, both
-targeted comm shapes and both layout strategies; hybrid Ulysses x ring at CP 4 and 6 with
-random (U, R) factorisations and head counts that split or replicate KV heads.
+targeted comm shapes and all layout strategies (zigzag, balanced, auto); hybrid Ulysses x ring at
+CP 4 and 6 with random (U, R) factorisations and head counts that split or replicate KV heads.
 ``pytest --hypothesis-profile thorough`` runs many more examples.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ def cases(draw, cp: int) -> Case:
     cu = random_cu_seqlens(rng, s, samples, p_single=draw(st.sampled_from([0.0, 0.3, 1.0])),
                            max_doc=draw(st.sampled_from([1, chunk, 2 * chunk, s])))
     hkv = draw(st.sampled_from([1, 2]))
-    strategy = draw(st.sampled_from(["zigzag", "balanced"]))
+    strategy = draw(st.sampled_from(["zigzag", "balanced", "auto"]))
     per_rank = draw(st.sampled_from([k for k in (1, 2, 4) if s % (k * cp) == 0])) if strategy == "balanced" else None
     return Case(
         name="fuzz", cu_seqlens=cu, sample_len=s, hq=hkv * draw(st.sampled_from([1, 2, 4])), hkv=hkv,
@@ -74,7 +74,7 @@ def hybrid_cases(draw, cp: int) -> Case:
             except ValueError:
                 pass
     hq, hkv = draw(st.sampled_from(heads))
-    strategy = draw(st.sampled_from(["zigzag", "balanced"]))
+    strategy = draw(st.sampled_from(["zigzag", "balanced", "auto"]))
     per_rank = draw(st.sampled_from([k for k in (1, 2, 4) if s % (k * r) == 0])) if strategy == "balanced" else None
     return Case(
         name=f"fuzz hybrid {u}x{r}", cu_seqlens=cu, sample_len=s, hq=hq, hkv=hkv, d=draw(st.sampled_from([16, 64])),

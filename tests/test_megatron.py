@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("megatron.core", reason="megatron-core not installed (pip install 'ringattn[megatron]')")
 
 from .dist import run_ranks, unwrap  # noqa: E402
-from .megatron_cases import hybrid_runs, loss_and_grads  # noqa: E402
+from .megatron_cases import hybrid_runs, loss_and_grads, loss_and_grads_per_strategy  # noqa: E402
 
 
 def compare(a, b, rtol=1e-5, atol=1e-6):
@@ -25,9 +25,12 @@ def cp1_sbhd():
 
 
 def test_cp2_equals_cp1_sbhd(cp1_sbhd):
-    results = unwrap(run_ranks(2, loss_and_grads, {"format": "sbhd"}))
-    for res in results:  # every CP rank holds the same global loss and summed gradients
-        compare(res, cp1_sbhd)
+    """get_batch with the zigzag, balanced and auto layouts: same loss and gradients as CP=1."""
+    strategies = ("zigzag", "balanced", "auto")
+    results = unwrap(run_ranks(2, loss_and_grads_per_strategy, {"format": "sbhd", "strategies": strategies}))
+    for per_rank in results:  # every CP rank holds the same global loss and summed gradients
+        for res in per_rank:
+            compare(res, cp1_sbhd)
 
 
 def test_cp2_thd_equals_cp1_sbhd():

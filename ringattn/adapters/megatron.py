@@ -158,7 +158,9 @@ class RingEoDCoreAttention(nn.Module):
         cp = self.cp_group.size() if self.cp_group is not None else 1
         layout = getattr(packed_seq_params, "layout", None)
         if layout is None and packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None:
-            layout = DocLayout.from_cu_seqlens(packed_seq_params.cu_seqlens_q.cpu(), cp, ulysses_size=self.ulysses_size)
+            # Megatron shards thd batches in zigzag order itself
+            layout = DocLayout.from_cu_seqlens(packed_seq_params.cu_seqlens_q.cpu(), cp, strategy="zigzag",
+                                               ulysses_size=self.ulysses_size)
         if layout is None:
             raise ValueError("packed_seq_params: ringattn needs the documents; pass RingEoDPackedSeqParams(layout=...) "
                              "(see get_batch_on_this_cp_rank) or thd PackedSeqParams with cu_seqlens_q")
@@ -287,7 +289,7 @@ def is_dataset_built_on_rank() -> bool:
 def get_batch(data_iterator: Iterator, eod_id: int, *, reset_attention_mask: bool = True,
               reset_position_ids: bool = True, eod_mask_loss: bool = False,
               get_batch_on_this_tp_rank: Callable | None = None, strategy: str = "zigzag",
-              ulysses_size: int = 1) -> dict:
+              ulysses_size: int = 1, cost=None) -> dict:
     """Megatron's ``get_batch`` for EoD reset with ring attention.
 
     1. the TP-rank batch (``get_batch_on_this_tp_rank(data_iterator)`` or ``next(data_iterator)``,
@@ -295,7 +297,9 @@ def get_batch(data_iterator: Iterator, eod_id: int, *, reset_attention_mask: boo
     2. documents (``--reset-attention-mask``; otherwise one document per sample), position ids
        (reset per document with ``--reset-position-ids``) and the loss mask, from the EoD tokens;
     3. the CP slice (:func:`get_batch_on_this_cp_rank`, layout ``strategy``: ``"zigzag"`` as
-       Megatron, or ``"balanced"`` for equal attention work per rank; ``ulysses_size``: the
+       Megatron, ``"balanced"`` for equal attention work per rank, or ``"auto"`` for the least
+       predicted step time under ``cost``, a :class:`ringattn.cost.CostModel` of your model and
+       cluster, every rank deriving the same layout from the same batch; ``ulysses_size``: the
        Ulysses size of ``cp_comm_type`` "a2a"/"a2a+p2p", see :func:`cp_ulysses_size`), *then*
     4. the pipeline early return: middle stages keep only what attention and RoPE need
        (``packed_seq_params``, ``position_ids``) — they receive the document metadata too.
@@ -310,7 +314,8 @@ def get_batch(data_iterator: Iterator, eod_id: int, *, reset_attention_mask: boo
     if batch.get("loss_mask") is None:
         batch["loss_mask"] = meta.loss_mask
     cp = parallel_state.get_context_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
-    layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=s, strategy=strategy, ulysses_size=ulysses_size)
+    layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=s, strategy=strategy, ulysses_size=ulysses_size,
+                                       cost=cost)
     batch = get_batch_on_this_cp_rank(batch, layout)
     if parallel_state.model_parallel_is_initialized() and not (
         parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()

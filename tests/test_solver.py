@@ -1,0 +1,132 @@
+"""strategy="auto": the solver's invariants, determinism across processes, and optimality over its candidates."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ringattn import DocLayout, build_plan
+from ringattn.cost import CostModel, HardwareProfile
+from ringattn.layout import STRATEGIES
+from ringattn.plan import direct_accounting
+from ringattn.solver import candidates
+
+from .cases import random_cu_seqlens
+from .dist import unwrap
+from .plan_sim import simulate
+from .reference import doc_causal_mask
+
+MODELS = [
+    CostModel(HardwareProfile(400e12, 450e9)),
+    CostModel(HardwareProfile(400e12, 50e9)),
+    CostModel(HardwareProfile(1e12, 1e8, latency=1e-4, segment_overhead=1e-5), 4, 2, 16, "float32"),
+]
+
+
+@st.composite
+def problems(draw, max_cp=12, max_chunk=40):
+    cp = draw(st.integers(1, max_cp))
+    samples = draw(st.integers(1, 3))
+    s = 2 * cp * draw(st.integers(1, max_chunk))
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+    cu = random_cu_seqlens(rng, s, samples, p_single=draw(st.sampled_from([0.0, 0.3, 0.9])),
+                           max_doc=draw(st.sampled_from([1, s // (2 * cp), s // cp * 3, s])))
+    return cu, cp, s, draw(st.sampled_from(MODELS))
+
+
+def check_pieces(pieces, cp: int, sample_len: int, total: int) -> None:
+    """Equal tokens per rank per sample; sorted, non-empty pieces inside one sample; every token once."""
+    samples = total // sample_len
+    owned = []
+    for r in range(cp):
+        per = [0] * samples
+        for (s, e), nxt in zip(pieces[r], list(pieces[r][1:]) + [None]):
+            assert s < e and s // sample_len == (e - 1) // sample_len, "a piece crosses a sample"
+            assert nxt is None or e < nxt[0] or nxt[0] % sample_len == 0, "pieces sorted, adjacent ones merged"
+            per[s // sample_len] += e - s
+            owned.extend(range(s, e))
+        assert per == [sample_len // cp] * samples
+    assert sorted(owned) == list(range(total)), "every token on exactly one rank"
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems())
+def test_auto_layout_invariants_and_optimality(problem):
+    cu, cp, s, model = problem
+    layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=s, strategy="auto", cost=model)
+    assert layout.strategy == "auto" and layout.auto_choice is not None
+    check_pieces(layout.pieces, cp, s, cu[-1])
+    # the cheapest candidate under the model: never worse than zigzag or the balanced default
+    step = model.predict(layout, "direct").step_s
+    assert step <= model.predict(DocLayout.from_cu_seqlens(cu, cp, sample_len=s), "direct").step_s * (1 + 1e-12)
+    if s % (4 * cp) == 0:
+        bal = DocLayout.from_cu_seqlens(cu, cp, sample_len=s, strategy="balanced")
+        assert step <= model.predict(bal, "direct").step_s * (1 + 1e-12)
+    # deterministic within a process
+    assert DocLayout.from_cu_seqlens(cu, cp, sample_len=s, strategy="auto", cost=model).pieces == layout.pieces
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(max_cp=6, max_chunk=6))
+def test_every_candidate_plans_exactly(problem):
+    """Each construction of the portfolio keeps the invariants and its plan covers the mask once."""
+    cu, cp, s, model = problem
+    mask = doc_causal_mask(cu)
+    want = {(i, j) for i, j in mask.nonzero().tolist()}
+    for name, pieces in candidates(list(cu), cp, s, model):
+        check_pieces(pieces, cp, s, cu[-1])
+        layout = DocLayout(tuple(cu), cp, s, "auto", pieces)
+        pairs, _, _ = simulate(layout, build_plan(layout, "direct"))
+        got = {}
+        for x in range(cp):
+            for key, n in pairs[x].items():
+                got[key] = got.get(key, 0) + n
+        assert set(got) == want and all(n == 1 for n in got.values()), name
+
+
+def _auto_pieces(rank, cp, problems_):
+    out = []
+    for cu, cp_, s, model in problems_:
+        layout = DocLayout.from_cu_seqlens(cu, cp_, sample_len=s, strategy="auto", cost=model)
+        out.append((layout.pieces, layout.auto_choice, layout.fingerprint))
+    return out
+
+
+def test_auto_is_identical_across_processes(rank_pools):
+    """Separately spawned processes (own hash seeds) derive the same layouts and fingerprints."""
+    rng = random.Random(12)
+    batch = []
+    for i in range(24):
+        cp = rng.choice([2, 3, 4, 8, 16])
+        s = 2 * cp * rng.randint(4, 64)
+        batch.append((random_cu_seqlens(rng, s, rng.randint(1, 3), max_doc=rng.choice([s // 8 or 1, s])), cp, s,
+                      MODELS[i % len(MODELS)]))
+    mine = _auto_pieces(0, 1, batch)
+    for theirs in unwrap(rank_pools(2).run(_auto_pieces, batch)):
+        assert theirs == mine
+
+
+def test_auto_targets_the_model_it_is_given():
+    """Slow links make auto keep documents whole where fast links let it balance finer."""
+    from ringattn.workloads import load_workload
+
+    wl = load_workload("short_docs_128k")
+    fast = DocLayout.from_cu_seqlens(wl["cu_seqlens"], 16, sample_len=wl["sample_len"], strategy="auto",
+                                     cost=MODELS[0])
+    slow = DocLayout.from_cu_seqlens(wl["cu_seqlens"], 16, sample_len=wl["sample_len"], strategy="auto",
+                                     cost=MODELS[1])
+    assert sum(direct_accounting(slow).kv_recv) < sum(direct_accounting(fast).kv_recv)
+    assert MODELS[1].predict(slow).step_s < MODELS[1].predict(fast).step_s
+    assert MODELS[0].predict(fast).step_s <= MODELS[0].predict(slow).step_s
+
+
+def test_auto_validation():
+    assert "auto" in STRATEGIES
+    with pytest.raises(ValueError, match="cost: expected a ringattn.cost.CostModel"):
+        DocLayout.from_cu_seqlens([0, 32], 2, strategy="auto", cost="h100-nvlink")
+    with pytest.raises(ValueError, match="multiple of 2\\*cp_size=8"):
+        DocLayout.from_cu_seqlens([0, 30], 4, strategy="auto")
+    # cost is ignored by the other strategies, like chunks_per_rank by zigzag
+    assert DocLayout.from_cu_seqlens([0, 32], 2, cost=MODELS[0]).pieces == DocLayout.from_cu_seqlens([0, 32], 2).pieces
