@@ -93,7 +93,8 @@ def main() -> None:
     sample_len = args.sample_len or (None if gpu else 4096)
     dtype = getattr(torch, args.dtype)
     kernel = get_backend(device.type, args.backend)
-    cost = CostModel(load_profile(args.profile)) if args.profile else None
+    # auto: the default model, or --profile with this run's attention shape
+    cost = CostModel(load_profile(args.profile), heads, kv_heads, dim, dtype) if args.profile else None
     scale = dim ** -0.5
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     strategies = args.strategy.split(",")

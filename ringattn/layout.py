@@ -84,13 +84,15 @@ def _chunk_works(cu: list[int], prefix: list[int], base: int, chunk: int, n: int
     """Work of the ``n`` chunks ``[base + c*chunk, base + (c+1)*chunk)`` (one pass over the boundaries)."""
     d = bisect.bisect_right(cu, base) - 1
     last_doc = len(cu) - 2
+    nxt = cu[d + 1]
     cum = []
-    for c in range(n + 1):
-        t = base + c * chunk
-        while d < last_doc and cu[d + 1] <= t:
+    for t in range(base, base + n * chunk + 1, chunk):
+        while d < last_doc and nxt <= t:
             d += 1
-        cum.append(work_before(cu, prefix, t, d))
-    return [cum[c + 1] - cum[c] for c in range(n)]
+            nxt = cu[d + 1]
+        m = t - cu[d]
+        cum.append(prefix[d] + m * (m + 1) // 2)
+    return [b - a for a, b in zip(cum, cum[1:])]
 
 
 def _merge_adjacent(pieces: list[Range], sample_len: int) -> tuple[Range, ...]:
@@ -118,7 +120,8 @@ def balanced_assignment(cu: list[int], num_samples: int, sample_len: int, cp: in
         room = [chunks_per_rank] * cp
         heap = [(load[r], r) for r in range(cp)]  # ranks with room, by (work so far, rank)
         heapq.heapify(heap)
-        for c in sorted(range(n), key=lambda i: (-weights[i], i)):
+        neg = [-w for w in weights]
+        for c in sorted(range(n), key=neg.__getitem__):  # heaviest first; stable: ties by position
             _, r = heapq.heappop(heap)
             held[r].append((base + c * chunk, base + (c + 1) * chunk))
             load[r] += weights[c]

@@ -12,15 +12,17 @@ the cheapest (the earlier candidate on ties). Candidates, in order:
 * ``packed(split)`` — document-aware packing: every document that fits a rank's share of its
   sample and is light enough stays whole on one rank (it then exchanges nothing); a document
   that is too long or too heavy is cut into ``2m`` equal chunks paired head with tail
-  (chunk ``i`` with chunk ``2m-1-i``, equal work per pair, as zigzag pairs a sample's chunks),
-  over as few pairs ``m`` as fitting and balance need: "too heavy" means more than ``split``
-  times the mean work per rank (``split`` = none, 1, 1/4, 1/16). The units (whole documents
+  (chunk ``i`` with chunk ``2m-1-i``, equal work per pair, as zigzag pairs a sample's chunks;
+  one-token chunks and a lone middle chunk where a rank's share is smaller than the document
+  allows), over as few pairs ``m`` as fitting and balance need: "too heavy" means more than
+  ``split`` times the mean work per rank (``split`` = none, 1, 1/4, 1/16), and chunks stay at
+  least ``min_chunk`` tokens unless fitting needs smaller ones. The units (whole documents
   and pairs) are placed heaviest first on the rank with the least predicted time (compute and
   estimated exchange) that has room left in that sample; a unit that fits nowhere goes where
   most room is left, and overfull ranks then hand the first tokens of a document (the
   cheapest to move: least work, and only that prefix is read back) to ranks with room.
 
-Exact pricing is cheap (:func:`ringattn.plan.direct_accounting`, ``O(pieces log pieces)``),
+Exact pricing is cheap (:func:`ringattn.plan.pieces_accounting`, vectorised),
 and candidates are priced in order of their compute lower bound (busiest rank's compute), so
 a candidate that cannot beat the best found is never priced. Everything is integer
 arithmetic or floating point in a fixed order: every rank derives the same layout.
@@ -38,9 +40,9 @@ import math
 
 from .layout import (DEFAULT_CHUNKS_PER_RANK, DocLayout, Range, _merge_adjacent, _zigzag_pieces, balanced_assignment,
                      work_prefix)
-from .plan import direct_accounting
+from .plan import pieces_accounting
 
-__all__ = ["MIN_CHUNK", "SPLITS", "BALANCED_CHUNKS", "auto_layout", "candidates"]
+__all__ = ["MIN_CHUNK", "SPLITS", "BALANCED_CHUNKS", "auto_layout", "candidates", "merged_pieces"]
 
 MIN_CHUNK = 512
 #: ``packed`` candidates: a document heavier than ``split`` x the mean work per rank is split into pairs
@@ -100,7 +102,8 @@ class _Packer:
         x, y = s - a, e - a
         return (y * (y + 1) - x * (x + 1)) // 2
 
-    def build(self, pairs: list[int]) -> tuple[tuple[Range, ...], ...]:
+    def build(self, pairs: list[int]) -> tuple[list[list[Range]], list[int]]:
+        """``(pieces per rank (unsorted, touching ones not merged), work per rank)``."""
         cu, S, P, L = self.cu, self.S, self.P, self.L
         # units: (-work, start, sample, ranges, tokens read, tokens sent, tokens): read/sent are estimates
         units = []
@@ -125,6 +128,7 @@ class _Packer:
         units.sort(key=lambda u: (u[0], u[1]))
 
         spe, kvb, gb, bw = self.spe, self.kvb, self.gb, self.bw
+        work = [0] * P
         comp = [0.0] * P
         rd = [0] * P
         sd = [0] * P
@@ -154,7 +158,8 @@ class _Packer:
             for entry in stash:
                 heapq.heappush(heap, entry)
             r = chosen
-            comp[r] -= negw * spe
+            work[r] -= negw
+            comp[r] = work[r] * spe
             rd[r] += r_est
             sd[r] += s_est
             rooms[r] -= size
@@ -180,8 +185,9 @@ class _Packer:
                     dst = under[k]
                     delta = min(-rooms[r], rooms[dst], first[1] - first[0])
                     moved = self._work(self._doc_start(first[0]), first[0], first[0] + delta)
-                    comp[r] -= moved * spe
-                    comp[dst] += moved * spe
+                    work[r] -= moved
+                    work[dst] += moved
+                    comp[r], comp[dst] = work[r] * spe, work[dst] * spe
                     held[b][dst].append([[first[0], first[0] + delta]])
                     first[0] += delta
                     if first[0] == first[1]:
@@ -192,25 +198,31 @@ class _Packer:
                     rooms[dst] -= delta
                     if rooms[dst] == 0:
                         k += 1
-        return tuple(
-            _merge_adjacent([(s, e) for b in range(self.nb) for u in held[b][r] for s, e in u], S) for r in range(P)
-        )
+        pieces = [[(s, e) for b in range(self.nb) for u in held[b][r] for s, e in u] for r in range(P)]
+        return pieces, work
 
     def _doc_start(self, t: int) -> int:
         return self.cu[bisect.bisect_right(self.cu, t) - 1]
 
 
+def merged_pieces(pieces, sample_len: int) -> tuple[tuple[Range, ...], ...]:
+    """Per rank: sorted, touching pieces merged within a sample (as a ``DocLayout`` holds them)."""
+    return tuple(_merge_adjacent(p, sample_len) for p in pieces)
+
+
 def candidates(cu: list[int], cp: int, sample_len: int, cost, min_chunk: int = MIN_CHUNK):
-    """Yield ``(name, pieces)`` of the portfolio, in order (see the module docstring)."""
+    """Yield ``(name, pieces, work per rank)`` of the portfolio, in order (see the module docstring);
+    a rank's pieces may be unsorted and touching ones unmerged (``merged_pieces`` fixes both)."""
     nb = cu[-1] // sample_len
     L = sample_len // cp
     floor = max(1, min(min_chunk, L // 2))
     prefix = work_prefix(cu)
-    yield "zigzag", _zigzag_pieces(nb, sample_len, cp)
+    zz = _zigzag_pieces(nb, sample_len, cp)
+    yield "zigzag", zz, [_piece_work(cu, prefix, p) for p in zz]  # pieces below: sorted and merged by the caller
     for k in BALANCED_CHUNKS:
         if sample_len % (k * cp) == 0 and (k <= DEFAULT_CHUNKS_PER_RANK or sample_len // (k * cp) >= floor):
-            held, _ = balanced_assignment(cu, nb, sample_len, cp, k, prefix)
-            yield f"balanced({k})", tuple(_merge_adjacent(p, sample_len) for p in held)
+            held, load = balanced_assignment(cu, nb, sample_len, cp, k, prefix)
+            yield f"balanced({k})", held, load
     packer = _Packer(cu, prefix, nb, sample_len, cp, cost, floor)
     seen = []
     for split in SPLITS:
@@ -218,30 +230,25 @@ def candidates(cu: list[int], cp: int, sample_len: int, cost, min_chunk: int = M
         if pairs in seen:  # same cuts as a finer-grained candidate already built: same layout
             continue
         seen.append(pairs)
-        yield f"packed({'none' if split is None else split})", packer.build(pairs)
+        yield (f"packed({'none' if split is None else split})",) + packer.build(pairs)
 
 
 def auto_layout(cu: list[int], cp: int, sample_len: int, cost) -> DocLayout:
     """The candidate with the least predicted step time (``direct`` plan), as a ``DocLayout``
     with ``strategy="auto"``; ``layout.auto_choice`` names the winning candidate."""
-    cu_t = tuple(cu)
-    prefix = work_prefix(cu)
     spe = cost.seconds_per_entry
-    scored = []
-    for order, (name, pieces) in enumerate(candidates(cu, cp, sample_len, cost)):
-        work = [_piece_work(cu, prefix, p) for p in pieces]
-        scored.append((max(work) * spe, order, name, pieces, work))
+    scored = [(max(work) * spe, order, name, pieces)
+              for order, (name, pieces, work) in enumerate(candidates(cu, cp, sample_len, cost))]
     scored.sort(key=lambda c: (c[0], c[1]))
     best = None
-    for bound, order, name, pieces, work in scored:
+    for bound, order, name, pieces in scored:  # the busiest rank's compute bounds a candidate's step time
         if best is not None and bound > best[0]:
             break
-        layout = DocLayout(cu_t, cp, sample_len, "auto", pieces)
-        acc = direct_accounting(layout)
+        acc = pieces_accounting(cu, cp, pieces, sample_len)
         step = max(cost.rank_seconds(acc.work[r], acc.kv_recv[r], acc.kv_send[r], acc.kv_send[r], acc.kv_recv[r],
                                      acc.steps, acc.segments[r])[2] for r in range(cp))
         if best is None or (step, order) < (best[0], best[1]):
-            best = (step, order, name, layout)
-    layout = best[3]
+            best = (step, order, name, pieces)
+    layout = DocLayout(tuple(cu), cp, sample_len, "auto", merged_pieces(best[3], sample_len))
     object.__setattr__(layout, "_auto_choice", best[2])
     return layout

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from ringattn import DocLayout, build_plan
 from ringattn.cost import CostModel, HardwareProfile
 from ringattn.layout import STRATEGIES
-from ringattn.plan import direct_accounting
-from ringattn.solver import candidates
+from ringattn.plan import direct_accounting, pieces_accounting
+from ringattn.solver import candidates, merged_pieces
 
 from .cases import random_cu_seqlens
 from .dist import unwrap
@@ -75,9 +75,12 @@ def test_every_candidate_plans_exactly(problem):
     cu, cp, s, model = problem
     mask = doc_causal_mask(cu)
     want = {(i, j) for i, j in mask.nonzero().tolist()}
-    for name, pieces in candidates(list(cu), cp, s, model):
+    for name, raw, work in candidates(list(cu), cp, s, model):
+        pieces = merged_pieces(raw, s)
         check_pieces(pieces, cp, s, cu[-1])
+        assert pieces_accounting(cu, cp, raw, s) == direct_accounting(DocLayout(tuple(cu), cp, s, "auto", pieces))
         layout = DocLayout(tuple(cu), cp, s, "auto", pieces)
+        assert tuple(work) == direct_accounting(layout).work, f"{name}: the work the solver bounds with"
         pairs, _, _ = simulate(layout, build_plan(layout, "direct"))
         got = {}
         for x in range(cp):

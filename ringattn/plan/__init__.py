@@ -34,9 +34,9 @@ the all-to-all bytes per CP rank (:class:`CPStats`).
 """
 from __future__ import annotations
 
-from .build import Accounting, build_plan, direct_accounting, rank_plan
+from .build import Accounting, build_plan, direct_accounting, pieces_accounting, rank_plan
 from .hybrid import CPStats, cp_stats, ulysses_heads
 from .types import COMM_SHAPES, DEFAULT_COMM, Plan, PlanStats, RankPlan, Segment, Step, Transfer
 
 __all__ = ["COMM_SHAPES", "DEFAULT_COMM", "Segment", "Transfer", "Step", "RankPlan", "PlanStats", "Plan", "build_plan",
-           "rank_plan", "CPStats", "cp_stats", "ulysses_heads", "direct_accounting", "Accounting"]
+           "rank_plan", "CPStats", "cp_stats", "ulysses_heads", "direct_accounting", "pieces_accounting", "Accounting"]
