@@ -7,8 +7,9 @@ auto with the default cost model) and its own plan (``rank_plan``, comm ``direct
 standard workload is cut into ``--samples`` samples of ``--sample-len`` tokens (its document
 boundaries plus the sample boundaries; pretrain_mix_128k gives 61 documents in 8 x 16K).
 Every measurement is a fresh layout (nothing cached), for the first, middle and last rank,
-``--repeat`` times; prints the median and the worst time, and for information the time to
-plan all ranks with statistics (``build_plan``, what the inspector and benchmarks use).
+``--repeat`` times, after one untimed warm-up per strategy (module imports); prints the median
+and the worst time, and for information the time to plan all ranks with statistics
+(``build_plan``, what the inspector and benchmarks use).
 ``--reference`` also times the original all-pairs planner (tests/plan_reference.py), which
 built every rank's plan on every call, side by side.
 """
@@ -50,6 +51,8 @@ def main() -> None:
           f"each time; ranks first/middle/last x {args.repeat}")
     print(f"{'workload':<26} {'docs':>4} {'CP':>3} {'strategy':<20} {'median ms':>9} {'worst ms':>8} "
           f"{'all ranks ms':>12}" + (f" {'all-pairs ms':>12} {'speed-up':>8}" if args.reference else ""))
+    for strategy in args.strategies.split(","):  # warm-up: auto imports the cost model and solver on first use
+        rank_plan(DocLayout.from_cu_seqlens([0, 64], 4, strategy=strategy), 0, args.comm)
     for name in args.workloads.split(","):
         wl = load_workload(name)
         cu = cut(wl["cu_seqlens"], args.sample_len, args.samples)
