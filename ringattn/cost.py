@@ -24,8 +24,10 @@ rank's compute. It is 0 in the presets, so the default model is exactly the one 
 ``--calibrate`` measures it, which matters on CPU, where every segment is a separate kernel call.
 
 All counts come from the plan (:class:`ringattn.plan.PlanStats`), exact for every comm shape.
-All-to-all bandwidth (``a2a_bandwidth``) is kept in the profile for hybrid Ulysses x ring CP;
-layouts without a Ulysses dimension do no all-to-all.
+Hybrid Ulysses x ring layouts are not priced yet (``predict`` refuses them): their all-to-alls
+(``a2a_bandwidth``, kept in the profile for that) and the ``Hq/U`` head split of the ring's
+compute and KV belong to the hybrid integration; :class:`HardwareProfile` and the
+``CostModel`` signature stay as they are for it.
 """
 from __future__ import annotations
 
@@ -289,6 +291,9 @@ class CostModel:
         (default: the library's default), and the step's time and efficiency."""
         if not isinstance(layout, DocLayout):
             raise ValueError(f"layout: expected a DocLayout, got {type(layout).__name__}")
+        if layout.ulysses_size > 1:  # the all-to-alls (a2a_bandwidth) and the Hq/U head split are not priced yet
+            raise ValueError(f"layout: the cost model prices pure ring layouts (ulysses_size=1); got "
+                             f"ulysses_size={layout.ulysses_size} (price its ring_layout for the ring part)")
         return self.predict_stats(build_plan(layout, comm or DEFAULT_COMM).stats)
 
 

@@ -77,6 +77,10 @@ def test_bad_cost_model(args, match):
         CostModel(*args)
     with pytest.raises(ValueError, match="layout: expected a DocLayout"):
         CostModel().predict("not a layout")
+    hybrid = DocLayout.from_cu_seqlens([0, 5, 64], 4, ulysses_size=2)
+    with pytest.raises(ValueError, match="prices pure ring layouts \\(ulysses_size=1\\); got ulysses_size=2"):
+        CostModel().predict(hybrid)
+    assert CostModel().predict(hybrid.ring_layout).steps >= 0
 
 
 def test_prediction_by_hand():

@@ -14,6 +14,10 @@ PKG = Path(__file__).resolve().parent.parent / "ringattn"
 #: (importer, imported) edges that exist only inside a function, on purpose
 LAZY_UPWARD = {
     ("ringattn.layout", "ringattn.plan"),  # DocLayout.stats(): a convenience for build_plan(layout).stats
+    # strategy="auto": from_cu_seqlens hands the layout to the solver (which prices candidates with the plan's
+    # accounting) and, without cost=, builds the default cost model
+    ("ringattn.layout", "ringattn.solver"),
+    ("ringattn.layout", "ringattn.cost"),
 }
 
 

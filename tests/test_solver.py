@@ -133,3 +133,22 @@ def test_auto_validation():
         DocLayout.from_cu_seqlens([0, 30], 4, strategy="auto")
     # cost is ignored by the other strategies, like chunks_per_rank by zigzag
     assert DocLayout.from_cu_seqlens([0, 32], 2, cost=MODELS[0]).pieces == DocLayout.from_cu_seqlens([0, 32], 2).pieces
+
+
+def test_auto_for_a_hybrid_layout_solves_its_ring():
+    """With ulysses_size > 1, auto lays out the R ring ranks as a ring of R (its pieces and plans are the ring's)."""
+    rng = random.Random(5)
+    cu = random_cu_seqlens(rng, 64, 2, max_doc=40)
+    model = MODELS[1]
+    hybrid = DocLayout.from_cu_seqlens(cu, 4, sample_len=64, strategy="auto", cost=model, ulysses_size=2)
+    ring = DocLayout.from_cu_seqlens(cu, 2, sample_len=64, strategy="auto", cost=model)
+    assert (hybrid.cp_size, hybrid.ring_size, hybrid.strategy) == (4, 2, "auto")
+    assert hybrid.pieces == ring.pieces and hybrid.auto_choice == ring.auto_choice
+    assert hybrid.ring_layout == ring
+    from ringattn import rank_plan
+
+    for cp_rank in range(4):
+        assert rank_plan(hybrid, cp_rank) is rank_plan(hybrid, cp_rank)
+        assert rank_plan(hybrid, cp_rank) == rank_plan(ring, cp_rank // 2)
+    assert DocLayout.required_multiple(4, strategy="auto", ulysses_size=2) == \
+        DocLayout.required_multiple(4, strategy="zigzag", ulysses_size=2)
