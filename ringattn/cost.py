@@ -322,19 +322,22 @@ def _timed(fn, sync, repeat: int) -> float:
 def measure_kernel(kernel, device, heads: int, kv_heads: int, head_dim: int, dtype, seq: int, docs: int,
                    repeat: int, sync) -> tuple[int, float]:
     """``(unmasked entries, seconds)`` of ``kernel`` forward + backward on ``docs`` causal segments
-    of ``seq // docs`` tokens each, the way the executor calls it."""
+    of ``seq // docs`` tokens each, the way the executor calls it (one :class:`VarlenCall`, built once)."""
+    from .kernels import VarlenCall
+
     g = torch.Generator().manual_seed(0)
     mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-    q, dout = mk(seq, heads, head_dim), mk(seq, heads, head_dim)
-    k, v = mk(seq, kv_heads, head_dim), mk(seq, kv_heads, head_dim)
     n = seq // docs
-    cu = tuple(range(0, n * docs + 1, n))
-    q, dout, k, v = q[: cu[-1]], dout[: cu[-1]], k[: cu[-1]], v[: cu[-1]]
+    total = n * docs
+    q, dout = mk(total, heads, head_dim), mk(total, heads, head_dim)
+    k, v = mk(total, kv_heads, head_dim), mk(total, kv_heads, head_dim)
+    cu = tuple(range(0, total + 1, n))
+    call = VarlenCall(cu, cu, True)
     scale = head_dim ** -0.5
 
     def run():
-        out, lse = kernel.forward(q, k, v, cu, cu, n, n, True, scale)
-        kernel.backward(dout, q, k, v, out.to(dtype), lse, cu, cu, n, n, True, scale)
+        out, lse = kernel.forward(q, k, v, call, scale)
+        kernel.backward(dout, q, k, v, out.to(dtype), lse, call, scale)
 
     return docs * n * (n + 1) // 2, _timed(run, sync, repeat)
 

@@ -15,6 +15,9 @@ Strategies:
   counts) and about the same work: heaviest chunk first, to the rank with the least work so
   far that still has room (ties to the lower rank). Deterministic, so every rank derives the
   same layout.
+* ``auto`` — the least step time predicted by a cost model (:mod:`ringattn.cost`) among a
+  portfolio of zigzag, balanced and document-aware packed candidates (:mod:`ringattn.solver`);
+  equal tokens per rank per sample, deterministic.
 
 Hybrid context parallelism (Ulysses x ring, ``ulysses_size = U > 1``): the CP group of
 ``cp_size = U * R`` ranks is ``R`` ring ranks of ``U`` Ulysses ranks each, CP rank
@@ -69,15 +72,6 @@ def work_prefix(cu) -> list[int]:
         n = b - a
         out.append(out[-1] + n * (n + 1) // 2)
     return out
-
-
-def work_before(cu, prefix, t: int, d: int | None = None) -> int:
-    """Unmasked score entries of the queries before global token ``t`` (``d``: the document
-    holding ``t``, i.e. ``cu[d] <= t < cu[d + 1]``, or None to look it up)."""
-    if d is None:
-        d = bisect.bisect_right(cu, t) - 1
-    m = t - cu[d]
-    return prefix[d] + m * (m + 1) // 2
 
 
 def _chunk_works(cu: list[int], prefix: list[int], base: int, chunk: int, n: int) -> list[int]:

@@ -175,3 +175,37 @@ def test_random_layouts_price_without_error():
         layout = DocLayout.from_cu_seqlens(random_cu_seqlens(rng, s, 2), cp, sample_len=s)
         pred = CostModel().predict(layout)
         assert 0 < pred.efficiency <= 1 + 1e-12
+
+
+def test_calibration_writes_a_loadable_profile(tmp_path, monkeypatch):
+    """``python -m ringattn.cost --calibrate`` in one process: the kernel rate and segment overhead are
+    measured with the CPU backend; without a group the P2P bandwidth must be given (or it refuses)."""
+    from ringattn import cost
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = tmp_path / "cpu.json"
+    args = ["--calibrate", "--device", "cpu", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--seq", "256",
+            "--short", "64", "--repeat", "1", "--out", str(out)]
+    with pytest.raises(SystemExit, match="needs a group of 2\\+ ranks"):
+        cost.main(args)
+    cost.main(args + ["--p2p-bandwidth", "2e9"])
+    prof = HardwareProfile.load(out)
+    assert prof.flops > 0 and prof.segment_overhead >= 0 and prof.p2p_bandwidth == 2e9
+    assert prof.name == "calibrated-cpu-cpu" and "Hq=2 Hkv=1 D=16" in prof.source
+
+
+def _measure_links(rank, cp, _):
+    import torch.distributed as dist
+
+    from ringattn.cost import measure_a2a, measure_p2p
+
+    bw, small = measure_p2p(dist.group.WORLD, torch.device("cpu"), 1 << 16, 2, lambda: None)
+    return bw, small, measure_a2a(dist.group.WORLD, torch.device("cpu"), 1 << 16, 2, lambda: None)
+
+
+def test_calibration_measures_p2p_and_all_to_all_over_the_group(rank_pools):
+    results = [res for status, res in rank_pools(2).run(_measure_links) if status == "ok"]
+    assert len(results) == 2
+    for bw, small, a2a in results:
+        assert bw > 0 and small > 0 and (a2a is None or a2a > 0)
+    assert results[0][0] == results[1][0], "every rank reports the slowest rank's bandwidth"
