@@ -231,7 +231,9 @@ class DocLayout:
         cost: the :class:`ringattn.cost.CostModel` whose predicted step time ``strategy="auto"``
             minimises (see :mod:`ringattn.solver`); default :func:`ringattn.cost.default_cost_model`
             (400 TFLOP/s, 450 GB/s, Hq=32, Hkv=8, D=128, bf16). Ignored by the other strategies.
-            With ``ulysses_size > 1`` the ring ranks' pieces are solved as a ring of ``R`` ranks.
+            With ``ulysses_size > 1`` the ring ranks' pieces are solved as a ring of ``R`` ranks,
+            priced with the model's head split (``Hq/U`` heads; ``ValueError`` if its heads cannot
+            split over ``U`` ranks).
         """
         cu = _as_int_list(cu_seqlens)
         ring, per_rank = _check_split(cp_size, strategy, chunks_per_rank, ulysses_size)
@@ -267,10 +269,10 @@ class DocLayout:
             from .solver import auto_layout
 
             if cost is None:
-                cost = default_cost_model()
+                cost = default_cost_model(ulysses_size)
             elif not isinstance(cost, CostModel):
                 raise ValueError(f"cost: expected a ringattn.cost.CostModel, got {type(cost).__name__}")
-            solved = auto_layout(cu, ring, sample_len, cost)
+            solved = auto_layout(cu, ring, sample_len, cost, ulysses_size)
             if ulysses_size == 1:
                 return solved
             layout = cls(tuple(cu), cp_size, sample_len, strategy, solved.pieces, ulysses_size)

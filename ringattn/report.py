@@ -11,7 +11,10 @@ size, ring-only beside every valid Ulysses x ring factorisation ``U x R``.
 ``--compare`` prints the layout strategies side by side instead (zigzag, balanced, auto) under
 a cost model (``--profile`` preset or JSON, ``--heads/--kv-heads/--head-dim/--dtype``): work
 imbalance, KV received per rank, exchange steps, the busiest rank's predicted compute and
-exchange time, the predicted step time and efficiency (pure ring layouts).
+exchange time, the predicted step time and efficiency of the pure ring; then the same three
+strategies for every Ulysses x ring factorisation ``U x R`` of the CP size (``U = 1`` the pure
+ring, ``R = 1`` pure Ulysses): work imbalance, all-to-all and ring bytes per rank, the busiest
+rank's compute, ring exchange and all-to-all time, step time and efficiency, and the best split.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from .plan import COMM_SHAPES, DEFAULT_COMM, CPStats, Plan, build_plan
 from .workloads import load_workload
 
 __all__ = ["rank_table", "summary_line", "work_matrix", "traffic_matrix", "cp_rank_table", "factorisations",
-           "factorisation_table", "compare_table", "load_profile", "main"]
+           "factorisation_table", "compare_table", "compare_factorisations", "factorisation_compare_table",
+           "load_profile", "main"]
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 MIB = 1 << 20
@@ -132,7 +136,7 @@ def compare_table(cu_seqlens, cp: int, sample_len: int, model: CostModel, comm: 
         layout = DocLayout.from_cu_seqlens(cu_seqlens, cp, sample_len=sample_len, strategy=strategy,
                                            cost=model if strategy == "auto" else None)
         st = build_plan(layout, comm).stats
-        pred = model.predict_stats(st)
+        pred = model.predict(layout, comm)
         b = pred.busiest
         label = f"auto: {layout.auto_choice}" if strategy == "auto" else strategy
         lines.append(
@@ -140,6 +144,60 @@ def compare_table(cu_seqlens, cp: int, sample_len: int, model: CostModel, comm: 
             f"{max(r / t for r, t in zip(st.kv_recv_tokens, st.tokens)):>7.3f} {sum(st.kv_recv_tokens) / cp:>12.0f} "
             f"{st.num_steps:>5} {pred.compute_s[b] * 1e3:>10.3f} {pred.comm_s[b] * 1e3:>8.3f} {pred.step_s * 1e3:>8.3f} "
             f"{pred.efficiency:>10.3f}")
+    return "\n".join(lines)
+
+
+def compare_factorisations(cu_seqlens, cp: int, sample_len: int, model: CostModel, comm: str = DEFAULT_COMM,
+                           strategies=("zigzag", "balanced", "auto")) -> list[tuple]:
+    """``(U, R, strategy, layout, Prediction)`` for every ``U`` dividing ``cp`` and every strategy,
+    or ``(U, R, strategy or None, None, why not valid)`` (``None``: no strategy can run that ``U``,
+    e.g. heads the split cannot scatter). auto minimises ``model`` for each split."""
+    rows = []
+    for u in (d for d in range(1, cp + 1) if cp % d == 0):
+        try:
+            model.ring_model(u, cp)
+        except ValueError as exc:
+            rows.append((u, cp // u, None, None, str(exc)))
+            continue
+        for strategy in strategies:
+            try:
+                layout = DocLayout.from_cu_seqlens(cu_seqlens, cp, sample_len=sample_len, strategy=strategy,
+                                                   ulysses_size=u, cost=model if strategy == "auto" else None)
+            except ValueError as exc:
+                rows.append((u, cp // u, strategy, None, str(exc)))
+                continue
+            rows.append((u, cp // u, strategy, layout, model.predict(layout, comm)))
+    return rows
+
+
+def factorisation_compare_table(rows) -> str:
+    """:func:`compare_factorisations` as a table (MiB: max per rank, forward + backward; times: the
+    busiest rank's), then the best split and the best pure ring."""
+    lines = [f"{'U x R':>7} {'strategy':<22} {'imbal':>6} {'a2a MiB':>8} {'ring MiB':>8} {'steps':>5} "
+             f"{'compute ms':>10} {'ring ms':>8} {'a2a ms':>7} {'step ms':>8} {'efficiency':>10}"]
+    valid = []
+    for u, r, strategy, layout, pred in rows:
+        name = f"{u}x{r}"
+        if layout is None:
+            lines.append(f"{name:>7} {strategy or 'all':<22} not valid: {pred}")
+            continue
+        valid.append((pred.step_s, u, strategy, layout, pred))
+        label = f"auto: {layout.auto_choice}" if strategy == "auto" else strategy
+        b = pred.busiest
+        lines.append(
+            f"{name:>7} {label:<22} {layout.stats(pred.comm).imbalance:>6.3f} {max(pred.a2a_bytes) / MIB:>8.1f} "
+            f"{max(pred.bytes_in) / MIB:>8.1f} {pred.steps:>5} {pred.compute_s[b] * 1e3:>10.3f} "
+            f"{pred.comm_s[b] * 1e3:>8.3f} {pred.a2a_s[b] * 1e3:>7.3f} {pred.step_s * 1e3:>8.3f} "
+            f"{pred.efficiency:>10.3f}")
+    if valid:
+        def name(v):
+            layout = v[3]
+            return (f"{v[1]}x{layout.ring_size} {v[2]}" + (f" ({layout.auto_choice})" if v[2] == "auto" else "")
+                    + f": {v[0] * 1e3:.3f} ms, efficiency {v[4].efficiency:.3f}")
+        best = min(valid, key=lambda v: (v[0], v[1]))
+        ring = [v for v in valid if v[1] == 1]
+        lines.append(f"best split: {name(best)}"
+                     + (f"; best pure ring: {name(min(ring, key=lambda v: v[0]))}" if ring else ""))
     return "\n".join(lines)
 
 
@@ -179,7 +237,8 @@ def main(argv=None) -> None:
     p.add_argument("--kv-heads", type=int, default=8, help="KV heads, for bytes (default 8)")
     p.add_argument("--head-dim", type=int, default=128, help="head dim, for bytes (default 128)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="element type, for bytes")
-    p.add_argument("--node-size", type=int, default=8, help="CP ranks per node, for inter-node bytes (default 8)")
+    p.add_argument("--node-size", type=int, default=8,
+                   help="CP ranks per node, for inter-node bytes (default 8; --compare uses the profile's node_size)")
     p.add_argument("--png", help="write the rank x rank work and traffic matrices to this PNG")
     p.add_argument("--compare", action="store_true", help="strategies side by side under a cost model")
     p.add_argument("--profile", default="h100-nvlink",
@@ -192,8 +251,18 @@ def main(argv=None) -> None:
         prof = model.profile
         print(f"{wl['name']}: {len(wl['cu_seqlens']) - 1} docs, {wl['cu_seqlens'][-1]} tokens, CP={args.cp}, "
               f"comm={args.comm}; profile {prof.name}: {prof.flops / 1e12:g} TFLOP/s, {prof.p2p_bandwidth / 1e9:g} GB/s P2P, "
-              f"latency {prof.latency * 1e6:g} us; Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}")
+              f"{prof.all_to_all_bandwidth / 1e9:g} GB/s all-to-all, latency {prof.latency * 1e6:g} us"
+              + (f", {prof.node_size} CP ranks per node" if prof.node_size else "")
+              + f"; Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}")
         print(compare_table(wl["cu_seqlens"], args.cp, wl["sample_len"], model, args.comm))
+        where = (f"{prof.node_size} CP ranks per node: all-to-alls at {prof.all_to_all_bandwidth / 1e9:g} GB/s "
+                 f"inside a node, {prof.p2p_bandwidth / 1e9:g} GB/s between nodes; a ring spanning nodes at "
+                 f"{prof.p2p_bandwidth / 1e9:g} GB/s" if prof.node_size else
+                 f"one level: all-to-alls at {prof.all_to_all_bandwidth / 1e9:g} GB/s, ring at "
+                 f"{prof.p2p_bandwidth / 1e9:g} GB/s")
+        print(f"\nevery Ulysses x ring split of CP={args.cp} (all-to-alls not overlapped; {where}):")
+        print(factorisation_compare_table(compare_factorisations(wl["cu_seqlens"], args.cp, wl["sample_len"], model,
+                                                                 args.comm)))
         return
     layout = DocLayout.from_cu_seqlens(wl["cu_seqlens"], args.cp, sample_len=wl["sample_len"], strategy=args.strategy,
                                        chunks_per_rank=args.chunks_per_rank, ulysses_size=args.ulysses)

@@ -233,9 +233,19 @@ def candidates(cu: list[int], cp: int, sample_len: int, cost, min_chunk: int = M
         yield (f"packed({'none' if split is None else split})",) + packer.build(pairs)
 
 
-def auto_layout(cu: list[int], cp: int, sample_len: int, cost) -> DocLayout:
-    """The candidate with the least predicted step time (``direct`` plan), as a ``DocLayout``
-    with ``strategy="auto"``; ``layout.auto_choice`` names the winning candidate."""
+def auto_layout(cu: list[int], cp: int, sample_len: int, cost, ulysses_size: int = 1) -> DocLayout:
+    """The candidate with the least predicted step time (``direct`` plan), as a ``DocLayout`` of
+    ``cp`` ring ranks with ``strategy="auto"``; ``layout.auto_choice`` names the winning candidate.
+
+    With ``ulysses_size = U > 1`` the ``cp`` ranks are the ring ranks of a ``U x cp`` hybrid
+    layout and candidates are priced with :meth:`ringattn.cost.CostModel.ring_model`: ``Hq/U``
+    query heads, the KV heads each Ulysses rank carries, the ring's link. The all-to-alls are
+    left out: every CP rank holds the same number of tokens, so they cost every candidate the
+    same and the order of the full model's step times (:meth:`CostModel.predict`) is this one
+    (on a two-level profile: when the node size and ``U`` divide one another, so that every ring
+    rank's Ulysses group has the same peers on other nodes).
+    """
+    cost = cost.ring_model(ulysses_size, cp * ulysses_size)
     spe = cost.seconds_per_entry
     scored = [(max(work) * spe, order, name, pieces)
               for order, (name, pieces, work) in enumerate(candidates(cu, cp, sample_len, cost))]

@@ -91,8 +91,9 @@ def test_every_candidate_plans_exactly(problem):
 
 def _auto_pieces(rank, cp, problems_):
     out = []
-    for cu, cp_, s, model in problems_:
-        layout = DocLayout.from_cu_seqlens(cu, cp_, sample_len=s, strategy="auto", cost=model)
+    for cu, cp_, s, model, *u in problems_:
+        layout = DocLayout.from_cu_seqlens(cu, cp_, sample_len=s, strategy="auto", cost=model,
+                                           ulysses_size=u[0] if u else 1)
         out.append((layout.pieces, layout.auto_choice, layout.fingerprint))
     return out
 
@@ -106,6 +107,11 @@ def test_auto_is_identical_across_processes(rank_pools):
         s = 2 * cp * rng.randint(4, 64)
         batch.append((random_cu_seqlens(rng, s, rng.randint(1, 3), max_doc=rng.choice([s // 8 or 1, s])), cp, s,
                       MODELS[i % len(MODELS)]))
+    for i in range(8):  # hybrid splits, on one- and two-level profiles
+        u, r = rng.choice([(2, 2), (4, 2), (8, 4), (2, 8)])
+        s = 2 * r * u * rng.randint(4, 32)
+        batch.append((random_cu_seqlens(rng, s, rng.randint(1, 2), max_doc=rng.choice([s // 8, s])), u * r, s,
+                      CostModel(HYBRID_PROFILES[i % 3], 32, 8), u))
     mine = _auto_pieces(0, 1, batch)
     for theirs in unwrap(rank_pools(2).run(_auto_pieces, batch)):
         assert theirs == mine
@@ -136,12 +142,13 @@ def test_auto_validation():
 
 
 def test_auto_for_a_hybrid_layout_solves_its_ring():
-    """With ulysses_size > 1, auto lays out the R ring ranks as a ring of R (its pieces and plans are the ring's)."""
+    """With ulysses_size > 1, auto lays out the R ring ranks as a ring of R (its pieces and plans are the ring's),
+    priced with the head-split model of that ring."""
     rng = random.Random(5)
     cu = random_cu_seqlens(rng, 64, 2, max_doc=40)
     model = MODELS[1]
     hybrid = DocLayout.from_cu_seqlens(cu, 4, sample_len=64, strategy="auto", cost=model, ulysses_size=2)
-    ring = DocLayout.from_cu_seqlens(cu, 2, sample_len=64, strategy="auto", cost=model)
+    ring = DocLayout.from_cu_seqlens(cu, 2, sample_len=64, strategy="auto", cost=model.ring_model(2, 4))
     assert (hybrid.cp_size, hybrid.ring_size, hybrid.strategy) == (4, 2, "auto")
     assert hybrid.pieces == ring.pieces and hybrid.auto_choice == ring.auto_choice
     assert hybrid.ring_layout == ring
@@ -152,3 +159,81 @@ def test_auto_for_a_hybrid_layout_solves_its_ring():
         assert rank_plan(hybrid, cp_rank) == rank_plan(ring, cp_rank // 2)
     assert DocLayout.required_multiple(4, strategy="auto", ulysses_size=2) == \
         DocLayout.required_multiple(4, strategy="zigzag", ulysses_size=2)
+
+
+HYBRID_PROFILES = [HardwareProfile(400e12, 50e9), HardwareProfile(400e12, 50e9, 450e9, node_size=4),
+                   HardwareProfile(1e12, 1e8, 1e9, latency=1e-4, segment_overhead=1e-5, node_size=2)]
+
+
+@st.composite
+def hybrid_problems(draw, max_ring=6, max_chunk=12):
+    """``(cu, cp, sample_len, U, model)`` with heads the ``U`` split can scatter (split or replicated KV)."""
+    u = draw(st.sampled_from([2, 3, 4, 8]))
+    r = draw(st.integers(1, max_ring))
+    s = 2 * r * u * draw(st.integers(1, max_chunk))
+    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
+    cu = random_cu_seqlens(rng, s, draw(st.integers(1, 2)), p_single=draw(st.sampled_from([0.0, 0.3])),
+                           max_doc=draw(st.sampled_from([s // (2 * r), s])))
+    heads = [(hkv * g, hkv) for hkv in (1, 2, 3, 4, 8, 16) for g in (1, 4, u)
+             if (hkv * g) % u == 0 and (hkv % u == 0 or u % hkv == 0)]  # ulysses_heads' rule
+    hq, hkv = draw(st.sampled_from(heads))
+    return cu, u * r, s, u, CostModel(draw(st.sampled_from(HYBRID_PROFILES)), hq, hkv, 16)
+
+
+@settings(max_examples=40, deadline=None)
+@given(hybrid_problems())
+def test_auto_for_hybrid_is_never_worse_than_zigzag_or_balanced(problem):
+    """Hybrid auto: the ring of its head-split model (deterministic), equal tokens per ring rank per sample, and
+    by the full model (all-to-alls included) never slower than zigzag or balanced on the same split."""
+    cu, cp, s, u, model = problem
+    layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=s, strategy="auto", cost=model, ulysses_size=u)
+    check_pieces(layout.pieces, cp // u, s, cu[-1])
+    ring = DocLayout.from_cu_seqlens(cu, cp // u, sample_len=s, strategy="auto", cost=model.ring_model(u, cp))
+    assert (layout.pieces, layout.auto_choice) == (ring.pieces, ring.auto_choice)
+    step = model.predict(layout, "direct").step_s
+    zz = DocLayout.from_cu_seqlens(cu, cp, sample_len=s, ulysses_size=u)
+    assert step <= model.predict(zz, "direct").step_s * (1 + 1e-12)
+    if s % (4 * cp // u) == 0:
+        bal = DocLayout.from_cu_seqlens(cu, cp, sample_len=s, strategy="balanced", ulysses_size=u)
+        assert step <= model.predict(bal, "direct").step_s * (1 + 1e-12)
+    again = DocLayout.from_cu_seqlens(cu, cp, sample_len=s, strategy="auto", cost=model, ulysses_size=u)
+    assert again.pieces == layout.pieces and again.fingerprint == layout.fingerprint
+
+
+def test_auto_for_hybrid_prices_the_head_split():
+    """U = 8 with 2 KV heads replicates them (1 KV head and 4 query heads per Ulysses rank: KV weighs 4x more than
+    in the unsplit 32/2 model); the head-split model picks another ring layout, faster by the full model."""
+    rng = random.Random(1)
+    r = rng.choice([2, 3, 4])
+    s = 2 * r * 8 * rng.randint(8, 64)
+    cu = random_cu_seqlens(rng, s, rng.randint(1, 2), max_doc=rng.choice([s // 4, s]))
+    model = CostModel(HardwareProfile(400e12, 50e9), 32, 2, 128)
+    hybrid = DocLayout.from_cu_seqlens(cu, 8 * r, sample_len=s, strategy="auto", cost=model, ulysses_size=8)
+    unsplit = DocLayout.from_cu_seqlens(cu, r, sample_len=s, strategy="auto", cost=model)
+    assert hybrid.pieces != unsplit.pieces
+    other = DocLayout(hybrid.cu_seqlens, 8 * r, s, "auto", unsplit.pieces, 8)
+    assert model.predict(hybrid).step_s < model.predict(other).step_s
+
+
+def test_auto_hybrid_heads_and_default_model():
+    """A model whose heads the split cannot scatter is refused naming them; without a model any U works."""
+    with pytest.raises(ValueError, match="cost: the model's heads \\(num_heads=32, num_kv_heads=8\\) cannot run "
+                                         "ulysses_size=3"):
+        DocLayout.from_cu_seqlens([0, 10, 48], 6, strategy="auto", cost=MODELS[0], ulysses_size=3)
+    from ringattn.cost import default_cost_model
+
+    layout = DocLayout.from_cu_seqlens([0, 10, 48], 6, strategy="auto", ulysses_size=3)
+    ring = DocLayout.from_cu_seqlens([0, 10, 48], 2, strategy="auto", cost=default_cost_model(3).ring_model(3, 6))
+    assert layout.pieces == ring.pieces
+
+
+def test_auto_on_a_two_level_profile_prices_the_ring_link():
+    """Pure ring on NVLink-in-node / IB-between: inside one node auto solves as on NVLink, across nodes as on IB."""
+    from ringattn.workloads import load_workload
+
+    wl = load_workload("short_docs_128k")
+    two = CostModel("h100-nvlink-ib400")
+    for cp, flat in ((8, "h100-nvlink"), (16, "h100-ib400")):
+        a, b = (DocLayout.from_cu_seqlens(wl["cu_seqlens"], cp, sample_len=wl["sample_len"], strategy="auto", cost=m)
+                for m in (two, CostModel(flat)))
+        assert (a.pieces, a.auto_choice) == (b.pieces, b.auto_choice)
