@@ -1,4 +1,8 @@
-"""``python -m ringattn.plan``: the plan inspector (see :mod:`ringattn.report`)."""
+"""``python -m ringattn.plan``: the plan inspector (see :mod:`ringattn.report`).
+
+Guarded, so that importing this module (doctest collection, documentation tools) runs nothing.
+"""
 from ringattn.report import main
 
-main()
+if __name__ == "__main__":
+    main()
