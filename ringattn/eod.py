@@ -14,6 +14,7 @@ strictly increasing and ends at ``b * s``.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +59,7 @@ def cu_seqlens_from_tokens(tokens: torch.Tensor, eod_id: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.int64), ends.to(torch.int64)])
 
 
-def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor | Sequence[int], total: int) -> torch.Tensor:
     """Reset position ids ``[total]``: the offset of every token inside its document."""
     cu = torch.as_tensor(cu_seqlens, dtype=torch.int64).cpu()
     lengths = cu[1:] - cu[:-1]
@@ -79,6 +80,20 @@ def eod_metadata(
 
     tokens: integer ``[b, s]``. Returns :class:`EodMetadata` with tensors on ``tokens.device``
     (``cu_seqlens`` stays int64 on the same device).
+
+    Two samples of 6 tokens, EoD id 0; the second sample's last document has no EoD (the sample
+    end closes it):
+
+    >>> import torch
+    >>> tokens = torch.tensor([[5, 6, 0, 7, 8, 0],
+    ...                        [9, 0, 3, 4, 5, 6]])
+    >>> meta = eod_metadata(tokens, eod_id=0, eod_mask_loss=True)
+    >>> meta.cu_seqlens.tolist()
+    [0, 3, 6, 8, 12]
+    >>> meta.position_ids.tolist()
+    [[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 2, 3]]
+    >>> meta.loss_mask.tolist()
+    [[1.0, 1.0, 0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 1.0, 1.0, 1.0]]
     """
     _check_tokens(tokens)
     b, s = tokens.shape

@@ -36,6 +36,11 @@ def rescale_cu_seqlens(cu_seqlens, sample_len: int, new_sample_len: int) -> list
 
     Boundaries are scaled and rounded; documents that would vanish keep one token; sample
     boundaries stay boundaries.
+
+    >>> rescale_cu_seqlens([0, 100, 300, 400, 401, 800], 400, 40)   # 2 samples of 400 -> 40 tokens
+    [0, 10, 30, 40, 41, 80]
+    >>> load_workload("pretrain_mix_128k")["sample_len"]
+    131072
     """
     out = [0]
     for c in cu_seqlens[1:]:

@@ -43,6 +43,13 @@ class Rows:
 
     ``span`` is ``(start, end)`` when the ranges are consecutive, else None and the rows go through
     an int64 index tensor built once per device (:meth:`index`).
+
+    >>> import torch
+    >>> Rows(((0, 4), (4, 6))).span                    # one run: a view
+    (0, 6)
+    >>> gap = Rows(((0, 2), (5, 7)))
+    >>> gap.span, gap.take(torch.arange(10)).tolist()   # one index_select
+    (None, [0, 1, 5, 6])
     """
 
     ranges: tuple[Range, ...]
@@ -136,7 +143,23 @@ def _rows(transfer) -> Rows | None:
 
 
 def plan_exec(plan: RankPlan) -> PlanExec:
-    """The executor's view of ``plan`` (built on first use, then cached on the plan object)."""
+    """The executor's view of ``plan`` (built on first use, then cached on the plan object).
+
+    Rank 1 of a 2-rank zigzag layout (documents ``[0, 5)``, ``[5, 8)``, ``[8, 16)``; see
+    :mod:`ringattn.plan`): step 0 is one causal call over its three document parts, step 1 one
+    dense call of local query row 0 against the 4 received KV rows; every row set is one span, so
+    the executor takes views (no index tensor):
+
+    >>> from ringattn import DocLayout, rank_plan
+    >>> layout = DocLayout.from_cu_seqlens([0, 5, 8, 16], cp_size=2)
+    >>> ex = plan_exec(rank_plan(layout, 1))
+    >>> [[(c.varlen.cu_q, c.varlen.cu_k, c.varlen.causal, c.init) for c in st.calls] for st in ex.steps]
+    [[((0, 1, 4, 8), (0, 1, 4, 8), True, True)], [((0, 1), (0, 4), False, False)]]
+    >>> ex.steps[1].send.span, ex.steps[1].grad_send.span, ex.steps[1].grad_recv.span
+    ((4, 8), (0, 4), (4, 8))
+    >>> plan_exec(rank_plan(layout, 1)) is ex           # the same plan object, the same PlanExec
+    True
+    """
     ex = plan.__dict__.get("_exec")
     if ex is None:
         ex = PlanExec(tuple(StepExec(_calls(s, plan.local_tokens), _rows(s.send), _rows(s.grad_send), _rows(s.grad_recv))

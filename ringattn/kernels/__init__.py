@@ -28,6 +28,24 @@ Contract (THD layout, GQA native: k/v may have fewer heads than q, ``Hq % Hkv ==
   the verdict is agreed by every rank.
 
 Registering a backend: add ``name -> module path`` to :data:`BACKENDS` and pass ``backend=name``.
+
+Example: one call over two causal segments (documents of 3 and 5 tokens), GQA with 4 query and
+2 KV heads; the CPU backend and the portable ``math`` backend agree, and the LSE is fp32
+``[Tq, Hq]`` (token-major):
+
+>>> import torch
+>>> call = VarlenCall(cu_q=(0, 3, 8), cu_k=(0, 3, 8), causal=True)
+>>> call
+VarlenCall(cu_q=(0, 3, 8), cu_k=(0, 3, 8), causal=True, max_q=5, max_k=5)
+>>> g = torch.Generator().manual_seed(0)
+>>> q = torch.randn(8, 4, 16, generator=g)
+>>> k, v = (torch.randn(8, 2, 16, generator=g) for _ in range(2))
+>>> out, lse = get_backend("cpu").forward(q, k, v, call, 0.25)
+>>> out_m, lse_m = get_backend("cpu", "math").forward(q, k, v, call, 0.25)
+>>> tuple(out.shape), lse.dtype, tuple(lse.shape)
+((8, 4, 16), torch.float32, (8, 4))
+>>> torch.allclose(out, out_m, atol=1e-6) and torch.allclose(lse, lse_m, atol=1e-6)
+True
 """
 from __future__ import annotations
 
