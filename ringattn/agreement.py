@@ -22,7 +22,7 @@ def signature(parts: tuple) -> int:
     return int.from_bytes(digest, "little") & ((1 << 62) - 1)
 
 
-def agree(group, verdict: str | None, sig: int, details: str, device: torch.device) -> None:
+def agree(group: dist.ProcessGroup, verdict: str | None, sig: int, details: str, device: torch.device) -> None:
     """Raise the same ``ValueError`` on every rank of ``group`` unless all are fine and agree.
 
     verdict: this rank's local validation error (None if fine). sig: :func:`signature` of

@@ -29,9 +29,9 @@ class CPGroups:
     process group there keeps meaning a pure ring.
     """
 
-    cp: object
-    ulysses: object | None
-    ring: object | None
+    cp: dist.ProcessGroup
+    ulysses: dist.ProcessGroup | None
+    ring: dist.ProcessGroup | None
     ulysses_size: int
     ring_size: int
 
@@ -45,7 +45,8 @@ class CPGroups:
         return (c,) + divmod(c, self.ulysses_size)
 
     @classmethod
-    def from_groups(cls, cp, ulysses, ring) -> "CPGroups":
+    def from_groups(cls, cp: dist.ProcessGroup, ulysses: dist.ProcessGroup | None,
+                    ring: dist.ProcessGroup | None) -> CPGroups:
         """Wrap existing groups (e.g. megatron-core's hierarchical CP groups), checking their layout.
 
         Collective over ``cp``: every rank all-gathers the global ranks of its groups, so every
@@ -81,7 +82,7 @@ def _check_order(cp_ranks: list[int], seen: list) -> str | None:
     return None
 
 
-def new_cp_groups(ulysses_size: int, group=None) -> CPGroups:
+def new_cp_groups(ulysses_size: int, group: dist.ProcessGroup | None = None) -> CPGroups:
     """Build the Ulysses and ring subgroups of the CP group ``group`` (default: the world).
 
     Collective over the *default* group: every process of the job calls it, in the same
@@ -91,6 +92,19 @@ def new_cp_groups(ulysses_size: int, group=None) -> CPGroups:
     the same order and reject bad arguments alike: a ``ulysses_size`` that differs between
     ranks or does not divide the CP size, or CP groups that overlap, raise the same
     ``ValueError`` on every rank before any group is created.
+
+    Usage (not run here: it needs an initialised process group), e.g. 16 processes, CP 16 as
+    Ulysses 8 (inside a node) x ring 2 (across nodes)::
+
+        dist.init_process_group("nccl")
+        groups = ringattn.new_cp_groups(8)            # every process calls it, in the same order
+        groups.ulysses_size, groups.ring_size         # (8, 2)
+        groups.ranks()                                # (cp_rank, ring_rank, ulysses_rank), e.g. (11, 1, 3) on rank 11
+        layout = DocLayout.from_tokens(tokens, eod_id, cp_size=16, ulysses_size=8)
+        out = ringattn.ring_eod_attention(q, k, v, layout, group=groups)
+
+    With data x context parallelism, every process passes its own CP group
+    (``new_cp_groups(8, my_cp_group)``); all processes still call it together.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("new_cp_groups: torch.distributed is not initialised")

@@ -31,11 +31,17 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .eod import cu_seqlens_from_tokens, position_ids_from_cu_seqlens
+
+if TYPE_CHECKING:  # type names only: layout sits before plan and cost in the data flow (no runtime import)
+    from .cost import CostModel
+    from .plan import CPStats, PlanStats
 
 __all__ = ["DocLayout", "STRATEGIES", "doc_segments"]
 
@@ -55,7 +61,7 @@ def _as_int_list(cu_seqlens) -> list[int]:
     return [int(x) for x in cu_seqlens]
 
 
-def doc_segments(cu, start: int, end: int):
+def doc_segments(cu: Sequence[int], start: int, end: int) -> Iterator[tuple[int, int, int]]:
     """Yield ``(s, e, d)``: the range ``[start, end)`` cut at the document boundaries ``cu``; ``d`` is
     the index of the document holding ``[s, e)``."""
     d = bisect.bisect_right(cu, start) - 1
@@ -65,7 +71,7 @@ def doc_segments(cu, start: int, end: int):
         start, d = e, d + 1
 
 
-def work_prefix(cu) -> list[int]:
+def work_prefix(cu: Sequence[int]) -> list[int]:
     """``C[d]``: unmasked score entries of documents ``0 .. d-1`` (``len(cu)`` entries)."""
     out = [0]
     for a, b in zip(cu, cu[1:]):
@@ -187,10 +193,57 @@ class DocLayout:
 
     cu_seqlens: global document boundaries, ``(0, ..., num_samples*sample_len)``.
     cp_size: the whole CP size (``ulysses_size * ring_size``).
+    sample_len: tokens per sample (every multiple of it is a document boundary).
+    strategy: the strategy that chose the pieces (``"zigzag"``, ``"balanced"`` or ``"auto"``).
     pieces: ``pieces[r]`` is ring rank ``r``'s tuple of ``(start, end)`` global token ranges,
         sorted; ring rank ``r``'s local tokens are their concatenation (with
         ``ulysses_size == 1`` ring ranks are the CP ranks).
     ulysses_size: Ulysses ranks per ring rank (1: pure ring); see the module docstring.
+
+    Build it with :meth:`from_cu_seqlens` or :meth:`from_tokens`, the same on every rank. One
+    sample of 16 tokens holding three documents (``[0, 5)``, ``[5, 8)``, ``[8, 16)``) over 2 CP
+    ranks, zigzag: the sample is cut into 4 chunks of 4 tokens, rank 0 holds chunks 0 and 3,
+    rank 1 chunks 1 and 2 (one piece, as they touch):
+
+    >>> from ringattn import DocLayout
+    >>> layout = DocLayout.from_cu_seqlens([0, 5, 8, 16], cp_size=2)
+    >>> layout
+    DocLayout(strategy='zigzag', cp_size=2, samples=1, sample_len=16, docs=3, local_tokens=8)
+    >>> layout.pieces
+    (((0, 4), (12, 16)), ((4, 12),))
+
+    A rank shards any per-token tensor of the flattened batch with :meth:`local_indices` and
+    feeds RoPE the reset :meth:`position_ids` (token 4 is the last of the first document; the
+    second and third documents start at tokens 5 and 8):
+
+    >>> layout.local_indices(1).tolist()
+    [4, 5, 6, 7, 8, 9, 10, 11]
+    >>> layout.position_ids(1).tolist()
+    [4, 0, 1, 2, 0, 1, 2, 3]
+
+    The plan's exact accounting (:meth:`stats`): rank 0 does 36 of the 57 unmasked score
+    entries, and each rank receives 4 KV tokens (the part of the other rank's KV its queries read):
+
+    >>> layout.stats()
+    PlanStats(comm='direct', cp=2, steps=1, imbalance=1.263, work=[36, 21], kv_recv_tokens=[4, 4], pairs_skipped=[3, 1])
+
+    The document-aware ``balanced`` strategy (here 2 chunks of 4 tokens per rank) keeps every
+    document of this sample on one rank, so nothing is exchanged:
+
+    >>> balanced = DocLayout.from_cu_seqlens([0, 5, 8, 16], cp_size=2, strategy="balanced", chunks_per_rank=2)
+    >>> balanced.pieces, balanced.stats().num_steps
+    ((((8, 16),), ((0, 8),)), 0)
+
+    Hybrid CP: ``cp_size=4`` as 2 Ulysses x 2 ring ranks; CP rank ``c`` is ring rank ``c // 2``,
+    Ulysses rank ``c % 2`` and holds half of its ring rank's tokens:
+
+    >>> hybrid = DocLayout.from_cu_seqlens([0, 5, 8, 16], cp_size=4, ulysses_size=2)
+    >>> [hybrid.split(c) for c in range(4)]
+    [(0, 0), (0, 1), (1, 0), (1, 1)]
+    >>> [hybrid.rank_pieces(c) for c in range(4)]
+    [((0, 4),), ((12, 16),), ((4, 8),), ((8, 12),)]
+    >>> hybrid.ring_layout.pieces == layout.pieces
+    True
     """
 
     cu_seqlens: tuple[int, ...]
@@ -206,15 +259,15 @@ class DocLayout:
     @classmethod
     def from_cu_seqlens(
         cls,
-        cu_seqlens,
+        cu_seqlens: Sequence[int] | torch.Tensor,
         cp_size: int,
         *,
         sample_len: int | None = None,
         strategy: str = "zigzag",
         chunks_per_rank: int | None = None,
         ulysses_size: int = 1,
-        cost=None,
-    ) -> "DocLayout":
+        cost: CostModel | None = None,
+    ) -> DocLayout:
         """Build a layout from global document boundaries.
 
         cu_seqlens: ints (list or 1-D tensor) starting at 0, strictly increasing, ending at the
@@ -287,7 +340,8 @@ class DocLayout:
 
     @classmethod
     def from_tokens(cls, tokens: torch.Tensor, eod_id: int, cp_size: int, *, strategy: str = "zigzag",
-                    chunks_per_rank: int | None = None, ulysses_size: int = 1, cost=None) -> "DocLayout":
+                    chunks_per_rank: int | None = None, ulysses_size: int = 1,
+                    cost: CostModel | None = None) -> DocLayout:
         """Layout of ``tokens [b, s]`` whose documents end with ``eod_id`` (see :mod:`ringattn.eod`)."""
         cu = cu_seqlens_from_tokens(tokens, eod_id)
         return cls.from_cu_seqlens(cu, cp_size, sample_len=int(tokens.shape[1]), strategy=strategy,
@@ -304,6 +358,15 @@ class DocLayout:
         balanced into ``chunks_per_rank*R``, and each ring rank's tokens of all ``num_samples``
         samples must split into ``U`` equal parts. The value for ``num_samples=1`` (the default)
         suits any number of samples. Invalid arguments raise the ``ValueError`` the layout would.
+
+        >>> DocLayout.required_multiple(4)                        # zigzag: 2*4 chunks per sample
+        8
+        >>> DocLayout.required_multiple(4, strategy="balanced")  # 4 chunks per rank by default
+        16
+        >>> DocLayout.required_multiple(8, ulysses_size=4)        # 2 ring ranks' s/2 tokens in 4 parts
+        8
+        >>> DocLayout.required_multiple(8, ulysses_size=4, num_samples=2)
+        4
         """
         ring, per_rank = _check_split(cp_size, strategy, chunks_per_rank, ulysses_size)
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
@@ -334,7 +397,7 @@ class DocLayout:
         return self.cp_size // self.ulysses_size
 
     @property
-    def ring_layout(self) -> "DocLayout":
+    def ring_layout(self) -> DocLayout:
         """The layout of the ring ranks alone (``ulysses_size=1``, ``cp_size=ring_size``, same pieces):
         what the planner and the ring executor run on. ``self`` for a pure ring."""
         if self.ulysses_size == 1:
@@ -386,18 +449,18 @@ class DocLayout:
         """Index of the document holding global token ``token``."""
         return bisect.bisect_right(self.cu_seqlens, token) - 1
 
-    def local_indices(self, rank: int, device=None) -> torch.Tensor:
+    def local_indices(self, rank: int, device: torch.device | str | None = None) -> torch.Tensor:
         """int64 ``[local_tokens(rank)]``: global token indices held by CP rank ``rank``, local order.
 
         Shard any per-token tensor of the flattened batch with ``x.reshape(-1, ...)[idx]``.
         """
         return torch.cat([torch.arange(s, e, dtype=torch.int64) for s, e in self.rank_pieces(rank)]).to(device)
 
-    def position_ids(self, rank: int, device=None) -> torch.Tensor:
+    def position_ids(self, rank: int, device: torch.device | str | None = None) -> torch.Tensor:
         """int64 ``[local_tokens(rank)]``: reset position ids (offset within the document)."""
         return position_ids_from_cu_seqlens(self.cu_seqlens, self.total_tokens)[self.local_indices(rank)].to(device)
 
-    def stats(self, comm: str | None = None):
+    def stats(self, comm: str | None = None) -> PlanStats:
         """Per-rank tokens, attention work, block pairs and KV traffic (:class:`ringattn.plan.PlanStats`)
         of the plan shape ``comm`` (default: the library's default shape). With ``ulysses_size > 1``
         these are the ring plan's, per ring rank (each of its Ulysses ranks runs that ring on its
@@ -407,7 +470,7 @@ class DocLayout:
         return build_plan(self.ring_layout, comm or DEFAULT_COMM).stats
 
     def cp_stats(self, heads: int, kv_heads: int, head_dim: int, itemsize: int = 2, comm: str | None = None,
-                 node_size: int | None = None):
+                 node_size: int | None = None) -> CPStats:
         """Per CP rank all-to-all bytes and ring KV bytes, forward and backward
         (:class:`ringattn.plan.CPStats`) for ``heads`` query heads, ``kv_heads`` KV heads of
         ``head_dim`` elements of ``itemsize`` bytes (2: bf16/fp16); with ``node_size`` (CP

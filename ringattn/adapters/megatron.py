@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from einops import rearrange
 from torch import nn
 
 from ..attention import ring_eod_attention
+from ..cost import CostModel
 from ..eod import eod_metadata
 from ..groups import CPGroups
 from ..layout import DocLayout
@@ -38,7 +41,12 @@ from ..layout import DocLayout
 try:
     from megatron.core import parallel_state
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.gpt import GPTModel
     from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_config import TransformerConfig
 except ImportError as exc:  # pragma: no cover - exercised only without megatron-core
     raise ImportError("ringattn.adapters.megatron needs megatron-core (pip install 'ringattn[megatron]')") from exc
 
@@ -101,7 +109,7 @@ def _hierarchical_groups(pg_collection, config):
     return hcp
 
 
-def cp_ulysses_size(config) -> int:
+def cp_ulysses_size(config: TransformerConfig) -> int:
     """The Ulysses size ringattn runs for a megatron ``TransformerConfig``: the CP size for
     ``cp_comm_type="a2a"``, ``hierarchical_context_parallel_sizes[0]`` for ``"a2a+p2p"``, else 1.
 
@@ -123,11 +131,17 @@ def cp_ulysses_size(config) -> int:
 
 
 class RingEoDCoreAttention(nn.Module):
-    """Document-causal ring attention in place of megatron-core's ``core_attention``."""
+    """Document-causal ring attention in place of megatron-core's ``core_attention``.
 
-    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
+    The constructor and ``forward`` take what megatron-core 0.16.1's ``SelfAttention`` passes its
+    core attention (the signature of ``megatron.core.transformer.dot_product_attention.DotProductAttention``),
+    plus ``comm`` (the plan shape, see :func:`ringattn.ring_eod_attention`).
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection=None, comm: str | None = None):
+                 cp_comm_type: str | None = None, pg_collection: ProcessGroupCollection | None = None,
+                 comm: str | None = None) -> None:
         super().__init__()
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
@@ -172,8 +186,10 @@ class RingEoDCoreAttention(nn.Module):
                              "get_batch(..., ulysses_size=cp_ulysses_size(config))")
         return layout
 
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, attn_mask_type: AttnMaskType | None = None,
+                attention_bias: torch.Tensor | None = None,
+                packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
         """sbhd: q ``[s, b, hq, d]``, k/v ``[s, b, hkv, d]`` -> ``[s, b, hq*d]``; thd: ``[t, h, d]`` -> ``[t, hq*d]``.
 
         ``attention_mask`` is ignored: the layout defines the document-causal mask.
@@ -194,7 +210,7 @@ class RingEoDCoreAttention(nn.Module):
         return rearrange(out, "(b s) h d -> s b (h d)", b=b)
 
 
-def ringattn_layer_spec(base_spec=None, comm: str | None = None):
+def ringattn_layer_spec(base_spec: ModuleSpec | None = None, comm: str | None = None) -> ModuleSpec:
     """A GPT layer spec with :class:`RingEoDCoreAttention` as core attention.
 
     base_spec: a megatron-core ``ModuleSpec`` of a transformer layer (default:
@@ -220,7 +236,8 @@ class ResetRotaryEmbedding(RotaryEmbedding):
 
     position_ids: torch.Tensor | None = None
 
-    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False,
+                cp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
         if self.position_ids is None:
             raise ValueError("position_ids: ResetRotaryEmbedding needs the batch's position ids "
                              "(pass position_ids to GPTModel.forward after use_reset_position_rope)")
@@ -237,7 +254,7 @@ class ResetRotaryEmbedding(RotaryEmbedding):
         return rearrange(emb, "b s d -> s b 1 d")
 
 
-def use_reset_position_rope(model) -> ResetRotaryEmbedding:
+def use_reset_position_rope(model: GPTModel) -> ResetRotaryEmbedding:
     """Make ``model`` (a megatron-core ``GPTModel`` with RoPE) rotate by its ``position_ids`` argument.
 
     Replaces ``model.rotary_pos_emb`` by a :class:`ResetRotaryEmbedding` with the same
@@ -258,7 +275,7 @@ def use_reset_position_rope(model) -> ResetRotaryEmbedding:
     return new
 
 
-def get_batch_on_this_cp_rank(batch: dict, layout: DocLayout, cp_rank: int | None = None) -> dict:
+def get_batch_on_this_cp_rank(batch: dict[str, Any], layout: DocLayout, cp_rank: int | None = None) -> dict[str, Any]:
     """Shard a ``[b, s]`` batch for CP rank ``cp_rank`` by ``layout``; add attention's metadata.
 
     Per-token entries (tokens, labels, loss_mask, position_ids) become ``[b, s_local]`` in the
@@ -286,10 +303,10 @@ def is_dataset_built_on_rank() -> bool:
     return parallel_state.get_tensor_model_parallel_rank() == 0
 
 
-def get_batch(data_iterator: Iterator, eod_id: int, *, reset_attention_mask: bool = True,
+def get_batch(data_iterator: Iterator[dict[str, Any]], eod_id: int, *, reset_attention_mask: bool = True,
               reset_position_ids: bool = True, eod_mask_loss: bool = False,
-              get_batch_on_this_tp_rank: Callable | None = None, strategy: str = "zigzag",
-              ulysses_size: int = 1, cost=None) -> dict:
+              get_batch_on_this_tp_rank: Callable[[Iterator[dict[str, Any]]], dict[str, Any]] | None = None,
+              strategy: str = "zigzag", ulysses_size: int = 1, cost: CostModel | None = None) -> dict[str, Any]:
     """Megatron's ``get_batch`` for EoD reset with ring attention.
 
     1. the TP-rank batch (``get_batch_on_this_tp_rank(data_iterator)`` or ``next(data_iterator)``,

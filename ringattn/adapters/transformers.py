@@ -55,10 +55,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..agreement import agree, signature
 from ..attention import ring_eod_attention
@@ -68,7 +71,7 @@ from ..layout import DocLayout
 from ..plan import ulysses_heads
 
 try:
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface, PreTrainedModel
 except ImportError as exc:  # pragma: no cover - exercised only without transformers
     raise ImportError("ringattn.adapters.transformers needs transformers>=5 (pip install 'ringattn[transformers]')") from exc
 
@@ -102,7 +105,7 @@ class RingAttnContext:
     """
 
     layout: DocLayout
-    group: object
+    group: dist.ProcessGroup | None
     rank: int
     position_ids: torch.Tensor = field(repr=False)
     batch_shape: tuple[int, int]
@@ -124,7 +127,7 @@ class RingAttnContext:
         return self.layout.ulysses_size
 
     @property
-    def attention_group(self):
+    def attention_group(self) -> dist.ProcessGroup | CPGroups | None:
         """The ``group=`` of :func:`ring_eod_attention`: the :class:`CPGroups` if any, else the CP group."""
         return self.groups if self.groups is not None else self.group
 
@@ -172,7 +175,7 @@ def _check_loss_function(model) -> None:
             "must be shifted over the whole batch before sharding (transformers' ForCausalLMLoss takes shift_labels)")
 
 
-def prepare_model(model, name: str = DEFAULT_NAME):
+def prepare_model(model: PreTrainedModel, name: str = DEFAULT_NAME) -> PreTrainedModel:
     """Make ``model`` (a transformers ``PreTrainedModel``) run ringattn; returns it.
 
     * registers the attention function as ``name`` and selects it with ``set_attn_implementation``,
@@ -319,9 +322,11 @@ def _digest(*tensors: torch.Tensor) -> int:
     return int.from_bytes(h.digest(), "little") & ((1 << 62) - 1)
 
 
-def shard_batch(batch: dict, group=None, *, eod_id: int | None = None, strategy: str = "zigzag",
-                pad_to_multiple_of: int | None = None, pad_token_id: int = 0, num_items_in_batch=None,
-                comm: str | None = None, backend: str | None = None, device=None, **layout_kwargs) -> dict:
+def shard_batch(batch: Mapping[str, Any], group: dist.ProcessGroup | CPGroups | None = None, *,
+                eod_id: int | None = None, strategy: str = "zigzag", pad_to_multiple_of: int | None = None,
+                pad_token_id: int = 0, num_items_in_batch: int | torch.Tensor | None = None, comm: str | None = None,
+                backend: str | None = None, device: torch.device | str | None = None,
+                **layout_kwargs: Any) -> dict[str, Any]:
     """This CP rank's ``model(**inputs)`` arguments for a packed batch; every CP rank passes the same batch.
 
     batch: ``input_ids`` ``[b, s]`` (``[1, T]`` from ``DataCollatorWithFlattening``) and optionally
@@ -494,9 +499,11 @@ def _agreement_device(group, query) -> torch.device:
     return query.device
 
 
-def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
-                      sliding_window=None, softcap=None, is_causal=None, s_aux=None, sinks=None, position_bias=None,
-                      **kwargs):
+def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      sliding_window: int | None = None, softcap: float | None = None, is_causal: bool | None = None,
+                      s_aux: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                      position_bias: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention function: ``[b, Hq, s, d]`` q, ``[b, Hkv, s, d]`` k/v -> (``[b, s, Hq, d]``, None).
 
     Runs :func:`ring_eod_attention` over the context's layout and group (its :class:`CPGroups` for
@@ -535,7 +542,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
 
 
 # ---------------------------------------------------------------------------------------------- loss, outputs
-def reduce_loss(loss: torch.Tensor, group=None) -> torch.Tensor:
+def reduce_loss(loss: torch.Tensor,
+                group: dist.ProcessGroup | CPGroups | RingAttnContext | None = None) -> torch.Tensor:
     """The batch loss for logging: the sum of the CP ranks' losses (detached).
 
     With :func:`shard_batch`'s ``num_items_in_batch`` each rank's loss is its share of the batch

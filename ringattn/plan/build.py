@@ -21,6 +21,7 @@ reads of ``d``.
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -238,7 +239,8 @@ def direct_accounting(layout: DocLayout) -> Accounting:
     return pieces_accounting(layout.cu_seqlens, layout.cp_size, layout.pieces, layout.sample_len)
 
 
-def pieces_accounting(cu_seqlens, cp: int, pieces, sample_len: int | None = None) -> Accounting:
+def pieces_accounting(cu_seqlens: Sequence[int], cp: int, pieces: Sequence[Iterable[Range]],
+                      sample_len: int | None = None) -> Accounting:
     """:func:`direct_accounting` of ``pieces`` (per rank, in any order). Touching pieces of a rank
     count as one, as a layout holds them, except across sample boundaries (``sample_len``;
     default: none merged across any boundary of ``cu_seqlens``' samples is assumed).

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..layout import DocLayout
+from .build import build_plan
 from .types import PlanStats
 
 __all__ = ["ulysses_heads", "CPStats", "cp_stats"]
@@ -27,6 +29,11 @@ def ulysses_heads(heads: int, kv_heads: int, ulysses_size: int) -> tuple[int, in
     ulysses_size == 0``; otherwise, when ``ulysses_size % kv_heads == 0``, each KV head is
     replicated ``ulysses_size // kv_heads`` times before the all-to-all (one KV head per rank;
     the replicas' dK/dV are summed back); otherwise ``ValueError``.
+
+    >>> ulysses_heads(32, 8, 4)     # Llama-3-8B-like heads over 4 Ulysses ranks: KV heads split
+    (8, 2, 1)
+    >>> ulysses_heads(32, 8, 16)    # 16 ranks: each KV head replicated twice, one per rank
+    (2, 1, 2)
     """
     u = ulysses_size
     if heads % u:
@@ -110,15 +117,13 @@ class CPStats:
                 f"ring_fwd_bytes={list(self.ring_fwd_bytes)})")
 
 
-def cp_stats(layout, heads: int, kv_heads: int, head_dim: int, itemsize: int, comm: str,
+def cp_stats(layout: DocLayout, heads: int, kv_heads: int, head_dim: int, itemsize: int, comm: str,
              node_size: int | None = None) -> CPStats:
     """:class:`CPStats` of ``layout`` (any ``ulysses_size``) for the given heads and element size.
 
     node_size: CP ranks per node (consecutive CP ranks share a node); bytes from a peer on
     another node are counted in ``inter_fwd_bytes`` / ``inter_bwd_bytes`` (all 0 without it).
     """
-    from .build import build_plan
-
     u, r = layout.ulysses_size, layout.ring_size
     if heads % kv_heads:
         raise ValueError(f"heads: q heads ({heads}) must be a multiple of k/v heads ({kv_heads})")
