@@ -2,7 +2,8 @@
 
 One small collective (an all-gather of ``[verdict, signature]`` int64 pairs) checks that every
 rank's input passed local validation and that all ranks agree on what must be identical:
-layout metadata, head counts, head dim, dtype, softmax scale and plan shape. On failure a
+layout metadata, head counts, head dim, dtype, softmax scale, plan shape and the Ulysses x ring
+split (the caller builds the signature; see ``ringattn.attention``). On failure a
 second all-gather carries the messages, so every rank raises the same ``ValueError`` naming
 the offending ranks and problems. Nothing else is communicated before this returns.
 """
