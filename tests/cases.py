@@ -41,6 +41,22 @@ def random_cu_seqlens(rng: random.Random, sample_len: int, num_samples: int = 1,
     return tuple(cu)
 
 
+def splittable_heads(ulysses_size: int, kv_heads, groups) -> list[tuple[int, int]]:
+    """``(Hq, Hkv)`` pairs, ``Hq = Hkv * g``, that a Ulysses group of ``ulysses_size`` can scatter
+    (KV heads split or replicated; see :func:`ringattn.plan.ulysses_heads`)."""
+    from ringattn.plan import ulysses_heads
+
+    pairs = []
+    for hkv in kv_heads:
+        for g in groups:
+            try:
+                ulysses_heads(hkv * g, hkv, ulysses_size)
+            except ValueError:
+                continue
+            pairs.append((hkv * g, hkv))
+    return pairs
+
+
 def global_tensors(case: Case):
     """Seeded global q, k, v, dout (unit-scale normal) for a case."""
     g = torch.Generator().manual_seed(case.seed)

@@ -15,7 +15,7 @@ from ringattn.cost import DEFAULT_PROFILE, PRESETS, CostModel, HardwareProfile, 
 from ringattn.layout import STRATEGIES
 from ringattn.plan import COMM_SHAPES, direct_accounting, ulysses_heads
 
-from .cases import random_cu_seqlens
+from .cases import random_cu_seqlens, splittable_heads
 from .test_plan import layouts
 
 
@@ -249,15 +249,7 @@ def hybrid_layouts(draw, max_cp=8, max_chunk=4):
     rng = random.Random(draw(st.integers(0, 2**32 - 1)))
     cu = random_cu_seqlens(rng, s, draw(st.integers(1, 2)), p_single=draw(st.sampled_from([0.0, 0.3])),
                            max_doc=draw(st.sampled_from([chunk, s])))
-    heads = []
-    for hkv in (1, 2, 3, 4, 8):
-        for g in sorted({1, 2, 4, u}):
-            try:
-                ulysses_heads(hkv * g, hkv, u)
-                heads.append((hkv * g, hkv))
-            except ValueError:
-                pass
-    hq, hkv = draw(st.sampled_from(heads))
+    hq, hkv = draw(st.sampled_from(splittable_heads(u, (1, 2, 3, 4, 8), sorted({1, 2, 4, u}))))
     strategy = draw(st.sampled_from(STRATEGIES))
     per_rank = draw(st.sampled_from([k for k in (1, 2, 4) if s % (k * r) == 0])) if strategy == "balanced" else None
     layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=s, strategy=strategy, chunks_per_rank=per_rank,

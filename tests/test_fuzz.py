@@ -13,9 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ringattn.plan import ulysses_heads
 
-from .cases import Case, assemble, random_cu_seqlens, run_case, run_cases
+from .cases import Case, assemble, random_cu_seqlens, run_case, run_cases, splittable_heads
 from .dist import unwrap
 from .test_attention import check_case
 
@@ -65,15 +64,7 @@ def hybrid_cases(draw, cp: int) -> Case:
     rng = random.Random(draw(st.integers(0, 2**32 - 1)))
     cu = random_cu_seqlens(rng, s, samples, p_single=draw(st.sampled_from([0.0, 0.3, 1.0])),
                            max_doc=draw(st.sampled_from([1, chunk, 2 * chunk, s])))
-    heads = []
-    for hkv in (1, 2, 3, 4, 6):
-        for g in (1, 2, 3):
-            try:
-                ulysses_heads(hkv * g, hkv, u)
-                heads.append((hkv * g, hkv))
-            except ValueError:
-                pass
-    hq, hkv = draw(st.sampled_from(heads))
+    hq, hkv = draw(st.sampled_from(splittable_heads(u, (1, 2, 3, 4, 6), (1, 2, 3))))
     strategy = draw(st.sampled_from(["zigzag", "balanced", "auto"]))
     per_rank = draw(st.sampled_from([k for k in (1, 2, 4) if s % (k * r) == 0])) if strategy == "balanced" else None
     return Case(
