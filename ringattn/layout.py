@@ -441,9 +441,13 @@ class DocLayout:
         return len(self.cu_seqlens) - 1
 
     def local_tokens(self, rank: int) -> int:
-        """Number of tokens CP rank ``rank`` holds."""
+        """Number of tokens CP rank ``rank`` holds (counted once per layout: it is read on every call)."""
         ring_rank, _ = self.split(rank)
-        return sum(e - s for s, e in self.pieces[ring_rank]) // self.ulysses_size
+        counts = self.__dict__.get("_ring_tokens")
+        if counts is None:
+            counts = tuple(sum(e - s for s, e in pieces) for pieces in self.pieces)
+            object.__setattr__(self, "_ring_tokens", counts)
+        return counts[ring_rank] // self.ulysses_size
 
     def doc_of(self, token: int) -> int:
         """Index of the document holding global token ``token``."""
