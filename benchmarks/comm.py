@@ -12,25 +12,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
+from _timed import add_run_args, local_qkv, rescaled, timed_rounds
 
 import ringattn
 from ringattn import DocLayout, build_plan
 from ringattn.plan import COMM_SHAPES
-from ringattn.workloads import load_workload, rescale_cu_seqlens, workload_names
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", default=",".join(workload_names()))
-    p.add_argument("--sample-len", type=int, default=8192)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=5)
+    add_run_args(p, sample_len=8192, rounds=5)
     p.add_argument("--backend", default="gloo")
     args = p.parse_args()
     dist.init_process_group(args.backend)
@@ -41,24 +35,12 @@ def main() -> None:
               f"sample_len={args.sample_len}, {args.rounds} rounds; time = busiest rank's fwd+bwd median")
         print(f"{'workload':<26} {'comm':>6} {'steps':>5} {'KV recv max':>11} {'ms':>8} {'vs plain':>8}")
     for name in args.workloads.split(","):
-        wl = load_workload(name)
-        cu = rescale_cu_seqlens(wl["cu_seqlens"], wl["sample_len"], args.sample_len)
+        wl, cu = rescaled(name, args.sample_len)
         layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=args.sample_len)
-        n = layout.local_tokens(rank)
-        g = torch.Generator().manual_seed(rank)
-        q = torch.randn(n, args.heads, args.head_dim, generator=g, requires_grad=True)
-        k = torch.randn(n, args.kv_heads, args.head_dim, generator=g, requires_grad=True)
-        v = torch.randn(n, args.kv_heads, args.head_dim, generator=g, requires_grad=True)
-        times = {c: [] for c in COMM_SHAPES}
-        for rnd in range(args.rounds + 1):
-            for comm in COMM_SHAPES:
-                dist.barrier()
-                t0 = time.perf_counter()
-                ringattn.ring_eod_attention(q, k, v, layout, comm=comm).sum().backward()
-                dt = torch.tensor(time.perf_counter() - t0)
-                dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-                if rnd:  # round 0 warms up connections and caches
-                    times[comm].append(dt.item())
+        q, k, v = local_qkv(layout.local_tokens(rank), args.heads, args.kv_heads, args.head_dim,
+                            torch.Generator().manual_seed(rank))
+        times = timed_rounds({comm: lambda comm=comm: ringattn.ring_eod_attention(q, k, v, layout, comm=comm).sum()
+                              .backward() for comm in COMM_SHAPES}, args.rounds)
         if rank == 0:
             base = statistics.median(times["plain"])
             for comm in COMM_SHAPES:

@@ -18,16 +18,15 @@ Use the attention shape and dtype the profile was calibrated with (the defaults 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.distributed as dist
+from _timed import add_run_args, local_qkv, rescaled, timed_rounds
 
 import ringattn
 from ringattn import DocLayout
 from ringattn.cost import CostModel
 from ringattn.report import load_profile
-from ringattn.workloads import load_workload, rescale_cu_seqlens, workload_names
 
 STRATEGIES = ("zigzag", "balanced", "auto")
 
@@ -49,14 +48,9 @@ def consistent(pred: dict, meas: dict, tie: float) -> bool:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", required=True, help="profile JSON (python -m ringattn.cost --calibrate) or preset")
-    p.add_argument("--workloads", default=",".join(workload_names()))
-    p.add_argument("--sample-len", type=int, default=8192)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
+    add_run_args(p, sample_len=8192, rounds=7)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--comm", default="direct")
-    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--tie", type=float, default=0.01,
                    help="predicted times within this fraction are a tie (not judged)")
     args = p.parse_args()
@@ -74,8 +68,7 @@ def main() -> None:
     matches = 0
     names = args.workloads.split(",")
     for name in names:
-        wl = load_workload(name)
-        cu = rescale_cu_seqlens(wl["cu_seqlens"], wl["sample_len"], args.sample_len)
+        wl, cu = rescaled(name, args.sample_len)
         layouts = {s: DocLayout.from_cu_seqlens(cu, cp, sample_len=args.sample_len, strategy=s,
                                                 cost=model if s == "auto" else None) for s in STRATEGIES}
         # identical layouts are one entry: "auto=balanced" when auto chose balanced's pieces
@@ -87,22 +80,12 @@ def main() -> None:
             else:
                 entries[s] = layout
         g = torch.Generator().manual_seed(rank)
-        tensors = {}
+        runs = {}
         for s, layout in entries.items():
-            n = layout.local_tokens(rank)
-            tensors[s] = [torch.randn(n, h, args.head_dim, generator=g).to(dtype).requires_grad_()
-                          for h in (args.heads, args.kv_heads, args.kv_heads)]
-        times = {s: [] for s in entries}
-        for rnd in range(args.rounds + 1):
-            for s in entries:
-                q, k, v = tensors[s]
-                dist.barrier()
-                t0 = time.perf_counter()
-                ringattn.ring_eod_attention(q, k, v, entries[s], comm=args.comm).float().sum().backward()
-                dt = torch.tensor(time.perf_counter() - t0)
-                dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-                if rnd:  # round 0 warms up connections and caches
-                    times[s].append(dt.item())
+            qkv = local_qkv(layout.local_tokens(rank), args.heads, args.kv_heads, args.head_dim, g, dtype)
+            runs[s] = lambda qkv=qkv, layout=layout: ringattn.ring_eod_attention(
+                *qkv, layout, comm=args.comm).float().sum().backward()
+        times = timed_rounds(runs, args.rounds)
         if rank == 0:
             pred = {s: model.predict(entries[s], args.comm).step_s for s in entries}
             meas = {s: min(times[s]) for s in entries}

@@ -15,27 +15,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
+from _timed import add_run_args, local_qkv, rescaled, timed_rounds
 
 import ringattn
 from ringattn import DocLayout
 from ringattn.plan import ulysses_heads
-from ringattn.workloads import load_workload, rescale_cu_seqlens, workload_names
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", default=",".join(workload_names()))
-    p.add_argument("--sample-len", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
+    add_run_args(p, sample_len=4096, rounds=5)
     p.add_argument("--strategy", default="zigzag", choices=["zigzag", "balanced"])
     p.add_argument("--comm", default=None, choices=["plain", "ring", "direct"])
-    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--backend", default="gloo")
     args = p.parse_args()
     dist.init_process_group(args.backend)
@@ -54,34 +48,23 @@ def main() -> None:
               f"median; MiB = max per rank received, all-to-all + ring KV, forward + backward")
         print(f"{'workload':<26} {'U x R':>6} {'a2a MiB':>8} {'ring MiB':>8} {'total MiB':>9} {'ms':>8} {'vs ring':>7}")
     for name in args.workloads.split(","):
-        wl = load_workload(name)
-        cu = rescale_cu_seqlens(wl["cu_seqlens"], wl["sample_len"], args.sample_len)
-        runs = []
+        wl, cu = rescaled(name, args.sample_len)
+        layouts, runs = {}, {}
         for u, groups in splits:
-            layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=args.sample_len, strategy=args.strategy,
-                                               ulysses_size=u)
-            n = layout.local_tokens(rank)
-            g = torch.Generator().manual_seed(rank)
-            q = torch.randn(n, args.heads, args.head_dim, generator=g, requires_grad=True)
-            k = torch.randn(n, args.kv_heads, args.head_dim, generator=g, requires_grad=True)
-            v = torch.randn(n, args.kv_heads, args.head_dim, generator=g, requires_grad=True)
-            runs.append((u, groups, layout, (q, k, v), []))
-        for rnd in range(args.rounds + 1):
-            for u, groups, layout, (q, k, v), times in runs:
-                dist.barrier()
-                t0 = time.perf_counter()
-                ringattn.ring_eod_attention(q, k, v, layout, groups, comm=args.comm).sum().backward()
-                dt = torch.tensor(time.perf_counter() - t0)
-                dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-                if rnd:  # round 0 warms up connections and caches
-                    times.append(dt.item())
+            layout = layouts[u] = DocLayout.from_cu_seqlens(cu, cp, sample_len=args.sample_len,
+                                                            strategy=args.strategy, ulysses_size=u)
+            qkv = local_qkv(layout.local_tokens(rank), args.heads, args.kv_heads, args.head_dim,
+                            torch.Generator().manual_seed(rank))
+            runs[u] = lambda qkv=qkv, layout=layout, groups=groups: ringattn.ring_eod_attention(
+                *qkv, layout, groups, comm=args.comm).sum().backward()
+        times_of = timed_rounds(runs, args.rounds)
         if rank == 0:
-            base = statistics.median(runs[0][4])
-            for u, _, layout, _, times in runs:
+            base = statistics.median(times_of[splits[0][0]])
+            for u, layout in layouts.items():
                 st = layout.cp_stats(args.heads, args.kv_heads, args.head_dim, 4, args.comm)
                 a2a = max(a + b for a, b in zip(st.a2a_fwd_bytes, st.a2a_bwd_bytes)) / 2**20
                 ring = max(a + b for a, b in zip(st.ring_fwd_bytes, st.ring_bwd_bytes)) / 2**20
-                med = statistics.median(times)
+                med = statistics.median(times_of[u])
                 print(f"{wl['name']:<26} {f'{u}x{cp // u}':>6} {a2a:>8.2f} {ring:>8.2f} {max(st.total_bytes) / 2**20:>9.2f} "
                       f"{med * 1e3:>8.1f} {med / base:>7.3f}")
     dist.destroy_process_group()
