@@ -147,3 +147,29 @@ def test_megatron_hybrid_ulysses_cp_equals_cp1(rank_pools):
             assert refused[name] is not None and text in refused[name], (rank, name, refused[name])
     for name in results[0][1]:
         assert len({refused[name] for _, refused in results}) == 1, f"{name}: ranks disagree"
+
+
+def test_plain_packed_seq_params_layout_is_derived_once_per_batch():
+    """From a plain thd PackedSeqParams the core attention derives the zigzag layout once per batch (reading
+    cu_seqlens_q back to the host), and every later layer gets the same object (so its plan and agreement too)."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import torch
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from ringattn import DocLayout
+    from ringattn.adapters.megatron import RingEoDCoreAttention
+
+    core = SimpleNamespace(cp_group=None, ulysses_size=1, cp_comm_type=None)  # what _layout reads (CP off)
+    cu = torch.tensor([0, 5, 9, 16], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=7, max_seqlen_kv=7)
+    with mock.patch.object(DocLayout, "from_cu_seqlens", side_effect=DocLayout.from_cu_seqlens) as built:
+        layouts = [RingEoDCoreAttention._layout(core, params, 16) for _ in range(3)]  # three layers, one batch
+        assert built.call_count == 1
+        assert all(layout is layouts[0] for layout in layouts)
+        assert layouts[0].cu_seqlens == (0, 5, 9, 16) and layouts[0].strategy == "zigzag"
+        other = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu.clone(), cu_seqlens_kv=cu, max_seqlen_q=7,
+                                max_seqlen_kv=7)
+        RingEoDCoreAttention._layout(core, other, 16)  # a new batch derives its own
+        assert built.call_count == 2

@@ -8,8 +8,11 @@
   ``"a2a+p2p"`` -> hybrid over megatron's hierarchical CP groups (:func:`cp_ulysses_size`).
 * :class:`RingEoDPackedSeqParams` — Megatron's ``PackedSeqParams`` plus the :class:`DocLayout`;
   pass it as ``packed_seq_params`` to ``GPTModel.forward`` (sbhd or thd) so attention knows
-  the documents. A plain thd ``PackedSeqParams`` with global ``cu_seqlens_q`` also works
-  (zigzag layout of one sample).
+  the documents. The core attention also derives a zigzag layout of one sample from a plain thd
+  ``PackedSeqParams``' global ``cu_seqlens_q`` (once per batch, shared by the layers), but only
+  models without megatron's thd RoPE reach it that way: megatron-core 0.16.1's
+  ``rope_utils._apply_rotary_pos_emb_thd`` splits by those ``cu_seqlens`` itself (its own CP
+  partition) and fails on ringattn's shards — with RoPE, use :class:`RingEoDPackedSeqParams`.
 * :class:`ResetRotaryEmbedding` / :func:`use_reset_position_rope` — the rotary embedding
   takes the ``position_ids`` given to ``GPTModel.forward`` (reset per document, this rank's
   shard), in both formats.
@@ -172,9 +175,17 @@ class RingEoDCoreAttention(nn.Module):
         cp = self.cp_group.size() if self.cp_group is not None else 1
         layout = getattr(packed_seq_params, "layout", None)
         if layout is None and packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None:
-            # Megatron shards thd batches in zigzag order itself
-            layout = DocLayout.from_cu_seqlens(packed_seq_params.cu_seqlens_q.cpu(), cp, strategy="zigzag",
-                                               ulysses_size=self.ulysses_size)
+            # Megatron shards thd batches in zigzag order itself. The layout is derived once per batch and kept on
+            # its packed_seq_params, so every layer shares it (and its plan and agreement): reading cu_seqlens_q
+            # back to the host and planning happen once per batch, not once per layer.
+            key = (cp, self.ulysses_size)
+            cached = packed_seq_params.__dict__.get("_ringattn_layout")
+            if cached is not None and cached[0] == key and cached[1] is packed_seq_params.cu_seqlens_q:
+                layout = cached[2]
+            else:
+                layout = DocLayout.from_cu_seqlens(packed_seq_params.cu_seqlens_q.cpu(), cp, strategy="zigzag",
+                                                   ulysses_size=self.ulysses_size)
+                packed_seq_params.__dict__["_ringattn_layout"] = (key, packed_seq_params.cu_seqlens_q, layout)
         if layout is None:
             raise ValueError("packed_seq_params: ringattn needs the documents; pass RingEoDPackedSeqParams(layout=...) "
                              "(see get_batch_on_this_cp_rank) or thd PackedSeqParams with cu_seqlens_q")
