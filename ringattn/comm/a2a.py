@@ -17,6 +17,8 @@ memory (gloo's ``alltoall_base`` takes CPU and CUDA tensors only), as P2P messag
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -84,10 +86,7 @@ def unpack_rows(buf: torch.Tensor, likes: list[tuple[tuple[int, ...], torch.dtyp
     raw = buf.dtype == torch.uint8 and any(dt != torch.uint8 for _, dt in likes)
     out, off = [], 0
     for shape, dtype in likes:
-        numel = 1
-        for s in shape:
-            numel *= s
-        width = numel * (torch.empty((), dtype=dtype).element_size() if raw else 1)
+        width = math.prod(shape) * (dtype.itemsize if raw else 1)
         piece = buf[:, :, off:off + width]
         off += width
         out.append((piece.contiguous().view(dtype) if raw else piece).reshape((m, u) + tuple(shape)))
