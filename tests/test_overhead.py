@@ -1,4 +1,7 @@
-"""Host work per call does not grow with the number of documents (aten op counts, never times)."""
+"""Host work per call does not grow with the number of documents (aten op counts, never times).
+
+Ring at CP 1 and 4, and CP 4 as Ulysses x ring 2x2 and pure Ulysses 4x1 (the all-to-all path).
+"""
 from __future__ import annotations
 
 import sys
@@ -15,12 +18,14 @@ SAMPLE = 4096
 DOCS = (10, 100, 1000)
 
 
-def _measure(rank, cp, docs_list):
+def _measure(rank, cp, docs_list, ulysses=1):
     import torch.distributed as dist
 
-    group = dist.group.WORLD if cp > 1 else None
-    return [overhead.measure_rank(rank, cp, overhead.sample_cu(d, SAMPLE), SAMPLE, "null", "cpu", 1, 8, repeat=1,
-                                  group=group) for d in docs_list]
+    from .cases import cp_groups
+
+    group = cp_groups(ulysses) if ulysses > 1 else dist.group.WORLD if cp > 1 else None
+    return [overhead.measure_rank(rank, cp, overhead.sample_cu(d, SAMPLE), SAMPLE, "null", "cpu", max(1, ulysses), 8,
+                                  repeat=1, group=group, ulysses=ulysses) for d in docs_list]
 
 
 def _check(per_docs):
@@ -41,4 +46,10 @@ def test_op_count_flat_in_documents_cp1():
 @pytest.mark.parametrize("cp", [4])
 def test_op_count_flat_in_documents_multi_rank(cp, rank_pools):
     per_rank = unwrap(rank_pools(cp).run(_measure, DOCS))
+    _check({d: [res[i] for res in per_rank] for i, d in enumerate(DOCS)})
+
+
+@pytest.mark.parametrize("ulysses", [2, 4], ids=["hybrid_2x2", "ulysses_4x1"])
+def test_op_count_flat_in_documents_ulysses_and_hybrid(ulysses, rank_pools):
+    per_rank = unwrap(rank_pools(4).run(_measure, DOCS, ulysses))
     _check({d: [res[i] for res in per_rank] for i, d in enumerate(DOCS)})
