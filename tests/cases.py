@@ -70,7 +70,8 @@ def global_tensors(case: Case):
 
 
 #: test backend names that run the NPU backend on an emulated torch_npu generation (tests/npu_emulation.py)
-NPU_GENERATIONS = {"npu": "current", "npu-legacy": "legacy", "npu-old-cann": "layout-kwarg-old-cann"}
+NPU_GENERATIONS = {"npu": "current", "npu-legacy": "legacy", "npu-old-cann": "layout-kwarg-old-cann",
+                   "npu-tnd": "tnd-without-update"}
 
 _GROUPS: dict = {}  # per test process: ulysses size -> CPGroups over the world (new_cp_groups is collective)
 

@@ -2,7 +2,7 @@
 
 This is not torch_npu and not Ascend code, and passing against it is not a run on Ascend hardware.
 It encodes, from the upstream documentation and operator sources, what the NPU backend relies on,
-strictly enough to catch misuse, in three generations of torch_npu/CANN. Sources (cited per rule
+strictly enough to catch misuse, in four generations of torch_npu/CANN. Sources (cited per rule
 below by the short names in brackets):
 
 * [fa-doc]   Ascend/op-plugin ``docs/zh/custom_APIs/torch_npu/torch_npu-npu_fusion_attention.md``
@@ -24,17 +24,31 @@ below by the short names in brackets):
              ``op_plugin/ops/opapi/RingAttentionUpdateKernelNpuOpApi.cpp`` (``check_attention_inputs``).
 * [rau-cann] hicann/ops-transformer ``attention/ring_attention_update/docs/aclnnRingAttentionUpdate.md``
              and ``aclnnRingAttentionUpdateV2_en.md`` (参数说明 / Parameters, 约束说明 / Constraints).
+* [fa-tiling] cannmirror/ops-transformer (CANN 9.0.0 / 9.1.0)
+             ``attention/flash_attention_score/op_host/arch22/flash_attention_score_tiling_general.cpp``
+             (arch32 in 9.0.0): "校验EOD场景尾部是否补0" — when both sequence lists cover fewer tokens than
+             the tensors hold, the lists must end in 0 ("The end of actualSeqQLen & actualSeqKvLen should be
+             0 in EOD scenario").
+* [releases] the op-plugin branches per TorchNPU release (``op_plugin_functions.yaml`` on branches 7.1.0,
+             7.2.0, 7.3.0, 26.0.0, 26.1.0) and Ascend/pytorch ``COMPATIBILITY.en.md``: ``softmax_layout``
+             arrives in 7.2.0 (torch-npu 2.1.0.post17 / 2.6.0.post3 / 2.7.1 / 2.8.0, CANN 8.3.RC1), ``sink``
+             and the grad's fifth output in 7.3.0, the forward's ``dropout_mask``/``seed``/``offset`` in
+             26.0.0, ``npu_ring_attention_update`` in 26.1.0 (commit 57b8ead9; schema
+             ``op_api: [v2.7, newest]``, i.e. PyTorch >= 2.7; CANN 9.1.0).
 
 Generations (``install(generation)``):
 
 * ``"legacy"``  — torch_npu before ``softmax_layout`` [yaml-old]: no ``softmax_layout`` keyword (an
   unknown keyword raises TypeError, as torch_npu's generated Python bindings do), no
   ``npu_ring_attention_update``; statistics always in the default per-segment head-major layout.
-* ``"layout-kwarg-old-cann"`` — torch_npu with the ``softmax_layout`` keyword on a CANN without the V4
-  kernels [fa-cpp]: passing ``"TND"`` raises RuntimeError; no ``npu_ring_attention_update``.
-* ``"current"`` — ``softmax_layout="TND"`` works (torch_npu 7.2.0+, CANN 8.3.RC1+ [fa-doc]),
-  ``sink`` exists, the grad op returns 5 tensors [yaml], and ``npu_ring_attention_update`` exists with
-  its real signature [rau-doc].
+* ``"layout-kwarg-old-cann"`` — TorchNPU 7.2.0's keywords (``softmax_layout``, no ``sink``) on a CANN
+  without the V4 kernels [fa-cpp]: passing ``"TND"`` raises RuntimeError; no ``npu_ring_attention_update``.
+* ``"tnd-without-update"`` — TorchNPU 7.2.0 on CANN 8.3.RC1+ [releases]: ``softmax_layout="TND"`` works
+  [fa-doc], the grad returns 4 tensors, no ``npu_ring_attention_update`` (so the torch merge runs). The
+  common installation of TorchNPU 7.2.0 to 26.0.0.
+* ``"current"`` — TorchNPU 26.1.0+ [releases]: ``softmax_layout="TND"`` works, ``sink`` (and the forward's
+  ``dropout_mask``/``seed``/``offset``) exist, the grad op returns 5 tensors [yaml], and
+  ``npu_ring_attention_update`` exists with its real signature [rau-doc].
 
 Outputs come back in the input dtype (statistics in fp32), as on the device. Tests put it in
 ``sys.modules["torch_npu"]`` only for the duration of a case (:func:`installed`), so nothing else in the
@@ -49,7 +63,7 @@ import types
 import torch
 
 INT_MAX = 2147483647
-GENERATIONS = ("legacy", "layout-kwarg-old-cann", "current")
+GENERATIONS = ("legacy", "layout-kwarg-old-cann", "tnd-without-update", "current")
 MAX_VARLEN_SEQS = 1024  # [fa-doc] 约束说明: actual_seq_qlen 的长度 ... varlen场景下长度最大支持1K
 MAX_T = 1 << 20  # [fa-doc] 约束说明: varlen场景下 T（B*S）取值范围1~1M
 MAX_HEADS = 256  # [fa-doc] Nq取值范围1~256
@@ -90,6 +104,13 @@ def _segments(name: str, seq, total: int) -> list[tuple[int, int]]:
         raise RuntimeError(f"emulated torch_npu: {name} ends at {ends[-1]} but the tensor has {total} tokens")
     starts = [0] + ends[:-1]
     return list(zip(starts, ends))
+
+
+def _check_eod_tail(actual_seq_qlen, actual_seq_kvlen, sq, sk, tq: int, tk: int) -> None:
+    """[fa-tiling] lists covering fewer tokens than both tensors hold must end in 0 (batches not computed)."""
+    if sq[-1][1] < tq and sk[-1][1] < tk and (actual_seq_qlen[-1] != 0 or actual_seq_kvlen[-1] != 0):
+        raise RuntimeError(f"emulated torch_npu: The end of actualSeqQLen & actualSeqKvLen should be 0 in EOD scenario "
+                           f"(they cover {sq[-1][1]} of {tq} and {sk[-1][1]} of {tk} tokens) [fa-tiling]")
 
 
 def _check_tensors(query, key, value, head_num, input_layout, pse, padding_mask, prefix, keep_prob):
@@ -177,7 +198,7 @@ class _Generation:
             raise ValueError(f"unknown emulated torch_npu generation {name!r}")
         self.name = name
         self.has_layout_kwarg = name != "legacy"
-        self.tnd_stats_work = name == "current"
+        self.tnd_stats_work = name in ("tnd-without-update", "current")
 
     def layout(self, softmax_layout: str, input_layout: str) -> bool:
         """True for token-major statistics. [fa-doc] softmax_layout: only "TND", only with input_layout="TND"."""
@@ -202,6 +223,7 @@ class _Generation:
             raise RuntimeError("emulated torch_npu: TND needs actual_seq_qlen and actual_seq_kvlen of equal length")
         sq = _segments("actual_seq_qlen", actual_seq_qlen, query.shape[0])
         sk = _segments("actual_seq_kvlen", actual_seq_kvlen, key.shape[0])
+        _check_eod_tail(actual_seq_qlen, actual_seq_kvlen, sq, sk, query.shape[0], key.shape[0])
         t, n, d = query.shape
         out = torch.full((t, n, d), float("nan"))  # rows of batches not computed stay undefined
         smax = torch.full((t, n), float("nan"))
@@ -231,6 +253,7 @@ class _Generation:
         causal = _mask_mode(atten_mask, sparse_mode)
         sq = _segments("actual_seq_qlen", actual_seq_qlen, query.shape[0])
         sk = _segments("actual_seq_kvlen", actual_seq_kvlen, key.shape[0])
+        _check_eod_tail(actual_seq_qlen, actual_seq_kvlen, sq, sk, query.shape[0], key.shape[0])
         t, n, d = query.shape
         m = _stats_from_storage(softmax_max, sq, tnd, "softmax_max")
         l = _stats_from_storage(softmax_sum, sq, tnd, "softmax_sum")
@@ -259,7 +282,7 @@ class _Generation:
             dk[ks:ke] = torch.einsum("nqk,qnd->knd", ds, query[qs:qe].float()).view(ke - ks, key.shape[1], rep, d).sum(2)
             dv[ks:ke] = torch.einsum("nqk,qnd->knd", p, do).view(ke - ks, key.shape[1], rep, d).sum(2)
         grads = (dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), torch.empty(0))
-        return grads + (torch.empty(0),) if self.name == "current" else grads  # [yaml]: + dsink
+        return grads + (torch.empty(0),) if self.name == "current" else grads  # [yaml] from 7.3.0: + dsink
 
 
 def npu_ring_attention_update(prev_attn_out, prev_softmax_max, prev_softmax_sum, cur_attn_out, cur_softmax_max,
@@ -305,7 +328,7 @@ def npu_ring_attention_update(prev_attn_out, prev_softmax_max, prev_softmax_sum,
 
 def _bind(gen: _Generation):
     """Python functions with exactly the generation's keyword names (unknown keywords raise TypeError)."""
-    if gen.name == "current":  # [yaml]: + sink (and dropout_mask/seed/offset forward), not emulated
+    if gen.name == "current":  # [yaml] [releases]: + sink (7.3.0), dropout_mask/seed/offset (26.0.0), not emulated
         def fwd(query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None, scale=1.0,
                 keep_prob=1.0, pre_tockens=INT_MAX, next_tockens=INT_MAX, inner_precise=0, prefix=None,
                 actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False,
@@ -320,7 +343,7 @@ def _bind(gen: _Generation):
             if sink is not None:
                 raise NotImplementedError("emulated torch_npu: sink is not emulated")
             return gen.backward(*args, **kwargs)
-    elif gen.has_layout_kwarg:
+    elif gen.has_layout_kwarg:  # TorchNPU 7.2.0's keywords: softmax_layout, no sink
         fwd, bwd = gen.forward, gen.backward
     else:
         def fwd(query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None, scale=1.0,

@@ -99,7 +99,7 @@ def check_case(case: Case, got) -> None:
         assert err <= max(2 * b, 1e-5), f"{label}: {name} error {err:.3e} > 2x single-device bf16 {b:.3e}"
 
 
-@pytest.mark.parametrize("backend", ["cpu", "npu", "npu-legacy"])
+@pytest.mark.parametrize("backend", ["cpu", "npu", "npu-legacy", "npu-tnd"])
 @pytest.mark.parametrize("cp", [2, 3, 4])
 def test_multi_rank_matches_dense_reference(cp, backend, rank_pools):
     """"npu" / "npu-legacy" run the NPU backend on the emulation of the documented torch_npu contract
@@ -111,7 +111,7 @@ def test_multi_rank_matches_dense_reference(cp, backend, rank_pools):
         check_case(case, assemble([r[i] for r in per_rank], case.cu_seqlens[-1]))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "npu", "npu-legacy", "npu-old-cann", "math"])
+@pytest.mark.parametrize("backend", ["cpu", "npu", "npu-legacy", "npu-old-cann", "npu-tnd", "math"])
 def test_cp1_without_process_group_matches_reference(backend):
     for case in layout_cases(1):
         if case.comm != "direct":

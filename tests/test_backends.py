@@ -64,6 +64,11 @@ def test_emulation_rejects_contract_misuse():
     # zero-length segments are documented as allowed: a leading 0 is an empty first segment
     again = fwd(q, q, q, 2, "TND", actual_seq_qlen=[0, 6], actual_seq_kvlen=[0, 6])[0]
     assert torch.equal(again, out)
+    # lists covering fewer tokens than the tensors must end in 0 (CANN 9 tiling); then the rest is not computed
+    with pytest.raises(RuntimeError, match="should be 0 in EOD scenario"):
+        fwd(q, q, q, 2, "TND", actual_seq_qlen=[4], actual_seq_kvlen=[4])
+    part = fwd(q, q, q, 2, "TND", actual_seq_qlen=[4, 0], actual_seq_kvlen=[4, 0])[0]
+    assert torch.equal(part[:4], fwd(q[:4], q[:4], q[:4], 2, "TND", actual_seq_qlen=[4], actual_seq_kvlen=[4])[0])
     # generations: the keyword is unknown before torch_npu 7.2, refused by a CANN without the V4 kernels
     legacy_fwd, _ = _emulated("legacy")
     with pytest.raises(TypeError):
@@ -185,9 +190,35 @@ def test_npu_capabilities_are_detected_once():
             for _ in range(3):
                 q, k, v = (torch.randn(8, 2, 64, requires_grad=True) for _ in range(3))
                 ringattn.ring_eod_attention(q, k, v, layout, backend="npu").sum().backward()
-        probe = 0 if generation == "current" else 1
+        probe = 0 if generation in ("current", "tnd-without-update") else 1  # TND works at once there
         assert calls == {"fwd": 3 + probe, "bwd": 3 + probe}, (name, calls)
     assert getattr(sys.modules.get("torch_npu"), "emulated_generation", None) is None  # removed after use
+
+
+def test_npu_fused_merge_missing_from_cann_falls_back_once():
+    """torch_npu 26.1.0 on a CANN whose aclnn library lacks aclnnRingAttentionUpdateV2: the op exists in Python
+    but raises RuntimeError when called. The backend notices on the first call, merges with torch from then on
+    (never calling the op again) and stays exact."""
+    from ringattn.kernels import npu as npu_backend
+    from ringattn.merge import merge as ringattn_merge
+
+    calls = []
+
+    def missing_kernel(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("aclnnRingAttentionUpdateV2 not found")  # what a missing aclnn symbol gives
+
+    with emu.installed("current") as mod:
+        mod.npu_ring_attention_update = missing_kernel
+        call = VarlenCall((0, 5), (0, 5), True)
+        g = torch.Generator().manual_seed(9)
+        for _ in range(3):
+            out_acc, out = (torch.randn(5, 2, 64, generator=g) for _ in range(2))
+            lse_acc, lse = (torch.randn(5, 2, generator=g) for _ in range(2))
+            got = npu_backend.merge(out_acc, lse_acc, out, lse, call)
+            want = ringattn_merge(out_acc, lse_acc, out, lse)
+            assert all(torch.equal(x, y) for x, y in zip(got, want))
+    assert len(calls) == 1
 
 
 def _staged_worker(rank, cp, cases):
@@ -228,22 +259,27 @@ def test_cuda_multi_rank_on_one_gpu(cp):
 
 
 # ---------------------------------------------------------------------------------------------- CUDA, on CPU
-# Parameter names (and whether they have a default) of flash_attn's varlen functions, transcribed from
-# flash_attn/flash_attn_interface.py at the tags v2.6.0, v2.7.0 and v2.8.3 of Dao-AILab/flash-attention.
-_FA_FWD_26 = ("q k v cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p softmax_scale causal window_size "
-              "softcap alibi_slopes return_softmax block_table").split()
-_FA_FWD_27 = ("q k v cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p softmax_scale causal "
-              "window_size_left= window_size_right= softcap= alibi_slopes= return_softmax= block_table= leftpad_k= "
-              "seqused_k=").split()
-_FA_FWD_28 = _FA_FWD_27 + ["zero_tensors="]
+# Parameter names (and whether they have a default: a trailing "=") of flash_attn's varlen functions,
+# transcribed from flash_attn/flash_attn_interface.py of Dao-AILab/flash-attention at each tag named here:
+# v2.6.0 (no defaults), v2.6.3 (defaults; leftpad_k from v2.6.1, seqused_k from v2.6.2), v2.7.0 (custom ops;
+# window_size split in two), v2.7.4.post1 and v2.8.3 (zero_tensors, added in v2.7.3 by PR #1433).
+_FA_FWD_260 = ("q k v cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p softmax_scale causal window_size "
+               "softcap alibi_slopes return_softmax block_table").split()
+_FA_FWD_263 = ("q k v cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p softmax_scale causal "
+               "window_size= softcap= alibi_slopes= return_softmax= block_table= leftpad_k= seqused_k=").split()
+_FA_FWD_270 = ("q k v cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p softmax_scale causal "
+               "window_size_left= window_size_right= softcap= alibi_slopes= return_softmax= block_table= leftpad_k= "
+               "seqused_k=").split()
+_FA_FWD_273 = _FA_FWD_270 + ["zero_tensors="]
 _FA_BWD_26 = ("dout q k v out softmax_lse dq dk dv cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p "
               "softmax_scale causal window_size softcap alibi_slopes deterministic rng_state=").split()
-_FA_BWD_27 = ("dout q k v out softmax_lse dq dk dv cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p "
-              "softmax_scale causal window_size_left window_size_right softcap alibi_slopes deterministic "
-              "rng_state=").split()
-_FA_BWD_28 = _FA_BWD_27 + ["zero_tensors="]
-FLASH_ATTN_SIGNATURES = {(2, 6): (_FA_FWD_26, _FA_BWD_26), (2, 7): (_FA_FWD_27, _FA_BWD_27),
-                         (2, 8): (_FA_FWD_28, _FA_BWD_28)}
+_FA_BWD_270 = ("dout q k v out softmax_lse dq dk dv cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p "
+               "softmax_scale causal window_size_left window_size_right softcap alibi_slopes deterministic "
+               "rng_state=").split()
+_FA_BWD_273 = _FA_BWD_270 + ["zero_tensors="]
+FLASH_ATTN_SIGNATURES = {"2.6.0": (_FA_FWD_260, _FA_BWD_26), "2.6.3": (_FA_FWD_263, _FA_BWD_26),
+                         "2.7.0": (_FA_FWD_270, _FA_BWD_270), "2.7.4.post1": (_FA_FWD_273, _FA_BWD_273),
+                         "2.8.3": (_FA_FWD_273, _FA_BWD_273)}
 
 
 def _signature(names):
@@ -254,11 +290,12 @@ def _signature(names):
                               for n in names])
 
 
-@pytest.mark.parametrize("version", sorted(FLASH_ATTN_SIGNATURES))
-def test_flash_attn_arguments_bind_to_the_real_signatures(version):
+@pytest.mark.parametrize("tag", sorted(FLASH_ATTN_SIGNATURES))
+def test_flash_attn_arguments_bind_to_the_real_signatures(tag):
     from ringattn.kernels import cuda
 
-    fwd_names, bwd_names = FLASH_ATTN_SIGNATURES[version]
+    fwd_names, bwd_names = FLASH_ATTN_SIGNATURES[tag]
+    version = cuda._version(tag)
     q, k, v, cq, ck, dq, dk, dv, out, lse, dout = (object() for _ in range(11))
     f = _signature(fwd_names).bind(*cuda.flash_forward_args(version, q, k, v, cq, ck, 7, 9, 0.125, True)).arguments
     assert (f["q"], f["k"], f["v"], f["cu_seqlens_q"], f["cu_seqlens_k"]) == (q, k, v, cq, ck)
@@ -285,7 +322,7 @@ def _fake_flash_attn(version: str):
     from ringattn.kernels import math as mk
 
     key = tuple(int(x) for x in version.split(".")[:2])
-    fwd_names, bwd_names = FLASH_ATTN_SIGNATURES[key]
+    fwd_names, bwd_names = FLASH_ATTN_SIGNATURES[version]
 
     def varlen_forward(*args, **kwargs):
         a = _signature(fwd_names).bind(*args, **kwargs).arguments
@@ -358,6 +395,32 @@ def test_cuda_backend_refuses_flash_attn_before_2_6(monkeypatch):
             assert cuda.flash_attn_api() is None
     finally:
         cuda.flash_attn_api.cache_clear()
+
+
+@pytest.mark.parametrize("why", ["fp32", "head_dim > 256", "pre-Ampere GPU"])
+def test_cuda_backend_routes_what_flash_cannot_take_to_math(why, monkeypatch):
+    """fp32, head dims above 256 and GPUs below compute capability 8.0 (flash_api.cpp: "FlashAttention only
+    supports Ampere GPUs or newer") run on the math kernel with a warning, never into a flash kernel."""
+    from ringattn.kernels import cuda, math as mk
+
+    def no_flash(*args, **kwargs):
+        raise AssertionError("a flash kernel was called")
+
+    monkeypatch.setattr(cuda, "flash_attn_api", lambda: (cuda._version("2.8.3"), no_flash, no_flash))
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", no_flash, raising=False)
+    monkeypatch.setattr(cuda, "_pre_ampere", lambda device: why == "pre-Ampere GPU")
+    dtype, d = {"fp32": (torch.float32, 16), "head_dim > 256": (torch.bfloat16, 264)}.get(why, (torch.bfloat16, 16))
+    call = VarlenCall((0, 3, 8), (0, 3, 8), True)
+    g = torch.Generator().manual_seed(5)
+    q, k, v, dout = (torch.randn(8, 2, d, generator=g).to(dtype) for _ in range(4))
+    with pytest.warns(UserWarning, match="run on the math backend"):
+        out, lse = cuda.forward(q, k, v, call, 0.25)
+    ref_out, ref_lse = mk.forward(q, k, v, call, 0.25)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    with pytest.warns(UserWarning, match="run on the math backend"):
+        got = cuda.backward(dout, q, k, v, out, lse, call, 0.25)
+    for x, r in zip(got, mk.backward(dout, q, k, v, out, lse, call, 0.25)):
+        assert torch.equal(x, r)
 
 
 def test_cuda_head_dim_padding_is_exact():

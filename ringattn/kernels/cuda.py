@@ -14,11 +14,13 @@
   ``meta__flash_attention_forward``), the LSE made contiguous for backward.
 
 Both take fp16/bf16, GQA natively, int32 ``cu_seqlens`` on the device (built once per call and device
-and cached), head dims that are multiples of 8 up to 256 (flash_attn >= 2.7 checks
-``head_size % 8 == 0`` in C++; older ones padded internally). Head dims that are not a multiple of 8
-are zero-padded here (exact: the scale is explicit and the padded output columns are dropped);
-fp32 inputs and head dims above 256 run on :mod:`ringattn.kernels.math` (a warning says so once):
-that path is exact but needs O(L^2) memory per segment.
+and cached), head dims that are multiples of 8 up to 256 (the varlen backward has always required
+``head_size % 8 == 0``; flash_attn >= 2.7 checks it in the forward too, older forwards padded
+internally), and GPUs of compute capability 8.0 or newer ("FlashAttention only supports Ampere GPUs
+or newer", ``csrc/flash_attn/flash_api.cpp``; torch's copy checks the same). Head dims that are not a
+multiple of 8 are zero-padded here (exact: the scale is explicit and the padded output columns are
+dropped); fp32 inputs, head dims above 256 and pre-Ampere GPUs run on :mod:`ringattn.kernels.math`
+(a warning says so once): that path is exact but needs O(L^2) memory per segment.
 
 Causal segments have equal q/k lengths, so flash's bottom-right alignment is plain causal.
 cuDNN varlen (``aten._cudnn_attention_forward`` with ``cum_seq_q/k``) is faster on Hopper but is not
@@ -106,12 +108,19 @@ def _no_rng(device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(2, dtype=torch.int64, device=device), torch.empty(0, device=device)
 
 
+@functools.lru_cache(maxsize=16)
+def _pre_ampere(device: torch.device) -> bool:
+    """True on a CUDA device of compute capability < 8.0 (a host query, cached per device)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8
+
+
 def _fallback(q) -> bool:
-    """True when the flash kernels cannot take ``q`` (fp32, head dim > 256): warn once and use math."""
-    if q.dtype in _FLASH_DTYPES and q.shape[-1] <= MAX_HEAD_DIM:
+    """True when the flash kernels cannot take ``q`` (fp32, head dim > 256, a pre-Ampere GPU): warn once, use math."""
+    if q.dtype in _FLASH_DTYPES and q.shape[-1] <= MAX_HEAD_DIM and not _pre_ampere(q.device):
         return False
-    warnings.warn(f"ringattn: the CUDA flash kernels take fp16/bf16 with head_dim <= {MAX_HEAD_DIM}; dtype {q.dtype}, "
-                  f"head_dim {q.shape[-1]} run on the math backend (exact, O(L^2) memory per segment)", stacklevel=3)
+    warnings.warn(f"ringattn: the CUDA flash kernels take fp16/bf16 with head_dim <= {MAX_HEAD_DIM} on GPUs of compute "
+                  f"capability >= 8.0; dtype {q.dtype}, head_dim {q.shape[-1]} on {q.device} run on the math backend "
+                  f"(exact, O(L^2) memory per segment)", stacklevel=3)
     return True
 
 

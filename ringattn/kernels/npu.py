@@ -16,28 +16,32 @@ What this relies on, and where upstream documents it (Ascend/op-plugin unless sa
   *storage* is, by default, head-major per segment — one ``[N, S_i, 8]`` block per segment,
   concatenated (doc of ``softmax_layout``: "默认情况下，softmax的输出排布为NTD排布"; MindSpeed
   ``mindspeed/core/context_parallel/utils.py`` ``flatten_softmax`` undoes it). Token-major only with
-  ``softmax_layout="TND"``, a keyword of torch_npu 7.2.0+ that needs CANN 8.3.RC1+
-  (``FlashAttentionKernelNpuOpApi.cpp``: without the V4 aclnn kernels it raises "The param
-  softmax_layout is not supported"). LSE = ``softmax_max + log(softmax_sum)``. The grad op reads the
+  ``softmax_layout="TND"``, a keyword of the TorchNPU 7.2.0 release line and later (torch-npu
+  2.1.0.post17 / 2.6.0.post3 / 2.7.1 / 2.8.0; op-plugin branch 7.2.0's ``op_plugin_functions.yaml``) that
+  needs CANN 8.3.RC1+ (``FlashAttentionKernelNpuOpApi.cpp``: without the V4 aclnn kernels it raises
+  "The param softmax_layout is not supported"). LSE = ``softmax_max + log(softmax_sum)``. The grad op reads the
   statistics in the same layout as its own ``softmax_layout`` says; it gets the merged LSE as
   ``softmax_max`` with ``softmax_sum = 1``, and the merged output as ``attention_in``.
 * Merge: ``npu_ring_attention_update(prev_attn_out, prev_softmax_max, prev_softmax_sum, cur_attn_out,
   cur_softmax_max, cur_softmax_sum, *, actual_seq_qlen=None, input_layout="SBH",
   input_softmax_layout="")`` (torch_npu docstring in ``codegen/templates/_op_plugin_docs.py``), present
-  only in recent torch_npu. Called with ``input_layout="TND"``, ``input_softmax_layout="TND"``
+  from the TorchNPU 26.1.0 release line (op-plugin commit 57b8ead9; schema ``op_api: [v2.7, newest]``,
+  so PyTorch >= 2.7; paired with CANN 9.1.0). Called with ``input_layout="TND"``, ``input_softmax_layout="TND"``
   (token-major statistics, so the merge is row-wise) and ``actual_seq_qlen`` an int64 tensor rising
   from 0 to T (hicann/ops-transformer ``aclnnRingAttentionUpdate.md``); prev/cur outputs of one dtype;
   TND needs D a multiple of 64, D <= 768, N <= 256 (``aclnnRingAttentionUpdateV2_en.md``,
   Constraints) — otherwise the torch merge runs.
 
-Capabilities are detected once per imported ``torch_npu`` module: the fused merge by attribute, and
+Capabilities are detected once per imported ``torch_npu`` module: the fused merge by attribute and
+its first call (a RuntimeError there — a torch_npu newer than its CANN, whose aclnn library lacks
+``aclnnRingAttentionUpdateV2`` — means "not available": the torch merge runs from then on), and
 ``softmax_layout="TND"`` by the first call that tries it (a TypeError — keyword unknown to an older
 torch_npu — or RuntimeError — CANN without the V4 kernels — followed by a successful call without it
 means "not supported"; the statistics are then converted to and from the default layout with one
 gather through an index built once per call and device). ``torch_npu`` is imported lazily; without
 Ascend's CANN libraries importing it raises RuntimeError, not only ImportError, so both are caught.
 
-Tested only against ``tests/npu_emulation.py``, an emulation of the documented contract in three
+Tested only against ``tests/npu_emulation.py``, an emulation of the documented contract in four
 torch_npu/CANN generations — not on Ascend hardware.
 """
 from __future__ import annotations
@@ -83,6 +87,7 @@ class _Caps:
     module: object
     tnd_forward: bool | None = None  # softmax_layout="TND" works in npu_fusion_attention
     tnd_backward: bool | None = None  # ... and in npu_fusion_attention_grad
+    fused_merge: bool | None = None  # npu_ring_attention_update runs (None: not tried yet)
 
 
 _CAPS: dict[int, _Caps] = {}
@@ -234,15 +239,23 @@ def backward(dout, q, k, v, out, lse, call, scale):
 
 def merge(out_acc, lse_acc, out, lse, call):
     """The fused ``npu_ring_attention_update`` where torch_npu has it and the shapes allow, else the torch merge."""
-    fused = getattr(torch_npu(), "npu_ring_attention_update", None)
-    n, d = out_acc.shape[1], out_acc.shape[2]
-    if fused is None or d % 64 or d > 768 or n > 256:
+    npu = torch_npu()
+    caps = _caps(npu)
+    fused = getattr(npu, "npu_ring_attention_update", None)
+    t, n, d = out_acc.shape
+    if fused is None or caps.fused_merge is False or d % 64 or d > 768 or n > 256 or t == 0:
         return _torch_merge(out_acc, lse_acc, out, lse)
-    t = out_acc.shape[0]
     seq = call.cached(("npu-update-seq", t, out_acc.device), lambda: torch.tensor([0, t], dtype=torch.int64,
                                                                                    device=out_acc.device))
     prev_max, cur_max = _replicate8(lse_acc), _replicate8(lse.float())
     ones = torch.ones_like(prev_max)
-    new_out, new_max, new_sum = fused(out_acc, prev_max, ones, out.to(out_acc.dtype), cur_max, ones,
-                                      actual_seq_qlen=seq, input_layout="TND", input_softmax_layout="TND")
+    try:
+        new_out, new_max, new_sum = fused(out_acc, prev_max, ones, out.to(out_acc.dtype), cur_max, ones,
+                                          actual_seq_qlen=seq, input_layout="TND", input_softmax_layout="TND")
+    except RuntimeError:
+        if caps.fused_merge:  # it worked before: a genuine error
+            raise
+        caps.fused_merge = False
+        return _torch_merge(out_acc, lse_acc, out, lse)
+    caps.fused_merge = True
     return new_out, new_max[..., 0] + torch.log(new_sum[..., 0])
