@@ -246,19 +246,24 @@ def ring_eod_attention(
     head_dim = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() >= 1 and q.shape[-1] else 1
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     verdict, kernel = _local_verdict(q, k, v, layout, rank, size, scale, comm, backend, groups)
+    agreed_before = False
     if group is not None:  # agreement over the whole CP group, before any all-to-all or P2P
         split = (groups.ulysses_size, groups.ring_size) if groups is not None else (1, size)
         what = (layout.fingerprint, _heads_and_dim(q), _heads_and_dim(k), str(getattr(q, "dtype", None)), scale, comm,
                 split)
         sig = signature(what)
         key = (id(group), sig)
-        if validate or key not in layout.agreed:
+        agreed_before = not validate and key in layout.agreed
+        if not agreed_before:
             details = (f"layout {layout.fingerprint:#x} cp={layout.cp_size} ulysses={layout.ulysses_size}, "
                        f"q heads/dim {what[1]}, kv heads/dim {what[2]}, dtype {what[3]}, scale {scale:.6g}, comm {comm}, "
                        f"groups ulysses x ring {split[0]}x{split[1]}")
             agree(group, verdict, sig, details, _agreement_device(group, q))
             layout.agreed.add(key)
     if verdict is not None:
+        if agreed_before:
+            verdict += (" (found on this rank only: this layout was agreed on an earlier call, so the other ranks go on "
+                        "and time out waiting for this one; validate=True makes every rank raise this error)")
         raise ValueError(verdict)
     if layout.ulysses_size == 1:
         ring = groups.ring if groups is not None else group

@@ -125,3 +125,32 @@ def test_peer_failure_raises_naming_step_and_peer(mode):
         assert outcome == "raised", f"rank {r} returned although rank 1 failed"
         assert "step" in msg and "peer rank(s) [" in msg, msg
         assert took < timeout + 10
+
+
+def _later_bad_input_worker(rank, cp, validate):
+    """The layout is agreed on the first call; on the second, rank 1 passes one token too many."""
+    layout = DocLayout.from_cu_seqlens(CU, cp)
+    ringattn.ring_eod_attention(*_inputs(layout, rank), layout)
+    q, k, v = _inputs(layout, rank, extra=1 if rank == 1 else 0)
+    try:
+        ringattn.ring_eod_attention(q, k, v, layout, validate=validate).sum().backward()
+    except (ValueError, RuntimeError) as exc:
+        return type(exc).__name__, str(exc)
+    return "returned", ""
+
+
+def test_bad_input_on_a_later_call_says_what_the_other_ranks_see():
+    """Without validate=True a later call is checked on each rank only (agreement costs a collective): the bad rank's
+    ValueError says so, the others time out with a RuntimeError that names the remedy. With validate=True every
+    rank raises the same ValueError."""
+    results = run_ranks(3, _later_bad_input_worker, False, timeout_s=5)
+    (s0, r0), (s1, r1), (s2, r2) = results
+    assert s0 == s1 == s2 == "ok", results
+    assert r1[0] == "ValueError" and "q: expected" in r1[1] and "found on this rank only" in r1[1], r1
+    for kind, msg in (r0, r2):
+        assert kind == "RuntimeError" and "peer rank(s)" in msg and "validate=True" in msg, msg
+    results = run_ranks(3, _later_bad_input_worker, True, timeout_s=5)
+    messages = {res for _, res in results}
+    assert len(messages) == 1, messages
+    kind, msg = messages.pop()
+    assert kind == "ValueError" and "rank 1: q: expected" in msg and "found on this rank only" not in msg

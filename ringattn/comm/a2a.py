@@ -37,11 +37,12 @@ def all_to_all(x: torch.Tensor, group, what: str) -> torch.Tensor:
     try:
         work = dist.all_to_all_single(recv, send, group=group, async_op=True)
     except Exception as exc:  # a peer that already failed can make posting itself raise
-        raise RuntimeError(f"ringattn: posting the {what} with Ulysses peer rank(s) {peers} failed: {exc}") from exc
+        raise RuntimeError(f"ringattn: posting the {what} with Ulysses peer rank(s) {peers} failed: {exc} "
+                           f"{p2p.PEER_HINT}") from exc
     try:
         work.wait()
     except Exception as exc:  # gloo/NCCL raise RuntimeError (or DistBackendError) on timeout / peer loss
-        raise RuntimeError(f"ringattn: {what} with Ulysses peer rank(s) {peers} failed: {exc}") from exc
+        raise RuntimeError(f"ringattn: {what} with Ulysses peer rank(s) {peers} failed: {exc} {p2p.PEER_HINT}") from exc
     return recv.to(x.device) if staged else recv
 
 
