@@ -73,3 +73,32 @@ def simulate(layout, plan):
                 assert plan.ranks[gr.peer].steps[i].grad_send.peer == o
         prev = bufs
     return pairs, received, grads
+
+
+def bf16_partials(layout, plan) -> tuple[int, int]:
+    """``(q, kv)``: the most kernel calls any one token takes part in as a query / as a key-value row.
+
+    A step runs at most two kernel calls on a rank (its causal and its dense segments). On a device
+    path each call returns bf16 partials, so a token's dq (or dK/dV) is the fp32 sum of that many
+    bf16-rounded partials, which bounds its rounding error (``tests/test_attention.py::check_case``).
+    """
+    ring = layout if layout.ulysses_size == 1 else layout.ring_layout
+    cp = ring.cp_size
+    local = [ring.local_indices(r).tolist() for r in range(cp)]
+    q_calls, kv_calls = Counter(), Counter()
+    prev = [None] * cp
+    for i in range(len(plan.ranks[0].steps)):
+        msgs = {}
+        for x, rp in enumerate(plan.ranks):
+            st = rp.steps[i]
+            if st.send:
+                msgs[(x, st.send.peer)] = _take(prev[x] if st.send_from_buffer else local[x], st.send.rows)
+        bufs = [msgs.get((rp.steps[i].recv.peer, x)) if rp.steps[i].recv else None for x, rp in enumerate(plan.ranks)]
+        for x, rp in enumerate(plan.ranks):
+            src = local[x] if i == 0 else bufs[x]
+            for causal in (True, False):
+                segs = [s for s in rp.steps[i].segments if s.causal == causal]
+                q_calls.update({t for s in segs for t in local[x][s.q[0]:s.q[1]]})
+                kv_calls.update({t for s in segs for t in src[s.kv[0]:s.kv[1]]})
+        prev = bufs
+    return max(q_calls.values(), default=1), max(kv_calls.values(), default=1)

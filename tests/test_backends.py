@@ -12,7 +12,7 @@ from . import npu_emulation as emu
 from .cases import Case, assemble, global_tensors, run_cases
 from .dist import run_ranks, unwrap
 from .reference import dense_with_grads
-from .test_attention import check_case, layout_cases
+from .test_attention import check_case, device_baseline, layout_cases
 
 
 def test_backend_from_device_type_and_override():
@@ -254,8 +254,10 @@ def test_cuda_multi_rank_on_one_gpu(cp):
     fp16 = [Case(**{**c.__dict__, "dtype": "float16", "name": c.name + " fp16"}) for c in base if c.dtype == "bfloat16"]
     cases = [Case(**{**c.__dict__, "backend": "cuda"}) for c in base + fp16]
     per_rank = unwrap(run_ranks(cp, _cuda_worker, cases, timeout_s=300))
+    single = unwrap(run_ranks(1, _cuda_worker, cases, timeout_s=300))[0]  # the same backend on one device, CP=1
     for i, case in enumerate(cases):
-        check_case(case, assemble([r[i] for r in per_rank], case.cu_seqlens[-1]))
+        baseline = None if case.dtype == "float32" else device_baseline(case, cp, assemble([single[i]], case.cu_seqlens[-1]))
+        check_case(case, assemble([r[i] for r in per_rank], case.cu_seqlens[-1]), baseline)
 
 
 # ---------------------------------------------------------------------------------------------- CUDA, on CPU
