@@ -97,9 +97,14 @@ def run_case(rank: int, cp: int, case: Case):
     return _run_case(rank, cp, case, case.backend)
 
 
+def case_layout(case: Case, cp: int) -> DocLayout:
+    """The layout ``case`` runs on at CP size ``cp``."""
+    return DocLayout.from_cu_seqlens(case.cu_seqlens, cp, sample_len=case.sample_len, strategy=case.strategy,
+                                     chunks_per_rank=case.chunks_per_rank, ulysses_size=case.ulysses or 1)
+
+
 def _run_case(rank: int, cp: int, case: Case, backend):
-    layout = DocLayout.from_cu_seqlens(case.cu_seqlens, cp, sample_len=case.sample_len, strategy=case.strategy,
-                                       chunks_per_rank=case.chunks_per_rank, ulysses_size=case.ulysses or 1)
+    layout = case_layout(case, cp)
     group = cp_groups(case.ulysses) if case.ulysses is not None else None
     idx = layout.local_indices(rank)
     q, k, v, dout = global_tensors(case)

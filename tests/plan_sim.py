@@ -13,12 +13,9 @@ def _take(src, rows):
     return [x for s, e in rows for x in src[s:e]]
 
 
-def simulate(layout, plan):
-    cp = layout.cp_size
-    local = [layout.local_indices(r).tolist() for r in range(cp)]
-    pairs = [Counter() for _ in range(cp)]  # (q global, k global) -> times computed
-    received = [[] for _ in range(cp)]      # per rank, per step: ids received
-    grads = []                              # (owner, reader, ids) dK/dV returns
+def _received(plan, local):
+    """Per step, every rank's received ids (None where it receives nothing), routing each step's sends."""
+    cp = len(plan.ranks)
     n_steps = len(plan.ranks[0].steps)
     assert all(len(rp.steps) == n_steps for rp in plan.ranks), "every rank runs the same steps"
     prev = [None] * cp
@@ -39,8 +36,20 @@ def simulate(layout, plan):
             else:
                 data = None
             bufs.append(data)
-            received[x].append(data or [])
         assert not msgs, f"step {i}: sends nobody receives: {list(msgs)}"
+        yield bufs
+        prev = bufs
+
+
+def simulate(layout, plan):
+    cp = layout.cp_size
+    local = [layout.local_indices(r).tolist() for r in range(cp)]
+    pairs = [Counter() for _ in range(cp)]  # (q global, k global) -> times computed
+    received = [[] for _ in range(cp)]      # per rank, per step: ids received
+    grads = []                              # (owner, reader, ids) dK/dV returns
+    for i, bufs in enumerate(_received(plan, local)):
+        for x, data in enumerate(bufs):
+            received[x].append(data or [])
         for x, rp in enumerate(plan.ranks):
             st = rp.steps[i]
             src = local[x] if i == 0 else bufs[x]
@@ -71,7 +80,6 @@ def simulate(layout, plan):
             gr = rp.steps[i].grad_recv
             if gr:
                 assert plan.ranks[gr.peer].steps[i].grad_send.peer == o
-        prev = bufs
     return pairs, received, grads
 
 
@@ -83,22 +91,13 @@ def bf16_partials(layout, plan) -> tuple[int, int]:
     bf16-rounded partials, which bounds its rounding error (``tests/test_attention.py::check_case``).
     """
     ring = layout if layout.ulysses_size == 1 else layout.ring_layout
-    cp = ring.cp_size
-    local = [ring.local_indices(r).tolist() for r in range(cp)]
+    local = [ring.local_indices(r).tolist() for r in range(ring.cp_size)]
     q_calls, kv_calls = Counter(), Counter()
-    prev = [None] * cp
-    for i in range(len(plan.ranks[0].steps)):
-        msgs = {}
-        for x, rp in enumerate(plan.ranks):
-            st = rp.steps[i]
-            if st.send:
-                msgs[(x, st.send.peer)] = _take(prev[x] if st.send_from_buffer else local[x], st.send.rows)
-        bufs = [msgs.get((rp.steps[i].recv.peer, x)) if rp.steps[i].recv else None for x, rp in enumerate(plan.ranks)]
+    for i, bufs in enumerate(_received(plan, local)):
         for x, rp in enumerate(plan.ranks):
             src = local[x] if i == 0 else bufs[x]
             for causal in (True, False):
                 segs = [s for s in rp.steps[i].segments if s.causal == causal]
                 q_calls.update({t for s in segs for t in local[x][s.q[0]:s.q[1]]})
                 kv_calls.update({t for s in segs for t in src[s.kv[0]:s.kv[1]]})
-        prev = bufs
     return max(q_calls.values(), default=1), max(kv_calls.values(), default=1)

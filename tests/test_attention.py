@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from ringattn import DocLayout, build_plan
+from ringattn import build_plan
 
-from .cases import Case, assemble, global_tensors, random_cu_seqlens, run_case, run_cases
+from .cases import Case, assemble, case_layout, global_tensors, random_cu_seqlens, run_case, run_cases
 from .dist import unwrap
 from .plan_sim import bf16_partials
 from .reference import dense_with_grads
@@ -74,8 +74,7 @@ def device_baseline(case: Case, cp: int, single=None) -> DeviceBaseline:
     computed in this process when not given (the emulated NPU generations)."""
     if single is None:
         single = assemble([run_case(0, 1, Case(**{**case.__dict__, "ulysses": None}))], case.cu_seqlens[-1])
-    layout = DocLayout.from_cu_seqlens(case.cu_seqlens, cp, sample_len=case.sample_len, strategy=case.strategy,
-                                       chunks_per_rank=case.chunks_per_rank, ulysses_size=case.ulysses or 1)
+    layout = case_layout(case, cp)
     p_q, p_kv = bf16_partials(layout, build_plan(layout, case.comm))
     return DeviceBaseline(single, p_q, p_kv)
 
