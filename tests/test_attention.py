@@ -69,9 +69,17 @@ class DeviceBaseline:
     kv_partials: int  # ... into one dK/dV row
 
 
-def device_baseline(case: Case, cp: int, single=None) -> DeviceBaseline:
-    """:class:`DeviceBaseline` of ``case`` run on ``cp`` ranks; ``single`` (the assembled CP=1 result) is
-    computed in this process when not given (the emulated NPU generations)."""
+def device_path(case: Case) -> bool:
+    """True when ``case`` runs a device backend (CUDA, or NPU on an emulated torch_npu generation)."""
+    return case.backend == "cuda" or (case.backend or "").startswith("npu")
+
+
+def device_baseline(case: Case, cp: int, single=None) -> DeviceBaseline | None:
+    """:class:`DeviceBaseline` of ``case`` run on ``cp`` ranks, None unless it is a half-precision device-path
+    case; ``single`` (the assembled CP=1 result) is computed in this process when not given (the emulated NPU
+    generations)."""
+    if case.dtype == "float32" or not device_path(case):
+        return None
     if single is None:
         single = assemble([run_case(0, 1, Case(**{**case.__dict__, "ulysses": None}))], case.cu_seqlens[-1])
     layout = case_layout(case, cp)
@@ -114,7 +122,7 @@ def check_case(case: Case, got, baseline: DeviceBaseline | None = None) -> None:
             err = (x.double() - r).abs().max().item()
             assert err <= 1e-5, f"{label}: {name} max abs error {err:.3e} > 1e-5"
         return
-    if case.backend == "cuda" or (case.backend or "").startswith("npu"):
+    if device_path(case):
         ulps = (1.0,) * 4
         if baseline is not None:
             ulps = (1.0, (baseline.q_partials + 1) / 2, (baseline.kv_partials + 1) / 2, (baseline.kv_partials + 1) / 2)
@@ -142,8 +150,7 @@ def test_multi_rank_matches_dense_reference(cp, backend, rank_pools):
     cases = [Case(**{**c.__dict__, "backend": backend}) for c in layout_cases(cp)]
     per_rank = unwrap(rank_pools(cp).run(run_cases, cases))
     for i, case in enumerate(cases):
-        baseline = device_baseline(case, cp) if backend != "cpu" and case.dtype != "float32" else None
-        check_case(case, assemble([r[i] for r in per_rank], case.cu_seqlens[-1]), baseline)
+        check_case(case, assemble([r[i] for r in per_rank], case.cu_seqlens[-1]), device_baseline(case, cp))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "npu", "npu-legacy", "npu-old-cann", "npu-tnd", "math"])
@@ -161,5 +168,4 @@ def test_npu_backend_on_softmax_layout_keyword_without_cann_support_multi_rank(r
     cases = [Case(**{**c.__dict__, "backend": "npu-old-cann"}) for c in layout_cases(3) if c.comm == "direct"]
     per_rank = unwrap(rank_pools(3).run(run_cases, cases))
     for i, case in enumerate(cases):
-        baseline = device_baseline(case, 3) if case.dtype != "float32" else None
-        check_case(case, assemble([r[i] for r in per_rank], case.cu_seqlens[-1]), baseline)
+        check_case(case, assemble([r[i] for r in per_rank], case.cu_seqlens[-1]), device_baseline(case, 3))
