@@ -106,11 +106,15 @@ def _segments(name: str, seq, total: int) -> list[tuple[int, int]]:
     return list(zip(starts, ends))
 
 
-def _check_eod_tail(actual_seq_qlen, actual_seq_kvlen, sq, sk, tq: int, tk: int) -> None:
-    """[fa-tiling] lists covering fewer tokens than both tensors hold must end in 0 (batches not computed)."""
+def _varlen_segments(actual_seq_qlen, actual_seq_kvlen, tq: int, tk: int):
+    """``(q segments, kv segments)`` of a varlen call (:func:`_segments`). [fa-tiling] lists covering fewer
+    tokens than both tensors hold must end in 0 (batches not computed)."""
+    sq = _segments("actual_seq_qlen", actual_seq_qlen, tq)
+    sk = _segments("actual_seq_kvlen", actual_seq_kvlen, tk)
     if sq[-1][1] < tq and sk[-1][1] < tk and (actual_seq_qlen[-1] != 0 or actual_seq_kvlen[-1] != 0):
         raise RuntimeError(f"emulated torch_npu: The end of actualSeqQLen & actualSeqKvLen should be 0 in EOD scenario "
                            f"(they cover {sq[-1][1]} of {tq} and {sk[-1][1]} of {tk} tokens) [fa-tiling]")
+    return sq, sk
 
 
 def _check_tensors(query, key, value, head_num, input_layout, pse, padding_mask, prefix, keep_prob):
@@ -221,9 +225,7 @@ class _Generation:
         if actual_seq_qlen is None or actual_seq_kvlen is None or len(actual_seq_qlen) != len(actual_seq_kvlen):
             # [fa-cpp] "For TND layout, actual_seq_qlen and actual_seq_kvlen must be provided and have same size"
             raise RuntimeError("emulated torch_npu: TND needs actual_seq_qlen and actual_seq_kvlen of equal length")
-        sq = _segments("actual_seq_qlen", actual_seq_qlen, query.shape[0])
-        sk = _segments("actual_seq_kvlen", actual_seq_kvlen, key.shape[0])
-        _check_eod_tail(actual_seq_qlen, actual_seq_kvlen, sq, sk, query.shape[0], key.shape[0])
+        sq, sk = _varlen_segments(actual_seq_qlen, actual_seq_kvlen, query.shape[0], key.shape[0])
         t, n, d = query.shape
         out = torch.full((t, n, d), float("nan"))  # rows of batches not computed stay undefined
         smax = torch.full((t, n), float("nan"))
@@ -251,9 +253,7 @@ class _Generation:
         _check_tensors(query, key, value, head_num, input_layout, pse, padding_mask, prefix, keep_prob)
         tnd = self.layout(softmax_layout, input_layout)
         causal = _mask_mode(atten_mask, sparse_mode)
-        sq = _segments("actual_seq_qlen", actual_seq_qlen, query.shape[0])
-        sk = _segments("actual_seq_kvlen", actual_seq_kvlen, key.shape[0])
-        _check_eod_tail(actual_seq_qlen, actual_seq_kvlen, sq, sk, query.shape[0], key.shape[0])
+        sq, sk = _varlen_segments(actual_seq_qlen, actual_seq_kvlen, query.shape[0], key.shape[0])
         t, n, d = query.shape
         m = _stats_from_storage(softmax_max, sq, tnd, "softmax_max")
         l = _stats_from_storage(softmax_sum, sq, tnd, "softmax_sum")
