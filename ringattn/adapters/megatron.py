@@ -35,6 +35,7 @@ import torch.distributed as dist
 from einops import rearrange
 from torch import nn
 
+from .._memo import IdentityMemo
 from ..attention import ring_eod_attention
 from ..cost import CostModel
 from ..eod import eod_metadata
@@ -63,6 +64,10 @@ __all__ = [
 CP_COMM_TYPES = (None, "p2p", "a2a", "a2a+p2p")
 
 PER_TOKEN_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+#: per plain thd ``PackedSeqParams`` object (one per batch): ``((cp, ulysses), its cu_seqlens_q, the layout)``
+#: derived from it, so that every layer of the batch shares one layout (and its plan and agreement)
+DERIVED_LAYOUTS: IdentityMemo[list] = IdentityMemo("layouts derived from thd PackedSeqParams")
 
 
 @dataclass
@@ -175,17 +180,17 @@ class RingEoDCoreAttention(nn.Module):
         cp = self.cp_group.size() if self.cp_group is not None else 1
         layout = getattr(packed_seq_params, "layout", None)
         if layout is None and packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None:
-            # Megatron shards thd batches in zigzag order itself. The layout is derived once per batch and kept on
-            # its packed_seq_params, so every layer shares it (and its plan and agreement): reading cu_seqlens_q
-            # back to the host and planning happen once per batch, not once per layer.
+            # Megatron shards thd batches in zigzag order itself. The layout is derived once per batch and kept for
+            # its packed_seq_params object (DERIVED_LAYOUTS), so every layer shares it (and its plan and agreement):
+            # reading cu_seqlens_q back to the host and planning happen once per batch, not once per layer.
             key = (cp, self.ulysses_size)
-            cached = packed_seq_params.__dict__.get("_ringattn_layout")
-            if cached is not None and cached[0] == key and cached[1] is packed_seq_params.cu_seqlens_q:
+            cached = DERIVED_LAYOUTS.get(packed_seq_params, lambda: [None, None, None])
+            if cached[0] == key and cached[1] is packed_seq_params.cu_seqlens_q:
                 layout = cached[2]
             else:
                 layout = DocLayout.from_cu_seqlens(packed_seq_params.cu_seqlens_q.cpu(), cp, strategy="zigzag",
                                                    ulysses_size=self.ulysses_size)
-                packed_seq_params.__dict__["_ringattn_layout"] = (key, packed_seq_params.cu_seqlens_q, layout)
+                cached[:] = [key, packed_seq_params.cu_seqlens_q, layout]
         if layout is None:
             raise ValueError("packed_seq_params: ringattn needs the documents; pass RingEoDPackedSeqParams(layout=...) "
                              "(see get_batch_on_this_cp_rank) or thd PackedSeqParams with cu_seqlens_q")

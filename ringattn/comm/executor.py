@@ -12,7 +12,8 @@ two receive buffers (sized for the largest step). In backward, the dK/dV partial
 ``t`` (fp32, only the rows this rank read) is posted back to its origin right after step ``t``
 computes and is added at the owner, in fp32, while later steps run.
 
-Host path: a plan is turned once into :class:`PlanExec` (cached on the plan object): per step at
+Host path: a plan is turned once into :class:`PlanExec` (kept in this module's :data:`EXECS`, per plan
+object, dropped with it: :class:`ringattn._memo.IdentityMemo`): per step at
 most two kernel calls (:class:`~ringattn.kernels.VarlenCall`, the causal and the dense segments),
 and every set of rows the step reads or writes as :class:`Rows` — a slice when the rows are one
 contiguous run (the causal segments of a rank's own pieces always are), otherwise one
@@ -26,15 +27,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._memo import IdentityMemo
 from ..kernels import VarlenCall
 from ..merge import merge as _torch_merge
 from ..plan import RankPlan, Step
 from .p2p import TAG_GRAD, TAG_KV, Batch, post
 
 __all__ = ["run_forward", "run_backward", "forward_step", "backward_step", "plan_exec", "PlanExec", "StepExec",
-           "Rows"]
+           "Rows", "EXECS"]
 
 Range = tuple[int, int]
+
+#: per plan object: its :class:`PlanExec` (see the module docstring)
+EXECS: IdentityMemo[PlanExec] = IdentityMemo("executor view per plan")
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,7 +148,7 @@ def _rows(transfer) -> Rows | None:
 
 
 def plan_exec(plan: RankPlan) -> PlanExec:
-    """The executor's view of ``plan`` (built on first use, then cached on the plan object).
+    """The executor's view of ``plan`` (built on first use, then kept for the plan object in :data:`EXECS`).
 
     Rank 1 of a 2-rank zigzag layout (documents ``[0, 5)``, ``[5, 8)``, ``[8, 16)``; see
     :mod:`ringattn.plan`): step 0 is one causal call over its three document parts, step 1 one
@@ -160,12 +165,8 @@ def plan_exec(plan: RankPlan) -> PlanExec:
     >>> plan_exec(rank_plan(layout, 1)) is ex           # the same plan object, the same PlanExec
     True
     """
-    ex = plan.__dict__.get("_exec")
-    if ex is None:
-        ex = PlanExec(tuple(StepExec(_calls(s, plan.local_tokens), _rows(s.send), _rows(s.grad_send), _rows(s.grad_recv))
-                            for s in plan.steps))
-        object.__setattr__(plan, "_exec", ex)
-    return ex
+    return EXECS.get(plan, lambda: PlanExec(tuple(
+        StepExec(_calls(s, plan.local_tokens), _rows(s.send), _rows(s.grad_send), _rows(s.grad_recv)) for s in plan.steps)))
 
 
 def _kv_stream(plan: RankPlan, ex: PlanExec, kv: torch.Tensor, group):

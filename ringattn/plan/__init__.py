@@ -1,7 +1,7 @@
 """The schedule each CP rank runs: pure Python, deterministic, no torch.distributed.
 
 Every rank derives its own :class:`RankPlan` from the same :class:`~ringattn.layout.DocLayout`
-(:func:`rank_plan`, cached on the layout object), so no metadata is exchanged at run time;
+(:func:`rank_plan`, kept for the layout object by this package, never in it), so no metadata is exchanged at run time;
 :func:`build_plan` assembles every rank's plan with the exact :class:`PlanStats` (statistics,
 the inspector, benchmarks). A rank's plan is a list of :class:`Step` s, the same step
 distances on every rank. At step ``t`` rank ``r`` computes on the KV of the *origin* rank
@@ -45,7 +45,7 @@ Example: one sample of 16 tokens, documents ``[0, 5)``, ``[5, 8)``, ``[8, 16)``,
 >>> plan = rank_plan(layout, 1)
 >>> plan
 RankPlan(rank=1, comm='direct', steps=2, local_tokens=8, work=21, kv_recv_tokens=4)
->>> rank_plan(layout, 1) is plan              # cached on the layout object
+>>> rank_plan(layout, 1) is plan              # planned once per layout object
 True
 
 Step 0 runs rank 1's own KV: causal blocks, one per document part. At step 1 rank 1 receives
@@ -63,10 +63,10 @@ returns the dK/dV of what it read and receives that of what it sent:
 >>> step.grad_send.rows, step.grad_recv.rows
 (((0, 4),), ((4, 8),))
 
-The plan inspector (``python -m ringattn.plan --workload NAME --cp N``, :mod:`ringattn.report`)
+The plan inspector (``python -m ringattn.inspect --workload NAME --cp N``, :mod:`ringattn.inspect`)
 prints, for every rank, the stats of :func:`build_plan`, then one line per comm shape:
 
->>> from ringattn.report import rank_table, summary_line
+>>> from ringattn.inspect import rank_table, summary_line
 >>> print(rank_table(build_plan(layout)))
 rank   tokens          work work/mean  pairs skipped   KV recv x local recv steps
    0        8            36     1.263      3       3         4   0.500          1

@@ -7,10 +7,11 @@ from a per-layout :class:`_Index` over the layout's pieces, built once per layou
 about the size of its own reads instead of all ``CP^2`` rank pairs.
 
 Caching: :func:`rank_plan` returns the same :class:`RankPlan` object for a given
-``(layout, rank, comm)`` on every call (kept in a dict on the layout object, like
-``DocLayout.agreed``); :func:`build_plan` assembles those objects and the exact
-:class:`PlanStats`, also cached on the layout. Nothing hashes the layout, so a repeated call
-costs a dict lookup, not time proportional to documents.
+``(layout, rank, comm)`` on every call; :func:`build_plan` assembles those objects and the exact
+:class:`PlanStats`. Both live in this module's :data:`PLANS` memory, keyed by the layout object's
+identity and dropped with it (:class:`ringattn._memo.IdentityMemo`): nothing is written into the
+layout, and nothing hashes it, so a repeated call costs a dict lookup, not time proportional to
+documents.
 
 Reading rule (pieces of a rank are sorted and disjoint, and together partition the tokens):
 rank ``x`` reads a piece ``b`` of another rank, in the document ``d`` holding ``b``'s last
@@ -26,10 +27,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..layout import DocLayout
+from .._memo import IdentityMemo
+from ..ranges import PieceLayout
 from .types import COMM_SHAPES, DEFAULT_COMM, Plan, PlanStats, RankPlan, Range, Segment, Step, Transfer
 
-__all__ = ["build_plan", "rank_plan", "direct_accounting", "pieces_accounting", "Accounting"]
+__all__ = ["build_plan", "rank_plan", "direct_accounting", "pieces_accounting", "Accounting", "PLANS"]
+
+#: per layout object: its :class:`_Index` and every plan built for it (see the module docstring)
+PLANS: IdentityMemo[dict] = IdentityMemo("plans per layout")
 
 
 def _merged(rows) -> tuple[Range, ...]:
@@ -54,7 +59,7 @@ class _Index:
     ``lo .. i-1``); per document: readers (rank -> start of its last piece starting in it).
     """
 
-    def __init__(self, layout: DocLayout):
+    def __init__(self, layout: PieceLayout):
         cu = layout.cu_seqlens
         cp = layout.cp_size
         self.cp, self.cu = cp, cu
@@ -233,7 +238,7 @@ class Accounting:
     segments: tuple[int, ...]
 
 
-def direct_accounting(layout: DocLayout) -> Accounting:
+def direct_accounting(layout: PieceLayout) -> Accounting:
     """Exact counts of ``build_plan(layout, "direct").stats``, computed from the pieces alone
     (vectorised, ``O(pieces log pieces)``) instead of building any step."""
     return pieces_accounting(layout.cu_seqlens, layout.cp_size, layout.pieces, layout.sample_len)
@@ -319,15 +324,11 @@ def pieces_accounting(cu_seqlens: Sequence[int], cp: int, pieces: Sequence[Itera
                       tuple(segments.tolist()))
 
 
-def _layout_cache(layout: DocLayout) -> dict:
-    cache = layout.__dict__.get("_plan_cache")
-    if cache is None:
-        cache = {}
-        object.__setattr__(layout, "_plan_cache", cache)
-    return cache
+def _layout_cache(layout: PieceLayout) -> dict:
+    return PLANS.get(layout, dict)
 
 
-def _index(layout: DocLayout) -> _Index:
+def _index(layout: PieceLayout) -> _Index:
     cache = _layout_cache(layout)
     ix = cache.get("index")
     if ix is None:
@@ -362,7 +363,7 @@ class _Buffer:
         return _merged([(self.row[i], self.row[i] + ix.ends[i] - ix.cstart[i]) for i in pieces])
 
 
-def _build_rank(layout: DocLayout, ix: _Index, x: int, comm: str) -> RankPlan:
+def _build_rank(layout: PieceLayout, ix: _Index, x: int, comm: str) -> RankPlan:
     cp = ix.cp
     own, remote, need = ix.reads(x)
     theirs = ix.read_by_others(x)
@@ -421,9 +422,9 @@ def _build_rank(layout: DocLayout, ix: _Index, x: int, comm: str) -> RankPlan:
     return RankPlan(x, cp, comm, local_n, tuple(steps))
 
 
-def rank_plan(layout: DocLayout, rank: int, comm: str = DEFAULT_COMM) -> RankPlan:
-    """The plan of one CP rank, built from what that rank needs and cached on the layout object;
-    for a hybrid layout, the ring plan of its ring rank (cached on ``layout.ring_layout``).
+def rank_plan(layout: PieceLayout, rank: int, comm: str = DEFAULT_COMM) -> RankPlan:
+    """The plan of one CP rank, built from what that rank needs and kept for the layout object
+    (:data:`PLANS`); for a hybrid layout, the ring plan of its ring rank (kept for ``layout.ring_layout``).
 
     The same :class:`RankPlan` object comes back for a given ``(layout, rank, comm)``.
     """
@@ -436,7 +437,8 @@ def rank_plan(layout: DocLayout, rank: int, comm: str = DEFAULT_COMM) -> RankPla
     if rp is None:
         if comm not in COMM_SHAPES:
             raise ValueError(f"comm: expected one of {COMM_SHAPES}, got {comm!r}")
-        layout._check_rank(rank)
+        if not 0 <= rank < layout.cp_size:
+            raise ValueError(f"rank: expected 0 <= rank < cp_size={layout.cp_size}, got {rank}")
         rp = cache[key] = _build_rank(layout, _index(layout), rank, comm)
     return rp
 
@@ -450,8 +452,8 @@ def _pair_counts(ix: _Index, x: int) -> tuple[int, int]:
     return computed, total - computed
 
 
-def build_plan(layout: DocLayout, comm: str = DEFAULT_COMM) -> Plan:
-    """Every rank's plan for comm shape ``comm`` with the exact :class:`PlanStats` (cached on the layout).
+def build_plan(layout: PieceLayout, comm: str = DEFAULT_COMM) -> Plan:
+    """Every rank's plan for comm shape ``comm`` with the exact :class:`PlanStats` (kept for the layout object).
 
     Training needs only :func:`rank_plan`; this is for statistics, the inspector and benchmarks.
     A hybrid layout (``ulysses_size > 1``) is planned over its ring ranks (``layout.ring_layout``).

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..layout import DocLayout
+from ..ranges import PieceLayout
 from .build import build_plan
 from .types import PlanStats
 
@@ -117,7 +117,7 @@ class CPStats:
                 f"ring_fwd_bytes={list(self.ring_fwd_bytes)})")
 
 
-def cp_stats(layout: DocLayout, heads: int, kv_heads: int, head_dim: int, itemsize: int, comm: str,
+def cp_stats(layout: PieceLayout, heads: int, kv_heads: int, head_dim: int, itemsize: int, comm: str,
              node_size: int | None = None) -> CPStats:
     """:class:`CPStats` of ``layout`` (any ``ulysses_size``) for the given heads and element size.
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..layout import Range
+from ..ranges import Range
 
 __all__ = ["COMM_SHAPES", "DEFAULT_COMM", "Range", "Segment", "Transfer", "Step", "RankPlan", "PlanStats", "Plan"]
 
