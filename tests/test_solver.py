@@ -11,7 +11,7 @@ from ringattn import DocLayout, build_plan
 from ringattn.cost import CostModel, HardwareProfile
 from ringattn.layout import STRATEGIES
 from ringattn.plan import direct_accounting, pieces_accounting
-from ringattn.solver import candidates, merged_pieces
+from ringattn.sharding.auto import candidates, merged_pieces
 
 from .cases import random_cu_seqlens
 from .dist import unwrap
