@@ -198,7 +198,7 @@ def test_random_layouts_price_without_error():
 def test_calibration_writes_a_loadable_profile(tmp_path, monkeypatch):
     """``python -m ringattn.cost --calibrate`` in one process: the kernel rate and segment overhead are
     measured with the CPU backend; without a group the P2P bandwidth must be given (or it refuses)."""
-    from ringattn import cost
+    from ringattn.cost import calibrate as cost
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "cpu.json"
@@ -217,7 +217,7 @@ def test_calibration_writes_a_loadable_profile(tmp_path, monkeypatch):
 def _measure_links(rank, cp, node_size):
     import torch.distributed as dist
 
-    from ringattn.cost import measure_links
+    from ringattn.cost.calibrate import measure_links
 
     return measure_links(dist.group.WORLD, torch.device("cpu"), 1 << 16, 2, lambda: None, node_size)
 
@@ -368,7 +368,7 @@ def test_two_level_profile_prices_each_link():
 
 
 def test_inspector_compare_lists_every_split_with_the_model_figures(capsys):
-    from ringattn.report import main
+    from ringattn.inspect import main
 
     args = ["--workload", "one_64k_plus_short_128k", "--cp", "8", "--heads", "12", "--kv-heads", "4",
             "--profile", "h100-nvlink-ib400"]
