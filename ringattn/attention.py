@@ -7,30 +7,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .agreement import agree, signature
+from ._validate import one_of
+from .agreement import agree_once, agreement_device
 from .comm import run_backward, run_forward
 from .comm.a2a import gather_tokens, pack_qkv, pack_rows, scatter_tokens, unpack_rows
-from .groups import CPGroups
+from .groups import CPGroups, resolve_group
 from .kernels import get_backend
 from .layout import DocLayout
 from .plan import COMM_SHAPES, DEFAULT_COMM, rank_plan, ulysses_heads
 
-__all__ = ["ring_eod_attention", "RingEoDAttention", "DEFAULT_COMM", "resolve_group"]
+__all__ = ["ring_eod_attention", "RingEoDAttention", "DEFAULT_COMM", "check_inputs", "AGREEMENT_REMEDIES"]
 
-
-def resolve_group(group: dist.ProcessGroup | None,
-                  layout: DocLayout) -> tuple[dist.ProcessGroup | None, int, int]:
-    """``(group, rank, size)``: the world group by default; none for CP size 1 without a group."""
-    if group is None:
-        if layout.cp_size == 1:
-            return None, 0, 1
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError(
-                f"group: layout.cp_size={layout.cp_size} needs an initialised process group, but torch.distributed "
-                "is not initialised"
-            )
-        group = dist.group.WORLD
-    return group, dist.get_rank(group), dist.get_world_size(group)
+#: what to do when the CP ranks disagree on one of the facts attention agrees on (see ringattn.agreement)
+AGREEMENT_REMEDIES = {
+    "layout": "every CP rank must build the layout from the same batch with the same arguments (give every CP rank "
+              "the same batch: shard the data loader over data-parallel ranks only)",
+    "q heads/dim": "every CP rank must run the same layer (same num_heads and head_dim)",
+    "k/v heads/dim": "every CP rank must run the same layer (same num_key_value_heads and head_dim)",
+    "dtype": "q, k, v must have the same dtype on every CP rank (same precision / autocast settings)",
+    "softmax_scale": "pass the same softmax_scale on every CP rank",
+    "comm": "pass the same comm= on every CP rank",
+    "ulysses x ring": "build the groups with the same ulysses_size on every rank (ringattn.new_cp_groups)",
+}
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocLayout, rank: int) -> None:
@@ -143,8 +141,7 @@ def _local_verdict(q, k, v, layout, rank: int, size: int, scale, comm, backend, 
         if layout.cp_size != size:
             raise ValueError(f"group: expected {layout.cp_size} ranks (layout.cp_size), got a group of size {size}")
         _check_groups(layout, groups)
-        if comm not in COMM_SHAPES:
-            raise ValueError(f"comm: expected one of {COMM_SHAPES}, got {comm!r}")
+        one_of("comm", comm, COMM_SHAPES)
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"softmax_scale: expected a positive finite float, got {scale!r}")
         check_inputs(q, k, v, layout, rank)
@@ -165,13 +162,6 @@ def _local_verdict(q, k, v, layout, rank: int, size: int, scale, comm, backend, 
 def _heads_and_dim(x):
     """``(heads, head_dim)`` of a THD tensor, None for anything else (reported by validation)."""
     return tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else None
-
-
-def _agreement_device(group, q) -> torch.device:
-    backend = str(dist.get_backend(group)).lower()
-    if backend == "gloo" or not isinstance(q, torch.Tensor):
-        return torch.device("cpu")
-    return q.device
 
 
 def ring_eod_attention(
@@ -241,25 +231,18 @@ def ring_eod_attention(
     if not isinstance(layout, DocLayout):
         raise ValueError(f"layout: expected a DocLayout, got {type(layout).__name__}")
     comm = comm or DEFAULT_COMM
-    groups = group if isinstance(group, CPGroups) else None
-    group, rank, size = resolve_group(groups.cp if groups is not None else group, layout)
+    group, groups, rank, size = resolve_group(group, layout.cp_size)
     head_dim = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() >= 1 and q.shape[-1] else 1
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     verdict, kernel = _local_verdict(q, k, v, layout, rank, size, scale, comm, backend, groups)
     agreed_before = False
     if group is not None:  # agreement over the whole CP group, before any all-to-all or P2P
         split = (groups.ulysses_size, groups.ring_size) if groups is not None else (1, size)
-        what = (layout.fingerprint, _heads_and_dim(q), _heads_and_dim(k), str(getattr(q, "dtype", None)), scale, comm,
-                split)
-        sig = signature(what)
-        key = (id(group), sig)
-        agreed_before = not validate and key in layout.agreed
-        if not agreed_before:
-            details = (f"layout {layout.fingerprint:#x} cp={layout.cp_size} ulysses={layout.ulysses_size}, "
-                       f"q heads/dim {what[1]}, kv heads/dim {what[2]}, dtype {what[3]}, scale {scale:.6g}, comm {comm}, "
-                       f"groups ulysses x ring {split[0]}x{split[1]}")
-            agree(group, verdict, sig, details, _agreement_device(group, q))
-            layout.agreed.add(key)
+        facts = {"layout": f"{layout!r} {layout.fingerprint:#x}", "q heads/dim": _heads_and_dim(q),
+                 "k/v heads/dim": _heads_and_dim(k), "dtype": str(getattr(q, "dtype", None)), "softmax_scale": scale,
+                 "comm": comm, "ulysses x ring": f"{split[0]}x{split[1]}"}
+        agreed_before = agree_once(layout, group, verdict, facts, agreement_device(group, q), AGREEMENT_REMEDIES,
+                                   always=validate)
     if verdict is not None:
         if agreed_before:
             verdict += (" (found on this rank only: this layout was agreed on an earlier call, so the other ranks go on "

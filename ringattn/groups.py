@@ -13,10 +13,13 @@ level first) and of MindSpeed's hybrid CP. Groups are created explicitly, once, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch.distributed as dist
 
-__all__ = ["CPGroups", "new_cp_groups"]
+from ._validate import positive_int
+
+__all__ = ["CPGroups", "new_cp_groups", "ResolvedGroup", "resolve_group"]
 
 
 @dataclass(frozen=True)
@@ -143,8 +146,10 @@ def _check_request(every: list) -> str | None:
     if len(sizes) > 1:
         return f"ranks passed different ulysses_size values {sorted(sizes, key=repr)}"
     (u,) = sizes
-    if not isinstance(u, int) or isinstance(u, bool) or u < 1:
-        return f"ulysses_size: expected a positive int, got {u!r}"
+    try:
+        positive_int("ulysses_size", u)
+    except ValueError as exc:
+        return str(exc)
     groups = sorted({ranks for _, ranks in every})
     owner: dict[int, tuple] = {}
     for ranks in groups:
@@ -158,3 +163,48 @@ def _check_request(every: list) -> str | None:
                 return f"CP groups {list(owner[x])} and {list(ranks)} overlap at rank {x}"
             owner[x] = ranks
     return None
+
+
+class ResolvedGroup(NamedTuple):
+    """What a ``group=`` argument means on this rank: the CP group (None for CP size 1), the
+    :class:`CPGroups` of a hybrid split (None for a plain group), this rank's CP rank and the CP size."""
+
+    group: dist.ProcessGroup | None
+    groups: CPGroups | None
+    rank: int
+    size: int
+
+
+def resolve_group(group: dist.ProcessGroup | CPGroups | None, cp_size: int | None = None) -> ResolvedGroup:
+    """The one reading of ``group=`` (attention, adapters): local checks only, no communication.
+
+    ``group``: a ``torch.distributed`` ProcessGroup (a ring over it), a :class:`CPGroups` (Ulysses x ring),
+    or None: the world group when torch.distributed is initialised, else CP size 1. A group of one rank
+    means CP size 1 (nothing to agree on or exchange). ``cp_size``: the CP size the caller needs (a
+    layout's); with None and no process group, ``cp_size > 1`` is a ``ValueError``.
+    """
+    groups = None
+    if isinstance(group, CPGroups):
+        groups, group = group, group.cp
+        if not isinstance(group, dist.ProcessGroup):
+            raise ValueError(f"group: the CPGroups' cp group must be a torch.distributed ProcessGroup, got "
+                             f"{type(group).__name__}")
+    elif group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            if cp_size not in (None, 1):
+                raise ValueError(f"group: layout.cp_size={cp_size} needs an initialised process group, but "
+                                 "torch.distributed is not initialised (call dist.init_process_group, e.g. under torchrun)")
+            return ResolvedGroup(None, None, 0, 1)
+        if cp_size == 1:
+            return ResolvedGroup(None, None, 0, 1)
+        group = dist.group.WORLD
+    if not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"group: expected a torch.distributed ProcessGroup, a ringattn.CPGroups or None, got "
+                         f"{type(group).__name__}")
+    size = dist.get_world_size(group)
+    if groups is not None and groups.cp_size != size:
+        raise ValueError(f"group: the CPGroups split {groups.cp_size} ranks (ulysses_size={groups.ulysses_size} x "
+                         f"ring_size={groups.ring_size}) but its cp group has {size}")
+    if size == 1:
+        return ResolvedGroup(None, None, 0, 1)
+    return ResolvedGroup(group, groups, dist.get_rank(group), size)
