@@ -8,5 +8,5 @@ from __future__ import annotations
 import importlib.util
 
 collect_ignore = [path for path, package in (("ringattn/adapters/megatron.py", "megatron"),
-                                             ("ringattn/adapters/transformers.py", "transformers"))
+                                             ("ringattn/adapters/transformers", "transformers"))
                   if importlib.util.find_spec(package) is None]
