@@ -26,7 +26,7 @@ from _timed import add_run_args, local_qkv, rescaled, timed_rounds
 import ringattn
 from ringattn import DocLayout
 from ringattn.cost import CostModel
-from ringattn.report import load_profile
+from ringattn.inspect import load_profile
 
 STRATEGIES = ("zigzag", "balanced", "auto")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from ringattn.cost import CostModel
-from ringattn.report import compare_factorisations, load_profile
+from ringattn.inspect import compare_factorisations, load_profile
 from ringattn.workloads import load_workload, workload_names
 
 

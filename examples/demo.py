@@ -25,7 +25,7 @@ from ringattn import DocLayout, eod_metadata
 from ringattn.cost import CostModel
 from ringattn.layout import STRATEGIES
 from ringattn.plan import build_plan
-from ringattn.report import load_profile
+from ringattn.inspect import load_profile
 from ringattn.workloads import load_workload, rescale_cu_seqlens
 
 EOD = 0

@@ -318,7 +318,7 @@ def test_hybrid_accounting_invariants():
 
 
 def test_hybrid_inspector_prints_every_factorisation(capsys):
-    from ringattn.report import main
+    from ringattn.inspect import main
 
     main(["--workload", "one_64k_plus_short_128k", "--cp", "8", "--ulysses", "2", "--heads", "8", "--kv-heads", "2"])
     text = capsys.readouterr().out
