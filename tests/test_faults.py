@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import ringattn
+import ringattn.attention
 from ringattn import DocLayout
 
-from .dist import run_ranks
+from .dist import run_ranks, unwrap
 
 CU = [0, 3, 20, 45, 72]  # documents crossing chunks (72 = 2*cp*chunk for cp 2 and 3), so every shape exchanges KV
 
@@ -51,6 +52,65 @@ def test_every_rank_raises_the_same_error(rank_pools, what, expect):
     assert all(m is not None for m in messages), messages
     assert len(set(messages)) == 1, "every rank raises the same ValueError"
     assert expect in messages[0]
+
+
+FIELDS = ("layout", "q heads/dim", "k/v heads/dim", "dtype", "softmax_scale", "comm", "ulysses x ring")
+
+
+def _one_field_worker(rank, cp, what):
+    """Every rank's input is valid on its own; rank 1 differs from the others in one agreed fact only."""
+    odd = rank == 1
+    cu = [0, 3, 21, 45, 72] if (what == "layout" and odd) else CU
+    layout = DocLayout.from_cu_seqlens(cu, cp)
+    n = layout.local_tokens(rank)
+    g = torch.Generator().manual_seed(rank)
+    hq = 2 if (what == "q heads/dim" and odd) else 4
+    hkv = 1 if (what == "k/v heads/dim" and odd) else 2
+    dtype = torch.bfloat16 if (what == "dtype" and odd) else torch.float32
+    q = torch.randn(n, hq, 16, generator=g).to(dtype)
+    k, v = (torch.randn(n, hkv, 16, generator=g).to(dtype) for _ in range(2))
+    try:
+        ringattn.ring_eod_attention(q, k, v, layout, softmax_scale=0.5 if (what == "softmax_scale" and odd) else None,
+                                    comm="ring" if (what == "comm" and odd) else "direct")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("field", [f for f in FIELDS if f != "ulysses x ring"])
+def test_ranks_that_differ_in_one_field_get_one_error_naming_it(rank_pools, field):
+    """Every field of the agreement is checked: rank 1 differs in that field alone, and every rank raises the same
+    ValueError before communicating, naming that field (with each rank group's value and the remedy) and no other."""
+    results = rank_pools(3).run(_one_field_worker, field, timeout_s=60)
+    assert all(status == "ok" for status, _ in results), results
+    messages = [res for _, res in results]
+    assert messages[0] is not None and len(set(messages)) == 1, messages
+    msg = messages[0]
+    assert f"ranks disagree on {field} (ranks [0, 2]: " in msg and "ranks [1]: " in msg, msg
+    assert ringattn.attention.AGREEMENT_REMEDIES[field] in msg, msg
+    assert [f for f in FIELDS if f"{f} (ranks" in msg] == [field], msg
+
+
+def _split_worker(rank, cp, _):
+    """Ranks 0-1 run a pure ring of 4, ranks 2-3 the same documents as Ulysses 2 x ring 2: each rank's groups fit
+    its own layout, so only the agreement can see that they differ."""
+    hybrid = rank >= 2
+    groups = ringattn.new_cp_groups(2)
+    layout = DocLayout.from_cu_seqlens([0, 3, 21, 45, 80], cp, ulysses_size=2 if hybrid else 1)
+    q, k, v = _inputs(layout, rank)
+    try:
+        ringattn.ring_eod_attention(q, k, v, layout, groups if hybrid else None)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_ranks_that_differ_in_the_split_get_one_error_naming_it():
+    """The Ulysses x ring split is agreed too (it can only differ together with the layout, which records it)."""
+    messages = [res for res in unwrap(run_ranks(4, _split_worker))]
+    assert messages[0] is not None and len(set(messages)) == 1, messages
+    assert "ranks disagree on layout (" in messages[0] and "ulysses x ring (ranks [0, 1]: '1x4'; ranks [2, 3]: " \
+        "'2x2')" in messages[0], messages[0]
 
 
 def _agreement_cost_worker(rank, cp, _):
