@@ -307,6 +307,12 @@ class DocLayout:
         return len(self.cu_seqlens) - 1
 
     @cached_property
+    def longest_document(self) -> int:
+        """Tokens of the longest document (a sliding window at least this long masks nothing)."""
+        cu = self.cu_seqlens
+        return max(b - a for a, b in zip(cu, cu[1:]))
+
+    @cached_property
     def _ring_tokens(self) -> tuple[int, ...]:
         return tuple(sum(e - s for s, e in pieces) for pieces in self.pieces)
 
@@ -330,20 +336,21 @@ class DocLayout:
         """int64 ``[local_tokens(rank)]``: reset position ids (offset within the document)."""
         return position_ids_from_cu_seqlens(self.cu_seqlens, self.total_tokens)[self.local_indices(rank)].to(device)
 
-    def stats(self, comm: str | None = None) -> PlanStats:
+    def stats(self, comm: str | None = None, window: int | None = None) -> PlanStats:
         """Per-rank tokens, attention work, block pairs and KV traffic (:class:`ringattn.plan.PlanStats`)
-        of the plan shape ``comm`` (default: the library's default shape). With ``ulysses_size > 1``
+        of the plan shape ``comm`` (default: the library's default shape), under a sliding ``window``
+        (None: none). With ``ulysses_size > 1``
         these are the ring plan's, per ring rank (each of its Ulysses ranks runs that ring on its
         share of the heads); :meth:`cp_stats` gives bytes per CP rank, all-to-alls included."""
-        return build_plan(self.ring_layout, comm or DEFAULT_COMM).stats
+        return build_plan(self.ring_layout, comm or DEFAULT_COMM, window).stats
 
     def cp_stats(self, heads: int, kv_heads: int, head_dim: int, itemsize: int = 2, comm: str | None = None,
-                 node_size: int | None = None) -> CPStats:
+                 node_size: int | None = None, window: int | None = None) -> CPStats:
         """Per CP rank all-to-all bytes and ring KV bytes, forward and backward
         (:class:`ringattn.plan.CPStats`) for ``heads`` query heads, ``kv_heads`` KV heads of
         ``head_dim`` elements of ``itemsize`` bytes (2: bf16/fp16); with ``node_size`` (CP
-        ranks per node) also the bytes coming from other nodes."""
-        return cp_stats(self, heads, kv_heads, head_dim, itemsize, comm or DEFAULT_COMM, node_size)
+        ranks per node) also the bytes coming from other nodes; under a sliding ``window``."""
+        return cp_stats(self, heads, kv_heads, head_dim, itemsize, comm or DEFAULT_COMM, node_size, window)
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.cp_size:

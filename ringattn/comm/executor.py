@@ -14,7 +14,8 @@ computes and is added at the owner, in fp32, while later steps run.
 
 Host path: a plan is turned once into :class:`PlanExec` (kept in this module's :data:`EXECS`, per plan
 object, dropped with it: :class:`ringattn._memo.IdentityMemo`): per step at
-most two kernel calls (:class:`~ringattn.kernels.VarlenCall`, the causal and the dense segments),
+most two kernel calls (:class:`~ringattn.kernels.VarlenCall`, the causal and the dense segments; under a
+sliding window one per distinct window pair, i.e. per piece read across, never per document),
 and every set of rows the step reads or writes as :class:`Rows` — a slice when the rows are one
 contiguous run (the causal segments of a rank's own pieces always are), otherwise one
 ``index_select`` / ``index_copy_`` / ``index_add_`` with an index tensor built once per device. So
@@ -125,21 +126,36 @@ class PlanExec:
     steps: tuple[StepExec, ...]
 
 
+def _groups(segments) -> list[list]:
+    """The step's segments as kernel calls: one call per ``(causal, window)`` pair, causal first (at most two
+    calls without a window), split further only where a window makes one query part read several key
+    ranges of the same origin (their query rows overlap, and a call's rows must be distinct)."""
+    groups: dict[tuple, list[list]] = {}
+    for seg in sorted(segments, key=lambda s: not s.causal):  # stable: plan order within causal / dense
+        subs = groups.setdefault((seg.causal, seg.window), [])
+        for sub in subs:
+            if sub[-1].q[1] <= seg.q[0]:
+                sub.append(seg)
+                break
+        else:
+            subs.append([seg])
+    return [sub for subs in groups.values() for sub in subs]
+
+
 def _calls(step: Step, local_tokens: int) -> tuple[Call, ...]:
     calls = []
-    for causal in (True, False):
-        segs = [s for s in step.segments if s.causal == causal]
-        if not segs:
-            continue
+    for segs in _groups(step.segments):
         cu_q, cu_k = [0], [0]
         for s in segs:
             cu_q.append(cu_q[-1] + s.q[1] - s.q[0])
             cu_k.append(cu_k[-1] + s.kv[1] - s.kv[0])
         q_rows = Rows(tuple(s.q for s in segs))
+        causal, window = segs[0].causal, segs[0].window
         init = step.distance == 0 and causal
         if init and q_rows.span != (0, local_tokens):
             raise AssertionError(f"planner: step 0's causal segments must cover rows [0, {local_tokens}) in order")
-        calls.append(Call(q_rows, Rows(tuple(s.kv for s in segs)), VarlenCall(tuple(cu_q), tuple(cu_k), causal), init))
+        calls.append(Call(q_rows, Rows(tuple(s.kv for s in segs)), VarlenCall(tuple(cu_q), tuple(cu_k), causal, window),
+                          init))
     return tuple(calls)
 
 

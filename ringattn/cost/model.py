@@ -242,19 +242,19 @@ class CostModel:
             bytes_out=per(ring.bytes_out), steps=ring.steps, step_s=step, ideal_s=ideal,
             efficiency=ideal / step if step > 0 else 1.0, ulysses_size=u, a2a_s=tuple(a2a), a2a_bytes=a2a_bytes)
 
-    def predict(self, layout: PieceLayout, comm: str | None = None) -> Prediction:
+    def predict(self, layout: PieceLayout, comm: str | None = None, window: int | None = None) -> Prediction:
         """Per-CP-rank compute, exchange, all-to-all (hybrid layouts) and predicted seconds of
         ``layout`` with plan shape ``comm`` (default: the library's default), and the step's time
-        and efficiency. ``ValueError`` if the model's heads cannot be split over the layout's
-        ``ulysses_size``."""
+        and efficiency, under a sliding ``window`` (its exact work and traffic). ``ValueError`` if the model's
+        heads cannot be split over the layout's ``ulysses_size``."""
         if not isinstance(layout, PieceLayout):
             raise ValueError(f"layout: expected a DocLayout, got {type(layout).__name__}")
         comm = comm or DEFAULT_COMM
         if layout.ulysses_size == 1 and not self.profile.node_size:
-            return self.predict_stats(build_plan(layout, comm).stats)
+            return self.predict_stats(build_plan(layout, comm, window).stats)
         self.ring_model(layout.ulysses_size, layout.cp_size)  # the heads' ValueError names the model
         return self.predict_cp_stats(cp_stats(layout, self.num_heads, self.num_kv_heads, self.head_dim,
-                                              self.dtype.itemsize, comm))
+                                              self.dtype.itemsize, comm, window=window))
 
 
 def default_cost_model(ulysses_size: int = 1) -> CostModel:

@@ -10,7 +10,11 @@ Contract (THD layout, GQA native: k/v may have fewer heads than q, ``Hq % Hkv ==
 * ``call`` is a :class:`VarlenCall`: the packed segments of one kernel call. Segment ``i`` is rows
   ``cu_q[i]:cu_q[i+1]`` of q against rows ``cu_k[i]:cu_k[i+1]`` of k/v; ``causal`` says whether every
   segment is causal (then q and k lengths are equal, so top-left = bottom-right alignment) or every
-  segment is dense. The executor builds each call once per plan and reuses it on every training step,
+  segment is dense. ``window`` (None: none) is a sliding window as the one ``(left, right)`` pair of
+  flash_attn's convention that every segment of the call shares: aligned to each segment's bottom-right
+  corner, query row ``r`` of a segment with ``sq`` queries and ``sk`` keys sees the key columns
+  ``[r + sk - sq - left, r + sk - sq + right]`` (``left, right >= 0``; causal segments get ``(W - 1, 0)``;
+  every query row still sees at least one key). The executor builds each call once per plan and reuses it on every training step,
   so a backend derives what it needs from it *once* with :meth:`VarlenCall.cached` (device
   ``cu_seqlens``, statistics-layout indices, chunkings) instead of on every call: no host work per
   segment and no host-to-device copy on the hot path.
@@ -36,7 +40,7 @@ Example: one call over two causal segments (documents of 3 and 5 tokens), GQA wi
 >>> import torch
 >>> call = VarlenCall(cu_q=(0, 3, 8), cu_k=(0, 3, 8), causal=True)
 >>> call
-VarlenCall(cu_q=(0, 3, 8), cu_k=(0, 3, 8), causal=True, max_q=5, max_k=5)
+VarlenCall(cu_q=(0, 3, 8), cu_k=(0, 3, 8), causal=True, window=None, max_q=5, max_k=5)
 >>> g = torch.Generator().manual_seed(0)
 >>> q = torch.randn(8, 4, 16, generator=g)
 >>> k, v = (torch.randn(8, 2, 16, generator=g) for _ in range(2))
@@ -69,12 +73,14 @@ class VarlenCall:
     """One kernel call over packed segments (see the module docstring).
 
     cu_q / cu_k: host tuples of ints starting at 0, one entry more than segments; max_q / max_k: the
-    longest segment lengths. Identity-hashed: a call is built once per plan and reused.
+    longest segment lengths; window: the ``(left, right)`` pair of a sliding window (None: none).
+    Identity-hashed: a call is built once per plan and reused.
     """
 
     cu_q: tuple[int, ...]
     cu_k: tuple[int, ...]
     causal: bool
+    window: tuple[int, int] | None = None
     max_q: int = field(init=False)
     max_k: int = field(init=False)
     _cache: dict = field(default_factory=dict, init=False, repr=False)

@@ -30,6 +30,7 @@ import numpy as np
 from .._memo import IdentityMemo
 from ..ranges import PieceLayout
 from .types import COMM_SHAPES, DEFAULT_COMM, Plan, PlanStats, RankPlan, Range, Segment, Step, Transfer
+from .window import WindowIndex, build_rank_windowed, effective_window
 
 __all__ = ["build_plan", "rank_plan", "direct_accounting", "pieces_accounting", "Accounting", "PLANS"]
 
@@ -422,24 +423,41 @@ def _build_rank(layout: PieceLayout, ix: _Index, x: int, comm: str) -> RankPlan:
     return RankPlan(x, cp, comm, local_n, tuple(steps))
 
 
-def rank_plan(layout: PieceLayout, rank: int, comm: str = DEFAULT_COMM) -> RankPlan:
+def _window_index(layout: PieceLayout, window: int) -> WindowIndex:
+    cache = _layout_cache(layout)
+    ix = cache.get(("window index", window))
+    if ix is None:
+        ix = cache[("window index", window)] = WindowIndex(layout, window)
+    return ix
+
+
+def rank_plan(layout: PieceLayout, rank: int, comm: str = DEFAULT_COMM, window: int | None = None) -> RankPlan:
     """The plan of one CP rank, built from what that rank needs and kept for the layout object
     (:data:`PLANS`); for a hybrid layout, the ring plan of its ring rank (kept for ``layout.ring_layout``).
 
-    The same :class:`RankPlan` object comes back for a given ``(layout, rank, comm)``.
+    The same :class:`RankPlan` object comes back for a given ``(layout, rank, comm, window)``. ``window``:
+    a sliding window of that many keys (see :mod:`ringattn.plan.window`); one at least as long as the
+    longest document masks nothing and gives the plan without a window.
     """
     if layout.ulysses_size > 1:
         ring_rank, _ = layout.split(rank)
-        return rank_plan(layout.ring_layout, ring_rank, comm)
+        return rank_plan(layout.ring_layout, ring_rank, comm, window)
     cache = _layout_cache(layout)
-    key = (rank, comm)
+    key = (rank, comm) if window is None else (rank, comm, window)
     rp = cache.get(key)
     if rp is None:
         if comm not in COMM_SHAPES:
             raise ValueError(f"comm: expected one of {COMM_SHAPES}, got {comm!r}")
         if not 0 <= rank < layout.cp_size:
             raise ValueError(f"rank: expected 0 <= rank < cp_size={layout.cp_size}, got {rank}")
-        rp = cache[key] = _build_rank(layout, _index(layout), rank, comm)
+        w = effective_window(layout, window)
+        if w is None and window is not None:
+            rp = rank_plan(layout, rank, comm)
+        elif w is None:
+            rp = _build_rank(layout, _index(layout), rank, comm)
+        else:
+            rp = build_rank_windowed(layout, _window_index(layout, w), rank, comm)
+        cache[key] = rp
     return rp
 
 
@@ -452,23 +470,32 @@ def _pair_counts(ix: _Index, x: int) -> tuple[int, int]:
     return computed, total - computed
 
 
-def build_plan(layout: PieceLayout, comm: str = DEFAULT_COMM) -> Plan:
-    """Every rank's plan for comm shape ``comm`` with the exact :class:`PlanStats` (kept for the layout object).
+def build_plan(layout: PieceLayout, comm: str = DEFAULT_COMM, window: int | None = None) -> Plan:
+    """Every rank's plan for comm shape ``comm`` (and sliding ``window``) with the exact :class:`PlanStats`
+    (kept for the layout object).
 
     Training needs only :func:`rank_plan`; this is for statistics, the inspector and benchmarks.
     A hybrid layout (``ulysses_size > 1``) is planned over its ring ranks (``layout.ring_layout``).
     """
     if layout.ulysses_size > 1:
-        return build_plan(layout.ring_layout, comm)
+        return build_plan(layout.ring_layout, comm, window)
     if comm not in COMM_SHAPES:
         raise ValueError(f"comm: expected one of {COMM_SHAPES}, got {comm!r}")
     cache = _layout_cache(layout)
-    plan = cache.get(("plan", comm))
+    plan = cache.get(("plan", comm, window))
     if plan is not None:
         return plan
-    ix = _index(layout)
-    rank_plans = tuple(rank_plan(layout, x, comm) for x in range(layout.cp_size))
-    pairs = [_pair_counts(ix, x) for x in range(layout.cp_size)]
+    w = effective_window(layout, window)
+    if w is None and window is not None:
+        plan = cache[("plan", comm, window)] = build_plan(layout, comm)
+        return plan
+    rank_plans = tuple(rank_plan(layout, x, comm, w) for x in range(layout.cp_size))
+    if w is None:
+        ix = _index(layout)
+        pairs = [_pair_counts(ix, x) for x in range(layout.cp_size)]
+    else:
+        wx = _window_index(layout, w)
+        pairs = [wx.pair_counts(x) for x in range(layout.cp_size)]
     stats = PlanStats(
         comm=comm,
         cp_size=layout.cp_size,
@@ -484,6 +511,7 @@ def build_plan(layout: PieceLayout, comm: str = DEFAULT_COMM) -> Plan:
         grad_send_tokens=tuple(rp.grad_send_tokens for rp in rank_plans),
         grad_recv_tokens=tuple(rp.grad_recv_tokens for rp in rank_plans),
         segments=tuple(rp.num_segments for rp in rank_plans),
+        window=w,
     )
-    plan = cache[("plan", comm)] = Plan(comm, rank_plans, stats)
+    plan = cache[("plan", comm, window)] = Plan(comm, rank_plans, stats)
     return plan

@@ -118,11 +118,12 @@ class CPStats:
 
 
 def cp_stats(layout: PieceLayout, heads: int, kv_heads: int, head_dim: int, itemsize: int, comm: str,
-             node_size: int | None = None) -> CPStats:
+             node_size: int | None = None, window: int | None = None) -> CPStats:
     """:class:`CPStats` of ``layout`` (any ``ulysses_size``) for the given heads and element size.
 
     node_size: CP ranks per node (consecutive CP ranks share a node); bytes from a peer on
     another node are counted in ``inter_fwd_bytes`` / ``inter_bwd_bytes`` (all 0 without it).
+    window: a sliding window (the ring plan's, see :func:`ringattn.plan.build_plan`).
     """
     u, r = layout.ulysses_size, layout.ring_size
     if heads % kv_heads:
@@ -130,7 +131,7 @@ def cp_stats(layout: PieceLayout, heads: int, kv_heads: int, head_dim: int, item
     if node_size is not None and (not isinstance(node_size, int) or node_size < 1):
         raise ValueError(f"node_size: expected a positive int, got {node_size!r}")
     hq, hkv, rep = ulysses_heads(heads, kv_heads, u)
-    plan = build_plan(layout.ring_layout, comm)
+    plan = build_plan(layout.ring_layout, comm, window)
     st = plan.stats
     row = head_dim * itemsize
     kv_row = PlanStats.kv_bytes_per_token(hkv, head_dim, itemsize)

@@ -9,11 +9,43 @@ from dataclasses import dataclass, field
 
 from ..ranges import Range
 
-__all__ = ["COMM_SHAPES", "DEFAULT_COMM", "Range", "Segment", "Transfer", "Step", "RankPlan", "PlanStats", "Plan"]
+__all__ = ["COMM_SHAPES", "DEFAULT_COMM", "Range", "Segment", "Transfer", "Step", "RankPlan", "PlanStats", "Plan",
+           "band_entries"]
 
 COMM_SHAPES = ("plain", "ring", "direct")
 #: the default shape (see the README for the measurements behind the choice)
 DEFAULT_COMM = "direct"
+
+
+def _sum_min(lo: int, hi: int, a: int, cap: int) -> int:
+    """``sum(min(cap, r + a) for r in range(lo, hi))``."""
+    if hi <= lo:
+        return 0
+    mid = min(max(cap - a, lo), hi)  # r < mid: r + a < cap
+    return (mid - lo) * (lo + mid - 1 + 2 * a) // 2 + (hi - mid) * cap
+
+
+def band_entries(sq: int, sk: int, left: int | None, right: int) -> int:
+    """Unmasked entries of a ``sq x sk`` block under flash_attn's window convention: the window is aligned
+    to the bottom-right corner, query row ``r`` sees key columns ``[r + sk - sq - left, r + sk - sq + right]``
+    (``left=None``: no limit on the left) clipped to ``[0, sk)``.
+
+    >>> band_entries(4, 4, None, 0), band_entries(4, 4, 1, 0)   # causal; causal with a window of 2 keys
+    (10, 7)
+    >>> band_entries(2, 3, 1, 3)                               # 2 queries 3 tokens after 3 keys, window 4
+    3
+    """
+    a = sk - sq
+    lo = max(0, -a - right)
+    hi = min(sq, sk - a + left) if left is not None else sq
+    if hi <= lo:
+        return 0
+    upper = _sum_min(lo, hi, a + right + 1, sk)  # sum of min(sk, r + a + right + 1)
+    if left is None:
+        return upper
+    start = min(max(left - a, lo), hi)  # r >= start: r + a - left >= 0
+    lower = (hi - start) * (start + hi - 1 + 2 * (a - left)) // 2  # sum of max(0, r + a - left)
+    return upper - lower
 
 
 @dataclass(frozen=True)
@@ -22,16 +54,21 @@ class Segment:
 
     q: local query rows ``[start, end)``; kv: rows ``[start, end)`` in the step's KV source
     (local KV at step 0, the received buffer otherwise). ``causal`` segments have
-    ``q == kv`` ranges; non-causal ones are dense rectangles.
+    ``q == kv`` ranges; non-causal ones are dense rectangles. ``window``: under a sliding
+    window, the ``(left, right)`` pair of flash_attn's convention (aligned to the segment's
+    bottom-right corner; see :func:`band_entries`) that masks the block; None without one.
     """
 
     q: Range
     kv: Range
     causal: bool
+    window: tuple[int, int] | None = None
 
     @property
     def work(self) -> int:
         lq, lk = self.q[1] - self.q[0], self.kv[1] - self.kv[0]
+        if self.window is not None:
+            return band_entries(lq, lk, self.window[0], self.window[1])
         return lq * (lq + 1) // 2 if self.causal else lq * lk
 
 
@@ -78,11 +115,14 @@ class Step:
 
 @dataclass(frozen=True)
 class RankPlan:
+    """One rank's steps for comm shape ``comm``; ``window``: the sliding window it was planned for (None: none)."""
+
     rank: int
     cp_size: int
     comm: str
     local_tokens: int
     steps: tuple[Step, ...]
+    window: int | None = None
 
     @property
     def work(self) -> int:
@@ -116,9 +156,10 @@ class RankPlan:
         return max((s.recv.tokens for s in self.steps if s.recv), default=0)
 
     def __repr__(self) -> str:
+        window = f", window={self.window}" if self.window is not None else ""
         return (
-            f"RankPlan(rank={self.rank}, comm={self.comm!r}, steps={len(self.steps)}, local_tokens={self.local_tokens}, "
-            f"work={self.work}, kv_recv_tokens={self.kv_recv_tokens})"
+            f"RankPlan(rank={self.rank}, comm={self.comm!r}{window}, steps={len(self.steps)}, "
+            f"local_tokens={self.local_tokens}, work={self.work}, kv_recv_tokens={self.kv_recv_tokens})"
         )
 
 
@@ -150,6 +191,7 @@ class PlanStats:
     grad_send_tokens: tuple[int, ...] = ()
     grad_recv_tokens: tuple[int, ...] = ()
     segments: tuple[int, ...] = ()
+    window: int | None = None
 
     @property
     def num_steps(self) -> int:
@@ -176,8 +218,10 @@ class PlanStats:
         return self.kv_recv_tokens[rank] * self.kv_bytes_per_token(num_kv_heads, head_dim, itemsize)
 
     def __repr__(self) -> str:
+        window = f", window={self.window}" if self.window is not None else ""
         return (
-            f"PlanStats(comm={self.comm!r}, cp={self.cp_size}, steps={self.num_steps}, imbalance={self.imbalance:.3f}, "
+            f"PlanStats(comm={self.comm!r}{window}, cp={self.cp_size}, steps={self.num_steps}, "
+            f"imbalance={self.imbalance:.3f}, "
             f"work={list(self.work)}, kv_recv_tokens={list(self.kv_recv_tokens)}, pairs_skipped={list(self.pairs_skipped)})"
         )
 
