@@ -15,6 +15,7 @@ from .groups import CPGroups, resolve_group
 from .kernels import get_backend
 from .layout import DocLayout
 from .plan import COMM_SHAPES, DEFAULT_COMM, rank_plan, ulysses_heads
+from .plan.window import effective_window
 
 __all__ = ["ring_eod_attention", "RingEoDAttention", "DEFAULT_COMM", "check_inputs", "AGREEMENT_REMEDIES"]
 
@@ -28,7 +29,22 @@ AGREEMENT_REMEDIES = {
     "softmax_scale": "pass the same softmax_scale on every CP rank",
     "comm": "pass the same comm= on every CP rank",
     "ulysses x ring": "build the groups with the same ulysses_size on every rank (ringattn.new_cp_groups)",
+    "window": "pass the same window= on every CP rank (the layer's sliding window, None on full-attention layers)",
+    "sinks": "pass sinks= on every CP rank or on none (the layer's learned sink logits)",
 }
+
+
+def _add_sinks(out32: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged result with one more "key" per head whose score is ``sinks[h]`` and whose value is 0:
+    ``lse' = logaddexp(lse, s)``, ``out' = out * exp(lse - lse')`` (fp32)."""
+    new = torch.logaddexp(lse, sinks.float().unsqueeze(0))
+    return out32 * torch.exp(lse - new).unsqueeze(-1), new
+
+
+def _sinks_grad(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """``dL/ds_h = -sum_i exp(s_h - lse'_i) * rowsum(dout_i * out'_i)`` over this rank's query rows (fp32)."""
+    rowsum = (dout.float() * out.float()).sum(-1)
+    return -(torch.exp(sinks.float().unsqueeze(0) - lse) * rowsum).sum(0)
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocLayout, rank: int) -> None:
@@ -61,23 +77,29 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocL
 
 
 class _RingEoDFunction(torch.autograd.Function):
+    """Ring attention of one CP rank. Learned sinks are applied once, after the merge (:func:`_add_sinks`);
+    the block backwards then run unchanged on the sinked ``(out, lse)``."""
+
     @staticmethod
-    def forward(ctx, q, k, v, plan, group, scale, kernel):
+    def forward(ctx, q, k, v, sinks, plan, group, scale, kernel):
         kv = torch.stack([k, v], dim=1)
         out32, lse = run_forward(plan, q, kv, group, kernel, scale)
+        if sinks is not None:
+            out32, lse = _add_sinks(out32, lse, sinks)
         out = out32.to(q.dtype)
         # kernels that compute in fp32 (cpu, math) get the unrounded merged output for backward:
         # the rowsum(dout * out) term then carries no bf16 rounding noise into dq/dk/dv
         saved_out = out32 if getattr(kernel, "BACKWARD_TAKES_FP32_OUT", False) else out
-        ctx.save_for_backward(q, kv, saved_out, lse)
+        ctx.save_for_backward(q, kv, saved_out, lse, sinks)
         ctx.plan, ctx.group, ctx.scale, ctx.kernel = plan, group, scale, kernel
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, kv, out, lse = ctx.saved_tensors
+        q, kv, out, lse, sinks = ctx.saved_tensors
         dq, dkv = run_backward(ctx.plan, dout, q, kv, out, lse, ctx.group, ctx.kernel, ctx.scale)
-        return dq.to(q.dtype), dkv[:, 0].to(kv.dtype), dkv[:, 1].to(kv.dtype), None, None, None, None
+        dsinks = None if sinks is None else _sinks_grad(dout, out, lse, sinks).to(sinks.dtype)
+        return dq.to(q.dtype), dkv[:, 0].to(kv.dtype), dkv[:, 1].to(kv.dtype), dsinks, None, None, None, None
 
 
 def _check_groups(layout: DocLayout, groups: CPGroups | None) -> None:
@@ -101,7 +123,7 @@ class _UlyssesRingFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, ulysses, ring, replication, scale, kernel):
+    def forward(ctx, q, k, v, sinks, plan, ulysses, ring, replication, scale, kernel):
         n, hq, d = q.shape
         u = ulysses.size()
         y = gather_tokens(pack_qkv(q, k, v, u, replication), ulysses, "forward all-to-all of q/k/v")
@@ -110,20 +132,31 @@ class _UlyssesRingFunction(torch.autograd.Function):
         qg = y[:, :hq_u].contiguous()
         kv = y[:, hq_u:].reshape(y.shape[0], 2, hk, d).contiguous()
         out32, lse = run_forward(plan, qg, kv, ring, kernel, scale)
+        # this rank holds head group ulysses_rank (pack_qkv): its share of the sinks
+        my_sinks = None if sinks is None else sinks.reshape(u, hq_u)[ulysses.rank()]
+        if my_sinks is not None:
+            out32, lse = _add_sinks(out32, lse, my_sinks)
         out = out32.to(q.dtype)
         saved_out = out32 if getattr(kernel, "BACKWARD_TAKES_FP32_OUT", False) else out
-        ctx.save_for_backward(qg, kv, saved_out, lse)
+        ctx.save_for_backward(qg, kv, saved_out, lse, my_sinks)
+        ctx.sinks_shape = None if sinks is None else (sinks.shape, sinks.dtype)
         ctx.plan, ctx.ulysses, ctx.ring, ctx.scale, ctx.kernel = plan, ulysses, ring, scale, kernel
         ctx.replication, ctx.kv_heads, ctx.kv_dtype = replication, k.shape[1], k.dtype
         return scatter_tokens(out, u, ulysses, "forward all-to-all of the output").reshape(n, hq, d)
 
     @staticmethod
     def backward(ctx, dout):
-        qg, kv, out, lse = ctx.saved_tensors
+        qg, kv, out, lse, my_sinks = ctx.saved_tensors
         u, (n, hq, d) = ctx.ulysses.size(), dout.shape
         hq_u, hk, rep = hq // u, kv.shape[2], ctx.replication
         dout_g = gather_tokens(dout.reshape(n, u, hq_u, d), ctx.ulysses, "backward all-to-all of d(output)")
         dq, dkv = run_backward(ctx.plan, dout_g, qg, kv, out, lse, ctx.ring, ctx.kernel, ctx.scale)
+        dsinks = None
+        if my_sinks is not None:  # this rank's heads, over its ring rank's tokens; zero for the other head groups
+            shape, dtype = ctx.sinks_shape
+            dsinks = torch.zeros(u, hq_u, dtype=torch.float32, device=my_sinks.device)
+            dsinks[ctx.ulysses.rank()] = _sinks_grad(dout_g, out, lse, my_sinks)
+            dsinks = dsinks.reshape(shape).to(dtype)
         kv_dtype = torch.float32 if rep > 1 else ctx.kv_dtype  # replicas are summed after the all-to-all
         grads = pack_rows([dq.to(qg.dtype).reshape(u, n, hq_u, d), dkv.to(kv_dtype).reshape(u, n, 2, hk, d)])
         back = scatter_tokens(grads.reshape(u * n, *grads.shape[2:]), u, ctx.ulysses, "backward all-to-all of dq/dk/dv")
@@ -131,10 +164,21 @@ class _UlyssesRingFunction(torch.autograd.Function):
         dkv = dkv.transpose(1, 2).reshape(n, 2, u * hk, d)  # [n, k/v, head, d]
         if rep > 1:
             dkv = dkv.reshape(n, 2, ctx.kv_heads, rep, d).sum(3).to(ctx.kv_dtype)
-        return dq.reshape(n, hq, d), dkv[:, 0], dkv[:, 1], None, None, None, None, None, None
+        return dq.reshape(n, hq, d), dkv[:, 0], dkv[:, 1], dsinks, None, None, None, None, None, None
 
 
-def _local_verdict(q, k, v, layout, rank: int, size: int, scale, comm, backend, groups=None):
+def _check_sinks(sinks, q: torch.Tensor) -> None:
+    if not isinstance(sinks, torch.Tensor):
+        raise ValueError(f"sinks: expected a tensor of one logit per query head, got {type(sinks).__name__}")
+    if tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(f"sinks: expected shape [{q.shape[1]}] (one logit per query head), got {tuple(sinks.shape)}")
+    if not sinks.dtype.is_floating_point:
+        raise ValueError(f"sinks: expected a floating dtype, got {sinks.dtype}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks: expected to be on q's device {q.device}, got {sinks.device}")
+
+
+def _local_verdict(q, k, v, layout, rank: int, size: int, scale, comm, backend, groups=None, window=None, sinks=None):
     """``(error message or None, kernel module or None)`` for this rank's input."""
     try:
         kernel = get_backend(q.device.type if isinstance(q, torch.Tensor) else "cpu", backend)
@@ -145,6 +189,11 @@ def _local_verdict(q, k, v, layout, rank: int, size: int, scale, comm, backend, 
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"softmax_scale: expected a positive finite float, got {scale!r}")
         check_inputs(q, k, v, layout, rank)
+        if effective_window(layout, window) is not None and not getattr(kernel, "SUPPORTS_WINDOW", False):
+            raise ValueError(f"window: the {kernel.__name__.rsplit('.', 1)[-1]} backend has no sliding-window "
+                             "support; use backend='math' (portable) or another backend")
+        if sinks is not None:
+            _check_sinks(sinks, q)
         kq, kk = q, k
         if layout.ulysses_size > 1:  # the kernels run on the ring rank's tokens and this rank's share of the heads
             hq_u, hkv_u, _ = ulysses_heads(q.shape[1], k.shape[1], layout.ulysses_size)
@@ -172,6 +221,8 @@ def ring_eod_attention(
     group: dist.ProcessGroup | CPGroups | None = None,
     softmax_scale: float | None = None,
     *,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
     comm: str | None = None,
     backend: str | None = None,
     validate: bool = False,
@@ -187,6 +238,15 @@ def ring_eod_attention(
     ``Hq / U`` heads, an all-to-all back; pure Ulysses when ``ring_size == 1``). Hybrid needs
     ``Hq % U == 0`` and ``Hkv % U == 0`` or ``U % Hkv == 0`` (KV heads then replicated).
     ``softmax_scale`` defaults to ``D ** -0.5``.
+    ``window``: a sliding window, the number of keys a query may attend to, itself included: the query at
+    document position ``i`` sees the keys at positions ``j`` with ``i - window < j <= i`` (transformers'
+    ``sliding_window``; flash_attn's ``window_size=(window - 1, 0)``). None: no window; one at least as long
+    as the longest document masks nothing and runs the plan without a window. Block pairs the window
+    masks are neither computed nor sent (:mod:`ringattn.plan.window`).
+    ``sinks``: learned sink logits ``[Hq]``, one per query head in the units of the scaled scores
+    (gpt-oss): every softmax denominator gains ``exp(sinks[h])``, the output nothing. Differentiable:
+    ``sinks.grad`` is this rank's partial, over its query rows (and, with Ulysses, its head group);
+    like every weight under CP, the sum over the CP group's ranks equals the single-device gradient.
     ``comm``: plan shape (``"direct"``, the default, ``"ring"`` or the baseline ``"plain"``).
     ``backend``: kernel backend name (default: from ``q.device.type``).
 
@@ -234,13 +294,14 @@ def ring_eod_attention(
     group, groups, rank, size = resolve_group(group, layout.cp_size)
     head_dim = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() >= 1 and q.shape[-1] else 1
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    verdict, kernel = _local_verdict(q, k, v, layout, rank, size, scale, comm, backend, groups)
+    verdict, kernel = _local_verdict(q, k, v, layout, rank, size, scale, comm, backend, groups, window, sinks)
     agreed_before = False
     if group is not None:  # agreement over the whole CP group, before any all-to-all or P2P
         split = (groups.ulysses_size, groups.ring_size) if groups is not None else (1, size)
         facts = {"layout": f"{layout!r} {layout.fingerprint:#x}", "q heads/dim": _heads_and_dim(q),
                  "k/v heads/dim": _heads_and_dim(k), "dtype": str(getattr(q, "dtype", None)), "softmax_scale": scale,
-                 "comm": comm, "ulysses x ring": f"{split[0]}x{split[1]}"}
+                 "comm": comm, "ulysses x ring": f"{split[0]}x{split[1]}", "window": window,
+                 "sinks": "given" if sinks is not None else "none"}
         agreed_before = agree_once(layout, group, verdict, facts, agreement_device(group, q), AGREEMENT_REMEDIES,
                                    always=validate)
     if verdict is not None:
@@ -248,30 +309,38 @@ def ring_eod_attention(
             verdict += (" (found on this rank only: this layout was agreed on an earlier call, so the other ranks go on "
                         "and time out waiting for this one; validate=True makes every rank raise this error)")
         raise ValueError(verdict)
+    plan = rank_plan(layout, rank, comm, window)  # hybrid: the ring plan of this rank's ring rank
     if layout.ulysses_size == 1:
         ring = groups.ring if groups is not None else group
-        return _RingEoDFunction.apply(q, k, v, rank_plan(layout, rank, comm), ring, scale, kernel)
+        return _RingEoDFunction.apply(q, k, v, sinks, plan, ring, scale, kernel)
     _, _, replication = ulysses_heads(q.shape[1], k.shape[1], layout.ulysses_size)
-    plan = rank_plan(layout, rank, comm)  # the ring plan of this rank's ring rank
-    return _UlyssesRingFunction.apply(q, k, v, plan, groups.ulysses, groups.ring, replication, scale, kernel)
+    return _UlyssesRingFunction.apply(q, k, v, sinks, plan, groups.ulysses, groups.ring, replication, scale, kernel)
+
+
+_MODULE_WINDOW = object()  # forward's default: the window the module was built with
 
 
 class RingEoDAttention(nn.Module):
-    """Module form of :func:`ring_eod_attention`: ``forward(q, k, v, layout) -> out``.
+    """Module form of :func:`ring_eod_attention`: ``forward(q, k, v, layout, *, window=, sinks=) -> out``.
 
-    ``group``: a CP process group or the :class:`~ringattn.CPGroups` of a hybrid split."""
+    ``group``: a CP process group or the :class:`~ringattn.CPGroups` of a hybrid split. ``window``: the
+    layer's sliding window (a ``forward(window=...)`` keyword overrides it for one call)."""
 
     def __init__(self, softmax_scale: float | None = None, group: dist.ProcessGroup | CPGroups | None = None, *,
-                 comm: str | None = None, backend: str | None = None, validate: bool = False) -> None:
+                 window: int | None = None, comm: str | None = None, backend: str | None = None,
+                 validate: bool = False) -> None:
         super().__init__()
         self.softmax_scale, self.group, self.comm, self.backend = softmax_scale, group, comm, backend
-        self.validate = validate
+        self.window, self.validate = window, validate
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocLayout) -> torch.Tensor:
-        return ring_eod_attention(q, k, v, layout, self.group, self.softmax_scale, comm=self.comm, backend=self.backend,
-                                  validate=self.validate)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocLayout, *,
+                window: int | None = _MODULE_WINDOW, sinks: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[assignment]
+        return ring_eod_attention(q, k, v, layout, self.group, self.softmax_scale,
+                                  window=self.window if window is _MODULE_WINDOW else window, sinks=sinks,
+                                  comm=self.comm, backend=self.backend, validate=self.validate)
 
     def extra_repr(self) -> str:
         split = (f", ulysses_size={self.group.ulysses_size}, ring_size={self.group.ring_size}"
                  if isinstance(self.group, CPGroups) else "")
-        return f"softmax_scale={self.softmax_scale}, comm={self.comm or DEFAULT_COMM!r}{split}"
+        window = f", window={self.window}" if self.window is not None else ""
+        return f"softmax_scale={self.softmax_scale}, comm={self.comm or DEFAULT_COMM!r}{window}{split}"
