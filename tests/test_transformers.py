@@ -145,13 +145,12 @@ def test_a_sliding_window_no_shorter_than_every_document_is_exact(setups):
 def _refused_call(what, setups):
     from ringattn.adapters.transformers import attention_forward, prepare_model, shard_batch
 
-    overrides = {"dropout": dict(attention_dropout=0.1),
-                 "sliding": dict(use_sliding_window=True, sliding_window=4, max_window_layers=0)}.get(what, {})
-    kind = "qwen3" if what == "sliding" else "llama"
+    overrides = {"dropout": dict(attention_dropout=0.1)}.get(what, {})
+    kind = "llama"
     model = prepare_model(tc.build(kind, **overrides)).train()
     inputs = shard_batch(setups[kind]["collator"][0])
     n = inputs["input_ids"].shape[1]
-    if what in ("dropout", "sliding"):
+    if what == "dropout":
         return lambda: model(**inputs)
     if what == "mask4d":
         return lambda: model(**inputs, attention_mask=torch.ones(1, 1, n, n, dtype=torch.bool))
@@ -166,7 +165,8 @@ def _refused_call(what, setups):
     attn = model.model.layers[0].self_attn
     q = torch.randn(1, 4, n, 8)
     kv = torch.randn(1, 2, n, 8)
-    extra = {"softcap": dict(softcap=30.0), "sinks": dict(s_aux=torch.zeros(4)), "is_causal": dict(is_causal=False),
+    extra = {"softcap": dict(softcap=30.0), "two sinks": dict(s_aux=torch.zeros(4), sinks=torch.zeros(4)),
+             "sinks shape": dict(s_aux=torch.zeros(3)), "window": dict(sliding_window=0), "is_causal": dict(is_causal=False),
              "position_bias": dict(position_bias=torch.zeros(1, 4, n, n)),
              "cross": dict()}[what]
     k = torch.randn(1, 2, n + 3, 8) if what == "cross" else kv
@@ -176,9 +176,10 @@ def _refused_call(what, setups):
 
 @pytest.mark.parametrize("what, message", [
     ("dropout", "dropout: ringattn implements no attention dropout; expected 0, got 0.1"),
-    ("sliding", "sliding_window: a window of 4 tokens is shorter than the longest document (11 tokens)"),
     ("softcap", "softcap: ringattn implements no logit soft-capping"),
-    ("sinks", "sinks: ringattn implements no attention sinks"),
+    ("two sinks", "sinks: got both s_aux and sinks"),
+    ("sinks shape", "sinks: expected shape [4] (one logit per query head)"),
+    ("window", "window: expected a positive int"),
     ("position_bias", "position_bias: ringattn implements no additive attention bias"),
     ("is_causal", "is_causal: ringattn implements causal (decoder) attention only"),
     ("mask4d", "attention_mask: ringattn takes the documents from the context and builds no mask; got a 4-D mask"),

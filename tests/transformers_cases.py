@@ -25,6 +25,22 @@ def config(kind: str, **overrides):
         from transformers import Qwen3Config
 
         return Qwen3Config(**common)
+    # sliding-window models, a window of 4 keys (shorter than most documents), sliding and full layers mixed
+    if kind == "mistral":  # one config-wide window on every layer
+        from transformers import MistralConfig
+
+        return MistralConfig(**{"sliding_window": 4, **common})
+    if kind == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(**{"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"],
+                                   **common})
+    if kind == "gpt_oss":  # learned sinks on every layer; a tiny mixture of experts
+        from transformers import GptOssConfig
+
+        return GptOssConfig(**{"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"],
+                               "num_local_experts": 2, "num_experts_per_tok": 1, "experts_implementation": "eager",
+                               **common})
     raise ValueError(kind)
 
 

@@ -39,15 +39,13 @@ def _refusal(ctx: RingAttnContext, module: nn.Module, query, key, value, attenti
         return mask_refusal(attention_mask)
     if dropout:
         return f"dropout: ringattn implements no attention dropout; expected 0, got {dropout} (config.attention_dropout)"
-    # transformers' window keeps key j for query i iff i - j < sliding_window (masking_utils.sliding_window_overlay;
-    # flash-attn's window_size=(w-1, w-1)): inside documents no longer than the window it masks nothing
-    if sliding_window is not None and ctx.max_doc_len > sliding_window:
-        return (f"sliding_window: a window of {sliding_window} tokens is shorter than the longest document "
-                f"({ctx.max_doc_len} tokens); ringattn implements full document-causal attention only")
+    # transformers' window keeps key j for query i iff j > i - sliding_window (masking_utils.sliding_window_overlay):
+    # exactly ring_eod_attention's window=; it is checked there (a positive int or None)
     if softcap is not None:
-        return f"softcap: ringattn implements no logit soft-capping; got {softcap}"
-    if call.get("s_aux") is not None or call.get("sinks") is not None:
-        return "sinks: ringattn implements no attention sinks (s_aux)"
+        return (f"softcap: ringattn implements no logit soft-capping; got {softcap} (config.attn_logit_softcapping); "
+                "run this model with another attn_implementation")
+    if call.get("s_aux") is not None and call.get("sinks") is not None:
+        return "sinks: got both s_aux and sinks; pass the layer's sink logits once"
     if call.get("position_bias") is not None:
         return "position_bias: ringattn implements no additive attention bias"
     if (is_causal if is_causal is not None else getattr(module, "is_causal", True)) is False:
@@ -83,10 +81,11 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     """transformers attention function: ``[b, Hq, s, d]`` q, ``[b, Hkv, s, d]`` k/v -> (``[b, s, Hq, d]``, None).
 
     Runs :func:`ring_eod_attention` over the context's layout and group (its :class:`CPGroups` for
-    Ulysses x ring) with the model's ``scaling``.
+    Ulysses x ring) with the model's ``scaling``, the layer's ``sliding_window`` (Mistral's config-wide
+    window; Qwen2, Gemma 3 and gpt-oss pass it on their sliding layers only) as ``window=`` and the
+    layer's learned sinks (gpt-oss ``s_aux``) as ``sinks=``.
     Refused (the same ``ValueError`` on every CP rank, before any communication): no context,
-    an attention mask, dropout > 0, a sliding window shorter than the longest document (a longer
-    one masks nothing and is accepted), softcap, sinks, position bias, non-causal attention,
+    an attention mask, dropout > 0, softcap, position bias, non-causal attention,
     ``output_attentions``, ``use_cache``, a key longer than the query, and with a Ulysses size
     ``U > 1`` query heads not divisible by ``U`` or KV heads neither divisible by nor dividing ``U``.
     """
@@ -112,7 +111,9 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     q = query.transpose(1, 2).reshape(b * s, hq, d)
     k = key.transpose(1, 2).reshape(b * s, key.shape[1], key.shape[3])
     v = value.transpose(1, 2).reshape(b * s, value.shape[1], value.shape[3])
-    out = ring_eod_attention(q, k, v, ctx.layout, ctx.attention_group, scaling, comm=ctx.comm, backend=ctx.backend)
+    sinks = s_aux if s_aux is not None else sinks
+    out = ring_eod_attention(q, k, v, ctx.layout, ctx.attention_group, scaling, window=sliding_window,
+                             sinks=sinks, comm=ctx.comm, backend=ctx.backend)
     return out.view(b, s, hq, d), None
 
 
