@@ -36,7 +36,11 @@ def batch_tokens(num_samples=2, seed=0):
     return {"tokens": tokens[:, :SEQ].contiguous(), "labels": tokens[:, 1:].contiguous()}
 
 
-def build_model(cp: int, spec: str = "ringattn", seed: int = 1234, tp: int = 1, cp_comm_type=None, hcp=None):
+def build_model(cp: int, spec: str = "ringattn", seed: int = 1234, tp: int = 1, cp_comm_type=None, hcp=None,
+                window_size=None, softmax_type: str = "vanilla"):
+    """A tiny GPT; ``window_size`` / ``softmax_type`` go to the config of ringattn's spec only (the dense
+    reference gets the window through its mask: megatron-core's local attention replaces a given mask by
+    the window's when ``window_size`` is set, dropping the documents)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -51,11 +55,13 @@ def build_model(cp: int, spec: str = "ringattn", seed: int = 1234, tp: int = 1, 
         from megatron.core import tensor_parallel
 
         tensor_parallel.get_cuda_rng_tracker = lambda *a, **kw: _NoCudaRngTracker()
+        torch.cuda.current_device = lambda: "cpu"  # DotProductAttention puts softmax_offset there
     torch.manual_seed(seed)
     cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                             use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
                             context_parallel_size=cp, params_dtype=torch.float32, tensor_model_parallel_size=tp,
-                            cp_comm_type=cp_comm_type, hierarchical_context_parallel_sizes=hcp)
+                            cp_comm_type=cp_comm_type, hierarchical_context_parallel_sizes=hcp,
+                            window_size=window_size if spec == "ringattn" else None, softmax_type=softmax_type)
     layer = ringattn_layer_spec() if spec == "ringattn" else get_gpt_layer_local_spec()
     model = GPTModel(config=cfg, transformer_layer_spec=layer, vocab_size=VOCAB, max_sequence_length=SEQ,
                      position_embedding_type="rope")
@@ -71,7 +77,9 @@ def loss_and_grads(rank, cp, args):
     from ringattn.adapters.megatron import RingEoDPackedSeqParams, get_batch
 
     fmt, spec = args.get("format", "sbhd"), args.get("spec", "ringattn")
-    model = build_model(cp, spec)
+    window = args.get("window")  # keys per query on every layer (megatron: window_size = (window - 1, 0))
+    model = build_model(cp, spec, window_size=None if window is None else (window - 1, 0),
+                        softmax_type=args.get("softmax_type", "vanilla"))
     batch = get_batch(iter([batch_tokens(args.get("samples", 2))]), EOD, eod_mask_loss=True,
                       strategy=args.get("strategy", "zigzag"))
     params = batch["packed_seq_params"]
@@ -84,6 +92,9 @@ def loss_and_grads(rank, cp, args):
 
         b, s = batch["tokens"].shape
         full = doc_causal_mask(params.layout.cu_seqlens)
+        if window is not None:
+            pos = torch.arange(full.shape[0])
+            full &= pos[None, :] > pos[:, None] - window
         mask = torch.stack([~full[i * s:(i + 1) * s, i * s:(i + 1) * s] for i in range(b)]).unsqueeze(1)
         params = None
     losses = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"], packed_seq_params=params)

@@ -45,6 +45,38 @@ def test_cp_off_equals_dense_document_masked_attention(cp1_sbhd):
     compare(cp1_sbhd, dense)
 
 
+@pytest.mark.parametrize("softmax_type", ["learnable", "off-by-one"])
+def test_window_and_sinks_equal_dense_document_masked_attention(softmax_type):
+    """TransformerConfig.window_size (a causal window of 5 keys on every layer) and softmax_type sinks: CP=2
+    (zigzag, balanced) and CP off equal megatron-core's own attention with the documents and the window in its mask
+    and its own softmax_offset (the learnable sinks' gradient included)."""
+    args = {"window": 5, "softmax_type": softmax_type}
+    dense = unwrap(run_ranks(1, loss_and_grads, {**args, "spec": "dense"}))[0]
+    compare(unwrap(run_ranks(1, loss_and_grads, args))[0], dense)
+    if softmax_type == "learnable":
+        assert any(name.endswith("core_attention.softmax_offset") for name in dense[1])
+    plain = unwrap(run_ranks(1, loss_and_grads, {"spec": "dense"}))[0]
+    assert abs(plain[0] - dense[0]) > 1e-4, "not vacuous: the window and the sinks change the reference's loss"
+    for strategy in ("zigzag", "balanced"):
+        for res in unwrap(run_ranks(2, loss_and_grads, {**args, "strategy": strategy})):
+            compare(res, dense)
+
+
+def test_layer_window_follows_megatron_config():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from ringattn.adapters.megatron import layer_window
+
+    cfg = dict(num_layers=4, hidden_size=64, num_attention_heads=4)
+    assert layer_window(TransformerConfig(**cfg), 1) is None
+    assert layer_window(TransformerConfig(**cfg, window_size=(127, 0)), 3) == 128
+    assert layer_window(TransformerConfig(**cfg, window_size=(-1, 0)), 1) is None
+    skip = TransformerConfig(**cfg, window_size=(7, 0), window_attn_skip_freq=2)  # every second layer is full
+    assert [layer_window(skip, n) for n in (1, 2, 3, 4)] == [8, None, 8, None]
+    with pytest.raises(ValueError, match=r"window_size: ringattn runs causal sliding windows, \(left, 0\)"):
+        layer_window(TransformerConfig(**cfg, window_size=(7, 3)), 1)
+
+
 def test_get_batch_slices_for_cp_before_the_pipeline_early_return(monkeypatch):
     """A middle pipeline stage still receives the layout and its shard of the reset position ids."""
     import torch

@@ -20,6 +20,13 @@
   the batch procedure documented for EoD reset in the Ascend Megatron stack: slice for CP
   *before* the pipeline-stage early return; the dataset is built on TP rank 0 of every stage.
 
+Sliding windows and sinks follow megatron-core 0.16.1's ``TransformerConfig``: ``window_size = (left, right)``
+(flash_attn's convention; ``left = -1`` means no window; ringattn runs causal windows, ``right = 0``) on the
+layers ``is_layer_window_attention(window_size, window_attn_skip_freq, layer_number)`` selects, as
+``window = left + 1`` keys; ``softmax_type = "learnable"`` (a ``softmax_offset`` parameter of one logit per
+attention head of the TP partition, named and initialised as ``DotProductAttention`` does) and
+``"off-by-one"`` (a fixed zero logit) as ringattn's sinks.
+
 Attention dropout is not implemented (``config.attention_dropout`` must be 0).
 """
 from __future__ import annotations
@@ -51,12 +58,14 @@ try:
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.utils import is_layer_window_attention
 except ImportError as exc:  # pragma: no cover - exercised only without megatron-core
     raise ImportError("ringattn.adapters.megatron needs megatron-core (pip install 'ringattn[megatron]')") from exc
 
 __all__ = [
     "RingEoDCoreAttention", "RingEoDPackedSeqParams", "ResetRotaryEmbedding", "use_reset_position_rope",
     "ringattn_layer_spec", "get_batch_on_this_cp_rank", "get_batch", "is_dataset_built_on_rank", "cp_ulysses_size",
+    "layer_window",
 ]
 
 #: megatron-core's ``cp_comm_type`` values ringattn runs (TransformerConfig.cp_comm_type documents
@@ -138,12 +147,30 @@ def cp_ulysses_size(config: TransformerConfig) -> int:
     return sizes[0]
 
 
+def layer_window(config: TransformerConfig, layer_number: int) -> int | None:
+    """The sliding window (keys per query, itself included) of layer ``layer_number`` (1-based), or None.
+
+    megatron-core 0.16.1: ``TransformerConfig.window_size`` is flash_attn's ``(left, right)``, ``-1`` meaning
+    infinite; ``DotProductAttention`` applies it on the layers ``is_layer_window_attention`` selects
+    (``window_attn_skip_freq``). A causal window ``(left, 0)`` is ``left + 1`` keys.
+    """
+    window_size = getattr(config, "window_size", None)
+    if not window_size or not is_layer_window_attention(window_size, config.window_attn_skip_freq, layer_number):
+        return None
+    left, right = window_size
+    if right != 0:
+        raise ValueError(f"window_size: ringattn runs causal sliding windows, (left, 0) in flash_attn's convention; "
+                         f"got {tuple(window_size)} (set window_size=({left}, 0))")
+    return None if left < 0 else left + 1
+
+
 class RingEoDCoreAttention(nn.Module):
     """Document-causal ring attention in place of megatron-core's ``core_attention``.
 
     The constructor and ``forward`` take what megatron-core 0.16.1's ``SelfAttention`` passes its
     core attention (the signature of ``megatron.core.transformer.dot_product_attention.DotProductAttention``),
-    plus ``comm`` (the plan shape, see :func:`ringattn.ring_eod_attention`).
+    plus ``comm`` (the plan shape, see :func:`ringattn.ring_eod_attention`). The layer's sliding window
+    (:func:`layer_window`) and sinks (``config.softmax_type``) are the config's, as in ``DotProductAttention``.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
@@ -175,6 +202,31 @@ class RingEoDCoreAttention(nn.Module):
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
         self.comm = comm
+        self.window = layer_window(config, layer_number)
+        self._sinks(config, pg_collection)
+
+    def _sinks(self, config: TransformerConfig, pg_collection) -> None:
+        """``softmax_offset`` as megatron-core 0.16.1's DotProductAttention makes it (dot_product_attention.py):
+        None ("vanilla"), zeros ("off-by-one", not a parameter), or a parameter initialised with
+        ``config.init_method`` ("learnable"), one entry per attention head of this TP rank."""
+        softmax_type = getattr(config, "softmax_type", "vanilla")
+        if softmax_type not in ("vanilla", "off-by-one", "learnable"):
+            raise ValueError(f"softmax_type: expected 'vanilla', 'off-by-one' or 'learnable', got {softmax_type!r}")
+        self.softmax_offset = None
+        if softmax_type == "vanilla":
+            return
+        tp = getattr(pg_collection, "tp", None) if pg_collection is not None else None
+        tp_size = tp.size() if tp is not None else (parallel_state.get_tensor_model_parallel_world_size()
+                                                   if parallel_state.model_parallel_is_initialized() else 1)
+        heads = config.num_attention_heads // tp_size
+        device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
+        offset = torch.zeros(heads, device=device, dtype=config.params_dtype)
+        if softmax_type == "off-by-one":
+            self.softmax_offset = offset
+            return
+        self.softmax_offset = nn.Parameter(offset)
+        if config.perform_initialization:
+            config.init_method(self.softmax_offset)
 
     def _layout(self, packed_seq_params, total_tokens: int) -> DocLayout:
         cp = self.cp_group.size() if self.cp_group is not None else 1
@@ -220,7 +272,11 @@ class RingEoDCoreAttention(nn.Module):
             q, k, v = (rearrange(x, "s b h d -> (b s) h d") for x in (query, key, value))
         layout = self._layout(packed_seq_params, q.shape[0])
         group = self.group if layout.cp_size > 1 else None
-        out = ring_eod_attention(q, k, v, layout, group=group, softmax_scale=self.softmax_scale, comm=self.comm)
+        sinks = self.softmax_offset
+        if sinks is not None and sinks.device != q.device:  # the fixed off-by-one zeros are not a buffer
+            sinks = sinks.to(q.device)
+        out = ring_eod_attention(q, k, v, layout, group=group, softmax_scale=self.softmax_scale, window=self.window,
+                                 sinks=sinks, comm=self.comm)
         if thd:
             return rearrange(out, "t h d -> t (h d)")
         return rearrange(out, "(b s) h d -> s b (h d)", b=b)
