@@ -1,5 +1,6 @@
 """Plan inspector: ``python -m ringattn.inspect --workload NAME|PATH --cp N [--ulysses U] [--comm ...] [--png FILE]``
-(``python -m ringattn.plan`` is an alias).
+(``python -m ringattn.plan`` is an alias). ``--window W`` plans a sliding window of ``W`` keys: the tables show
+the work and traffic that remain, and a line compares them with full attention.
 
 Prints, per (ring) rank: tokens, work (unmasked score entries), work over the mean, block pairs
 computed/skipped, KV tokens received (and as a multiple of the rank's local length) and the
@@ -26,7 +27,7 @@ from .layout import STRATEGIES, DocLayout
 from .plan import COMM_SHAPES, DEFAULT_COMM, CPStats, Plan, build_plan
 from .workloads import load_workload
 
-__all__ = ["rank_table", "summary_line", "work_matrix", "traffic_matrix", "cp_rank_table", "factorisations",
+__all__ = ["rank_table", "summary_line", "window_line", "work_matrix", "traffic_matrix", "cp_rank_table", "factorisations",
            "factorisation_table", "compare_table", "compare_factorisations", "factorisation_compare_table",
            "load_profile", "main"]
 
@@ -54,6 +55,15 @@ def summary_line(plan: Plan) -> str:
     return (f"{plan.comm:>6}: steps {st.num_steps}, imbalance {st.imbalance:.3f}, KV recv total {sum(st.kv_recv_tokens)} "
             f"tokens, max/rank {max(st.kv_recv_tokens)} ({max(r / t for r, t in zip(st.kv_recv_tokens, st.tokens)):.3f}x local), "
             f"critical path {sum(per_step_max)} tokens")
+
+
+def window_line(windowed: Plan, full: Plan) -> str:
+    """What a sliding window keeps of full attention: the busiest rank's work and KV received, and the totals."""
+    w, f = windowed.stats, full.stats
+    return (f"window {w.window}: busiest rank work {max(w.work)} of {max(f.work)} ({max(w.work) / max(f.work):.3f}), "
+            f"KV recv max/rank {max(w.kv_recv_tokens)} of {max(f.kv_recv_tokens)} tokens, total work "
+            f"{w.total_work / f.total_work:.3f}, total KV recv {sum(w.kv_recv_tokens)} of {sum(f.kv_recv_tokens)}, "
+            f"steps {w.num_steps} of {f.num_steps}")
 
 
 def cp_rank_table(st: CPStats) -> str:
@@ -240,6 +250,8 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES), help="element type, for bytes")
     p.add_argument("--node-size", type=int, default=8,
                    help="CP ranks per node, for inter-node bytes (default 8; --compare uses the profile's node_size)")
+    p.add_argument("--window", type=int, default=None,
+                   help="sliding window of W keys per query (default: none); the tables show what remains")
     p.add_argument("--png", help="write the rank x rank work and traffic matrices to this PNG")
     p.add_argument("--compare", action="store_true", help="strategies side by side under a cost model")
     p.add_argument("--profile", default="h100-nvlink",
@@ -267,21 +279,24 @@ def main(argv=None) -> None:
         return
     layout = DocLayout.from_cu_seqlens(wl["cu_seqlens"], args.cp, sample_len=wl["sample_len"], strategy=args.strategy,
                                        chunks_per_rank=args.chunks_per_rank, ulysses_size=args.ulysses)
-    plan = build_plan(layout, args.comm)
+    window = args.window
+    plan = build_plan(layout, args.comm, window)
     split = f" = {args.ulysses} Ulysses x {layout.ring_size} ring" if args.ulysses > 1 else ""
     title = (f"{wl['name']}: {layout.num_docs} docs, {layout.total_tokens} tokens, CP={args.cp}{split}, {args.strategy}, "
-             f"comm={args.comm}")
+             f"comm={args.comm}" + (f", window={window}" if window is not None else ""))
     heads = (args.heads, args.kv_heads, args.head_dim, DTYPE_BYTES[args.dtype])
     print(title)
     if args.ulysses > 1:
         print(f"ring plan over the {layout.ring_size} ring ranks (each Ulysses rank runs it on its share of the heads):")
     print(rank_table(plan))
     for comm in COMM_SHAPES:
-        print(summary_line(build_plan(layout, comm)))
+        print(summary_line(build_plan(layout, comm, window)))
+    if window is not None:
+        print(window_line(build_plan(layout, args.comm, window), build_plan(layout, args.comm)))
     print(f"\nbytes received per CP rank, Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}, "
           f"{args.node_size} CP ranks per node (all-to-all: sent = received; backward ring: KV replay + fp32 dK/dV; "
           f"inter-node: forward + backward from other nodes):")
-    print(cp_rank_table(layout.cp_stats(*heads, comm=args.comm, node_size=args.node_size)))
+    print(cp_rank_table(layout.cp_stats(*heads, comm=args.comm, node_size=args.node_size, window=window)))
     print(f"\nring only vs Ulysses x ring at CP={args.cp} ({args.strategy}, comm={args.comm}, same heads, "
           f"{args.node_size} CP ranks per node):")
     print(factorisation_table(factorisations(wl["cu_seqlens"], args.cp, wl["sample_len"], args.strategy,
