@@ -346,3 +346,62 @@ def test_shard_batch_hybrid_split_comes_from_the_groups():
     with pytest.raises(ValueError, match=re.escape("ulysses_size: shard_batch takes the Ulysses split from the group "
                                                    "(here 1), got ulysses_size=2")):
         shard_batch({"input_ids": torch.ones(1, 8, dtype=torch.long)}, ulysses_size=2)
+
+
+def _silent_path(what, setups):
+    """A training step on shard_batch's output through attention that is not ringattn's (or without its positions)."""
+    from ringattn.adapters.transformers import gather_logits, prepare_model, register, shard_batch
+
+    inputs = shard_batch(setups["llama"]["collator"][0])
+    if what.startswith("unprepared"):
+        model = tc.build("llama", setups["llama"]["state"])  # still on sdpa
+    elif what in ("sdpa", "eager"):
+        model = prepare_model(tc.build("llama", setups["llama"]["state"]))
+        model.set_attn_implementation(what)  # e.g. switched for generation, not switched back
+    else:  # register() alone: attn_implementation set by hand, no pre-hook
+        model = tc.build("llama", setups["llama"]["state"], attn_implementation=register())
+        if what == "register without position_ids":
+            inputs = {k: v for k, v in inputs.items() if k != "position_ids"}
+    out = model(**inputs)
+    if what == "unprepared, logits only":
+        return lambda: gather_logits(out.logits, inputs["ringattn_context"])
+    return out.loss.backward
+
+
+@pytest.mark.parametrize("what, when, message", [
+    ("unprepared", "backward", "ringattn_context: this step's shard_batch output went through an attention that is "
+                               "not ringattn's"),
+    ("sdpa", "forward", "attn_implementation: the model runs 'sdpa' attention, not ringattn's 'ringattn'"),
+    ("eager", "forward", "attn_implementation: the model runs 'eager' attention, not ringattn's 'ringattn'"),
+    ("register without position_ids", "forward", "position_ids: the model did not get shard_batch's reset position"),
+])
+def test_no_silent_wrong_training(what, when, message, setups):
+    """Each way shard_batch's output could train through the wrong attention raises, naming the cause and the fix:
+    in the forward where the model has ringattn's hook or attention, else in the backward of that step's loss."""
+    if when == "forward":
+        with pytest.raises(ValueError, match=re.escape(message)):
+            _silent_path(what, setups)
+        return
+    step = _silent_path(what, setups)
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        step()
+    assert "prepare_model(model)" in str(err.value) and "set_attn_implementation('ringattn')" in str(err.value)
+
+
+def test_register_alone_with_shard_batch_positions_is_exact(setups):
+    """register() and attn_implementation by hand work when the model gets shard_batch's position_ids."""
+    from ringattn.adapters.transformers import register, shard_batch
+
+    model = tc.build("llama", setups["llama"]["state"], attn_implementation=register())
+    out = model(**shard_batch(setups["llama"]["collator"][0]))
+    out.loss.backward()  # the attended check passes
+    assert abs(out.loss.item() - setups["llama"]["collator"][1][0]) <= TOL
+
+
+def test_outputs_of_an_unprepared_model_are_refused_by_gather_logits(setups):
+    import torch
+
+    with torch.no_grad():
+        gather = _silent_path("unprepared, logits only", setups)
+    with pytest.raises(ValueError, match="no ringattn attention ran on this batch"):
+        gather()

@@ -10,7 +10,7 @@ from transformers import AttentionInterface
 from ...agreement import agree_once, agreement_device
 from ...attention import ring_eod_attention
 from ...plan import ulysses_heads
-from .context import CONTEXT_KWARG, DEFAULT_NAME, REFUSAL_KWARG, RingAttnContext, mask_refusal
+from .context import ATTENDED, CONTEXT_KWARG, DEFAULT_NAME, REFUSAL_KWARG, RingAttnContext, mask_refusal
 
 __all__ = ["attention_forward", "register"]
 
@@ -35,6 +35,13 @@ def _refusal(ctx: RingAttnContext, module: nn.Module, query, key, value, attenti
     is_causal = call.get("is_causal")
     if call.get(REFUSAL_KWARG):
         return call[REFUSAL_KWARG]
+    pos = call.get("position_ids")
+    if pos is not None and pos is not ctx.position_ids:
+        # the model made its own position ids (an arange when the call had none): never what the documents need.
+        # A prepared model's pre-hook passes the context's; with register() alone, pass shard_batch's
+        return ("position_ids: the model did not get shard_batch's reset position ids (it made its own, an arange "
+                "over this CP rank's shard); pass model(**shard_batch(...)) with its position_ids, or call "
+                "prepare_model(model), whose pre-hook supplies them")
     if attention_mask is not None:
         return mask_refusal(attention_mask)
     if dropout:
@@ -107,6 +114,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         agree_once(ctx, ctx.group, verdict, facts, agreement_device(ctx.group, query), remedies)
     if verdict is not None:
         raise ValueError(verdict)
+    ATTENDED.get(ctx, lambda: [0])[0] += 1
     b, hq, s, d = query.shape
     q = query.transpose(1, 2).reshape(b * s, hq, d)
     k = key.transpose(1, 2).reshape(b * s, key.shape[1], key.shape[3])

@@ -12,7 +12,7 @@ from ..._validate import positive_int
 from ...eod import cu_seqlens_from_tokens, position_ids_from_cu_seqlens
 from ...groups import CPGroups, resolve_group
 from ...layout import DocLayout
-from .context import CONTEXT_KWARG, IGNORE_INDEX, RingAttnContext
+from .context import CONTEXT_KWARG, IGNORE_INDEX, RingAttnContext, attended_check
 
 __all__ = ["shard_batch"]
 
@@ -147,7 +147,7 @@ def shard_batch(batch: Mapping[str, Any], group: dist.ProcessGroup | CPGroups | 
         "position_ids": local_pos,
         "labels": local(labels_p),
         "shift_labels": local(shift_p),
-        "num_items_in_batch": torch.as_tensor(num_items_in_batch).to(device),
+        "num_items_in_batch": _num_items(num_items_in_batch, ctx, device),
         "use_cache": False,
         CONTEXT_KWARG: ctx,
     }
@@ -203,3 +203,12 @@ def _padded_documents(cu: torch.Tensor, b: int, s: int, padded: int) -> list[int
     fill = padded - s
     return sorted({int(x) // s * padded + int(x) % s for x in cu[:-1]}
                   | ({j * padded + s for j in range(b)} if fill else set()) | {b * padded})
+
+
+def _num_items(num_items_in_batch, ctx: RingAttnContext, device) -> torch.Tensor:
+    """The batch's label count for the loss, carrying the check that ringattn's attention ran (float32, exact up to
+    2**24 labels; a larger count is passed as it is, without the check)."""
+    count = torch.as_tensor(num_items_in_batch).to(device)
+    if count.numel() != 1 or count.dtype.is_floating_point or int(count) >= 1 << 24:
+        return count
+    return attended_check(count, ctx)

@@ -6,10 +6,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..._memo import IdentityMemo
 from ...groups import CPGroups
 from ...layout import DocLayout
 
-__all__ = ["DEFAULT_NAME", "CONTEXT_KWARG", "REFUSAL_KWARG", "IGNORE_INDEX", "RingAttnContext", "mask_refusal"]
+__all__ = ["DEFAULT_NAME", "CONTEXT_KWARG", "REFUSAL_KWARG", "IGNORE_INDEX", "RingAttnContext", "mask_refusal",
+           "ATTENDED", "NOT_RINGATTN"]
 
 DEFAULT_NAME = "ringattn"
 #: the model-call keyword under which :func:`shard_batch` passes the :class:`RingAttnContext`
@@ -17,6 +19,12 @@ CONTEXT_KWARG = "ringattn_context"
 #: where the forward pre-hook of a prepared model leaves a refusal for the attention function to agree on
 REFUSAL_KWARG = "ringattn_refusal"
 IGNORE_INDEX = -100  # ForCausalLMLoss's default ignore_index, DataCollatorWithFlattening's default separator_id
+#: per context: how many times ringattn's attention function ran on it (see :func:`attended_check`)
+ATTENDED: IdentityMemo[list] = IdentityMemo("attention calls per batch context")
+#: the remedy for a batch context that reached an attention other than ringattn's
+NOT_RINGATTN = ("call ringattn.adapters.transformers.prepare_model(model) before training on shard_batch's output; if "
+                "you switched the model to another attention (e.g. sdpa for generation), switch back with "
+                "model.set_attn_implementation('ringattn') before the next training step")
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,3 +77,35 @@ def mask_refusal(mask) -> str:
     what = f"a {mask.dim()}-D" if isinstance(mask, torch.Tensor) else f"a {type(mask).__name__}"
     return (f"attention_mask: ringattn takes the documents from the context and builds no mask; got {what} mask "
             "(pass attention_mask=None, as shard_batch does)")
+
+
+def attended(ctx: RingAttnContext) -> int:
+    """How many times ringattn's attention function has run on ``ctx`` (its layers, forward and recompute)."""
+    return ATTENDED.get(ctx, lambda: [0])[0]
+
+
+class _AttendedCheck(torch.autograd.Function):
+    """Identity in forward; in backward, refuses a context that no ringattn attention ran on.
+
+    :func:`~ringattn.adapters.transformers.shard_batch` routes ``num_items_in_batch`` through it, so the loss
+    (``sum / num_items_in_batch`` in transformers' ``ForCausalLMLoss``) carries the check into its graph: a model
+    that is not on ringattn's attention (never prepared, or switched back to sdpa/eager) attends only within this
+    rank's shard and would train on a wrong loss without a word; its backward raises instead.
+    """
+
+    @staticmethod
+    def forward(ctx, count: torch.Tensor, batch_context) -> torch.Tensor:
+        ctx.batch_context = batch_context
+        return count.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if attended(ctx.batch_context) == 0:
+            raise ValueError("ringattn_context: this step's shard_batch output went through an attention that is not "
+                             f"ringattn's (the model computed attention within this CP rank's shard only): {NOT_RINGATTN}")
+        return None, None
+
+
+def attended_check(count: torch.Tensor, context: RingAttnContext) -> torch.Tensor:
+    """``count`` (float) with :class:`_AttendedCheck` in its graph (the value is unchanged)."""
+    return _AttendedCheck.apply(count.float().requires_grad_(), context)

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from ...groups import CPGroups, resolve_group
-from .context import RingAttnContext
+from .context import NOT_RINGATTN, RingAttnContext, attended
 
 __all__ = ["reduce_loss", "gather_logits"]
 
@@ -38,6 +38,9 @@ def gather_logits(x: torch.Tensor, context: RingAttnContext) -> torch.Tensor:
     ``[b, s, ...]`` (the batch's shape before padding), not differentiable.
     """
     layout, n = context.layout, context.local_tokens
+    if not attended(context):
+        raise ValueError(f"context: no ringattn attention ran on this batch, so these outputs attended only within "
+                         f"this CP rank's shard: {NOT_RINGATTN}")
     if x.shape[:2] != (1, n):
         raise ValueError(f"x: expected [1, {n}, ...] (this rank's tokens), got {tuple(x.shape)}")
     x = x[0]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 
 import torch
@@ -9,11 +10,11 @@ from transformers import PreTrainedModel
 
 from ..._memo import IdentityMemo
 from .attention import register
-from .context import CONTEXT_KWARG, DEFAULT_NAME, REFUSAL_KWARG, RingAttnContext, mask_refusal
+from .context import CONTEXT_KWARG, DEFAULT_NAME, NOT_RINGATTN, REFUSAL_KWARG, RingAttnContext, mask_refusal
 
 __all__ = ["prepare_model", "HOOKS"]
 
-#: per prepared model: the handle of its forward pre-hook (so that preparing twice adds no second hook)
+#: per prepared model: ``(handle of its forward pre-hook, the attention name)`` (preparing again replaces it)
 HOOKS: IdentityMemo = IdentityMemo("prepared models' pre-hooks")
 
 
@@ -64,19 +65,30 @@ def prepare_model(model: PreTrainedModel, name: str = DEFAULT_NAME) -> PreTraine
     if model.config._attn_implementation != name:
         raise ValueError(f"attn_implementation: {type(model).__name__} did not take {name!r} (its attention layers "
                          "must call ALL_ATTENTION_FUNCTIONS.get_interface)")
-    HOOKS.get(model, lambda: model.register_forward_pre_hook(_pre_forward, with_kwargs=True))
+    entry = HOOKS.get(model, lambda: [None, None])
+    if entry[1] != name:
+        if entry[0] is not None:
+            entry[0].remove()
+        hook = functools.partial(_pre_forward, name=name)
+        entry[:] = [model.register_forward_pre_hook(hook, with_kwargs=True), name]
     return model
 
 
-def _pre_forward(module, args, kwargs):
+def _pre_forward(module, args, kwargs, name: str = DEFAULT_NAME):
     """Forward pre-hook of a prepared model, for calls that carry a :class:`RingAttnContext`.
 
-    It never raises on what only some ranks might pass: it stashes the refusal under
-    ``REFUSAL_KWARG`` for the attention function, whose agreement makes every rank raise it.
+    It refuses at once a model no longer on ringattn's attention (``set_attn_implementation`` to another one
+    after :func:`prepare_model`): its attention would ignore the context and train on a wrong loss. Otherwise
+    it never raises on what only some ranks might pass: it stashes the refusal under ``REFUSAL_KWARG`` for
+    the attention function, whose agreement makes every rank raise it.
     """
     ctx = kwargs.get(CONTEXT_KWARG)
     if not isinstance(ctx, RingAttnContext):
         return None  # the attention function refuses the call without a context
+    current = getattr(module.config, "_attn_implementation", None)
+    if current != name:
+        raise ValueError(f"attn_implementation: the model runs {current!r} attention, not ringattn's {name!r}, so it "
+                         f"would attend only within this CP rank's shard: {NOT_RINGATTN}")
     if len(args) > 1:
         raise ValueError("ringattn: pass the model inputs as keywords (model(**shard_batch(...)))")
     refusal = None
