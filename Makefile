@@ -8,10 +8,10 @@ DEMO_ARGS ?=
 
 .PHONY: demo test venv clean gpu-check
 
-$(BIN)/.installed: setup.cfg pyproject.toml
+$(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,megatron,transformers]' $(TORCH)
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,lint,megatron,transformers]'
 	touch $@
 
 venv: $(BIN)/.installed

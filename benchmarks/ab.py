@@ -61,7 +61,7 @@ PARSERS = {"kernels": (parse_kernels, "busiest-rank fwd+bwd ms"), "planning": (p
 
 def run(tree: Path, script: str, args: list[str], threads: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "RINGATTN_WORKLOADS": str(ROOT / "benchmarks" / "workloads")}
+           "RINGATTN_WORKLOADS": str(ROOT / "ringattn" / "data" / "workloads")}  # older revisions kept them elsewhere
     out = subprocess.run([sys.executable, str(tree / "benchmarks" / f"{script}.py"), *args], env=env, check=True,
                          capture_output=True, text=True).stdout
     return PARSERS[script][0](out)

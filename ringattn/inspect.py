@@ -219,7 +219,8 @@ def save_png(plan: Plan, path: str, title: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:  # optional extra
-        raise SystemExit("--png needs matplotlib: pip install 'ringattn[plot]'") from exc
+        raise SystemExit("--png needs matplotlib: pip install matplotlib (or ringattn's plot extra: pip install '.[plot]' "
+                         "from a clone)") from exc
     fig, axes = plt.subplots(1, 2, figsize=(10, 5))
     for ax, (name, m, xl, yl) in zip(axes, [
         ("work (score entries)", work_matrix(plan), "KV origin rank", "query rank"),

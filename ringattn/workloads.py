@@ -1,13 +1,20 @@
-"""Standard packed-document workloads (``benchmarks/workloads/*.json``) and rescaling."""
+"""Standard packed-document workloads and rescaling.
+
+The workloads ship inside the package (``ringattn/data/workloads/*.json``, package data read through
+:mod:`importlib.resources`), so the inspector and the benchmarks find them in any installation;
+``RINGATTN_WORKLOADS`` points elsewhere (a directory of the same JSON files).
+"""
 from __future__ import annotations
 
 import json
 import os
+from importlib.resources import files
 from pathlib import Path
 
 __all__ = ["WORKLOAD_DIR", "load_workload", "rescale_cu_seqlens", "workload_names"]
 
-WORKLOAD_DIR = Path(os.environ.get("RINGATTN_WORKLOADS", Path(__file__).resolve().parent.parent / "benchmarks" / "workloads"))
+#: where the standard workloads are read from
+WORKLOAD_DIR = Path(os.environ.get("RINGATTN_WORKLOADS") or str(files("ringattn") / "data" / "workloads"))
 
 
 def workload_names() -> list[str]:
