@@ -212,7 +212,10 @@ def factorisation_compare_table(rows) -> str:
     return "\n".join(lines)
 
 
-def save_png(plan: Plan, path: str, title: str) -> None:
+def save_png(plans, path: str, title: str) -> None:
+    """One row per ``(label, Plan)`` of ``plans`` (or a single Plan): the rank x rank work and KV-traffic matrices
+    and, per rank, its work and KV received beside the mean, with the imbalance. All rows share one colour
+    scale and one axis per quantity, so layouts compare by eye (a balanced layout looks as flat as it is)."""
     try:
         import matplotlib
 
@@ -221,19 +224,38 @@ def save_png(plan: Plan, path: str, title: str) -> None:
     except ImportError as exc:  # optional extra
         raise SystemExit("--png needs matplotlib: pip install matplotlib (or ringattn's plot extra: pip install '.[plot]' "
                          "from a clone)") from exc
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
-    for ax, (name, m, xl, yl) in zip(axes, [
-        ("work (score entries)", work_matrix(plan), "KV origin rank", "query rank"),
-        ("KV traffic (tokens)", traffic_matrix(plan), "receiver rank", "sender rank"),
-    ]):
-        im = ax.imshow(m, cmap="viridis")
-        ax.set_title(name)
-        ax.set_xlabel(xl)
-        ax.set_ylabel(yl)
-        fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle(title)
+    if isinstance(plans, Plan):
+        plans = [("", plans)]
+    works = [work_matrix(p) for _, p in plans]
+    traffic = [traffic_matrix(p) for _, p in plans]
+    w_max = max(max(map(max, m)) for m in works) or 1
+    t_max = max(max(map(max, m)) for m in traffic) or 1
+    r_max = max(max(p.stats.work) for _, p in plans) or 1
+    k_max = max(max(p.stats.kv_recv_tokens) for _, p in plans) or 1
+    fig, axes = plt.subplots(len(plans), 4, figsize=(18, 4.2 * len(plans)), squeeze=False)
+    for row, ((label, plan), wm, tm) in enumerate(zip(plans, works, traffic)):
+        st = plan.stats
+        ranks = range(st.cp_size)
+        ax = axes[row]
+        im = ax[0].imshow(wm, cmap="viridis", vmin=0, vmax=w_max)
+        ax[0].set(title=f"{label}work (score entries)".strip(), xlabel="KV origin rank", ylabel="query rank")
+        fig.colorbar(im, ax=ax[0], shrink=0.8)
+        im = ax[1].imshow(tm, cmap="magma", vmin=0, vmax=t_max)
+        ax[1].set(title="KV traffic (tokens)", xlabel="receiver rank", ylabel="sender rank")
+        fig.colorbar(im, ax=ax[1], shrink=0.8)
+        mean = st.total_work / st.cp_size
+        ax[2].bar(ranks, st.work, color="tab:blue")
+        ax[2].axhline(mean, color="black", linestyle="--", linewidth=1, label=f"mean {mean:.3g}")
+        ax[2].set(title=f"work per rank: imbalance {st.imbalance:.3f}", xlabel="rank",
+                  ylim=(0, r_max * 1.05))
+        ax[2].legend(loc="lower right")
+        ax[3].bar(ranks, st.kv_recv_tokens, color="tab:red")
+        ax[3].set(title=f"KV received: max {max(st.kv_recv_tokens)}, total {sum(st.kv_recv_tokens)} tokens",
+                  xlabel="rank", ylim=(0, k_max * 1.05))
+    fig.suptitle(title + "  (one colour scale and one axis per column across the rows)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
@@ -253,7 +275,10 @@ def main(argv=None) -> None:
                    help="CP ranks per node, for inter-node bytes (default 8; --compare uses the profile's node_size)")
     p.add_argument("--window", type=int, default=None,
                    help="sliding window of W keys per query (default: none); the tables show what remains")
-    p.add_argument("--png", help="write the rank x rank work and traffic matrices to this PNG")
+    p.add_argument("--png", help="write the rank x rank work and traffic matrices, per-rank work and KV received and "
+                                 "the imbalance to this PNG")
+    p.add_argument("--png-strategies", default=None,
+                   help="comma-separated strategies to draw side by side in the PNG, on one scale (default: --strategy)")
     p.add_argument("--compare", action="store_true", help="strategies side by side under a cost model")
     p.add_argument("--profile", default="h100-nvlink",
                    help=f"cost model hardware (--compare): a preset ({', '.join(PRESETS)}) or a profile JSON path")
@@ -303,7 +328,14 @@ def main(argv=None) -> None:
     print(factorisation_table(factorisations(wl["cu_seqlens"], args.cp, wl["sample_len"], args.strategy,
                                              args.chunks_per_rank, args.comm, *heads, args.node_size)))
     if args.png:
-        save_png(plan, args.png, title)
+        rows = []
+        for strategy in (args.png_strategies.split(",") if args.png_strategies else [args.strategy]):
+            other = layout if strategy == args.strategy else DocLayout.from_cu_seqlens(
+                wl["cu_seqlens"], args.cp, sample_len=wl["sample_len"], strategy=strategy,
+                chunks_per_rank=args.chunks_per_rank if strategy == "balanced" else None, ulysses_size=args.ulysses)
+            name = f"auto ({other.auto_choice})" if strategy == "auto" else strategy
+            rows.append((f"{name}: ", build_plan(other, args.comm, window)))
+        save_png(rows, args.png, title.replace(f", {args.strategy},", ","))
         print(f"wrote {args.png}")
 
 
