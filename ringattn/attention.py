@@ -55,25 +55,32 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocL
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name}: expected a tensor, got {type(x).__name__}")
         if x.dim() != 3:
-            raise ValueError(f"{name}: expected shape [tokens, heads, head_dim], got {tuple(x.shape)}")
+            raise ValueError(f"{name}: expected shape [tokens, heads, head_dim], got {tuple(x.shape)}; pass this "
+                             "rank's tokens flattened (THD), e.g. x.reshape(-1, heads, head_dim)")
         if not x.dtype.is_floating_point:
-            raise ValueError(f"{name}: expected a floating dtype, got {x.dtype}")
+            raise ValueError(f"{name}: expected a floating dtype, got {x.dtype}; pass the projected q/k/v "
+                             "(fp32, fp16 or bf16)")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"dtype: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"dtype: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them to one "
+                         "dtype (under autocast, run attention in its dtype)")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"device: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"device: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; move them "
+                         "to this rank's device")
     n = layout.local_tokens(rank)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.shape[0] != n:
             raise ValueError(
-                f"{name}: expected {n} tokens on rank {rank} (the layout's local count), got {x.shape[0]}"
+                f"{name}: expected {n} tokens on rank {rank} (the layout's local count), got {x.shape[0]}; shard "
+                "every per-token tensor with layout.local_indices(rank) of the same layout on every rank"
             )
     if k.shape != v.shape:
-        raise ValueError(f"k/v: expected equal shapes, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"k/v: expected equal shapes, got {tuple(k.shape)} and {tuple(v.shape)}; pass k and v of "
+                         "the same layer (same KV heads and head dim)")
     if q.shape[2] != k.shape[2]:
-        raise ValueError(f"head_dim: q has {q.shape[2]}, k/v have {k.shape[2]}")
+        raise ValueError(f"head_dim: q has {q.shape[2]}, k/v have {k.shape[2]}; q, k and v need one head dim")
     if q.shape[1] % k.shape[1]:
-        raise ValueError(f"heads: q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
+        raise ValueError(f"heads: q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]}); GQA shares "
+                         "each KV head among Hq / Hkv query heads")
 
 
 class _RingEoDFunction(torch.autograd.Function):
@@ -183,11 +190,13 @@ def _local_verdict(q, k, v, layout, rank: int, size: int, scale, comm, backend, 
     try:
         kernel = get_backend(q.device.type if isinstance(q, torch.Tensor) else "cpu", backend)
         if layout.cp_size != size:
-            raise ValueError(f"group: expected {layout.cp_size} ranks (layout.cp_size), got a group of size {size}")
+            raise ValueError(f"group: expected {layout.cp_size} ranks (layout.cp_size), got a group of size {size}; "
+                             "pass the CP group the layout was built for (or build it with cp_size=the group's size)")
         _check_groups(layout, groups)
         one_of("comm", comm, COMM_SHAPES)
         if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"softmax_scale: expected a positive finite float, got {scale!r}")
+            raise ValueError(f"softmax_scale: expected a positive finite float, got {scale!r}; pass None for "
+                             "head_dim ** -0.5")
         check_inputs(q, k, v, layout, rank)
         if effective_window(layout, window) is not None and not getattr(kernel, "SUPPORTS_WINDOW", False):
             raise ValueError(f"window: the {kernel.__name__.rsplit('.', 1)[-1]} backend has no sliding-window "

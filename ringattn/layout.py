@@ -56,10 +56,11 @@ __all__ = ["DocLayout", "STRATEGIES", "DEFAULT_CHUNKS_PER_RANK", "doc_segments",
 
 def _check_split(cp_size, ulysses_size) -> int:
     """``ring_size`` for a valid CP split, else ``ValueError``."""
-    positive_int("cp_size", cp_size)
-    positive_int("ulysses_size", ulysses_size)
+    positive_int("cp_size", cp_size, " (the number of ranks in the CP group)")
+    positive_int("ulysses_size", ulysses_size, " (1 for a pure ring)")
     if cp_size % ulysses_size:
-        raise ValueError(f"ulysses_size: expected a divisor of cp_size={cp_size}, got {ulysses_size}")
+        raise ValueError(f"ulysses_size: expected a divisor of cp_size={cp_size}, got {ulysses_size}; build the layout "
+                         "with the Ulysses size of your CP groups (ringattn.new_cp_groups(U) with U dividing cp_size)")
     return cp_size // ulysses_size
 
 
@@ -189,30 +190,43 @@ class DocLayout:
         chosen = resolve(strategy, chunks_per_rank, cost)
         cu = as_int_list(cu_seqlens)
         if len(cu) < 2:
-            raise ValueError(f"cu_seqlens: expected at least 2 entries, got {cu}")
+            raise ValueError(f"cu_seqlens: expected at least 2 entries, got {cu}; pass the document boundaries from 0 "
+                             "to the token count, e.g. [0, 5, 16] for documents of 5 and 11 tokens")
         if cu[0] != 0:
-            raise ValueError(f"cu_seqlens: expected to start at 0, got {cu[0]}")
+            raise ValueError(f"cu_seqlens: expected to start at 0, got {cu[0]}; pass the document boundaries from 0 "
+                             "to the token count (cumulative document lengths with a leading 0)")
         for i in range(1, len(cu)):
             if cu[i] <= cu[i - 1]:
                 raise ValueError(
-                    f"cu_seqlens: expected strictly increasing values, got {cu[i - 1]} then {cu[i]} at index {i}"
+                    f"cu_seqlens: expected strictly increasing values, got {cu[i - 1]} then {cu[i]} at index {i}; "
+                    "boundaries are cumulative document lengths and every document has at least one token"
                 )
         total = cu[-1]
         if sample_len is None:
             sample_len = total
-        positive_int("sample_len", sample_len)
+        positive_int("sample_len", sample_len, " (the tokens per sample: the batch's sequence length)")
         if total % sample_len:
             raise ValueError(
-                f"cu_seqlens: expected to end at a multiple of sample_len={sample_len} (the token count), got {total}"
+                f"cu_seqlens: expected to end at a multiple of sample_len={sample_len} (the token count), got {total}; "
+                "pass sample_len= the tokens per sample (the batch's sequence length)"
             )
-        for modulus, message in _sample_len_rules(chosen, ring, ulysses_size, total // sample_len):
+        rules = _sample_len_rules(chosen, ring, ulysses_size, total // sample_len)
+        for modulus, message in rules:
             if sample_len % modulus:
-                raise ValueError(message(sample_len))
+                need = math.lcm(*(m for m, _ in rules))
+                raise ValueError(f"{message(sample_len)}; pad every sample to a multiple of {need} (DocLayout."
+                                 f"required_multiple({cp_size}, strategy={chosen.name!r}, ulysses_size={ulysses_size}, "
+                                 f"num_samples={total // sample_len}) = {need}; shard_batch pads to it by itself)")
         bounds = set(cu)
         missing = [b for b in range(sample_len, total, sample_len) if b not in bounds]
         if missing:
+            b = missing[0]
+            d = bisect.bisect_right(cu, b) - 1
             raise ValueError(
-                f"cu_seqlens: sample boundaries must be document boundaries; missing {missing[:4]}"
+                f"cu_seqlens: sample boundaries must be document boundaries; missing {missing[:4]}: document {d} "
+                f"([{cu[d]}, {cu[d + 1]})) crosses the boundary of samples {b // sample_len - 1} and {b // sample_len} at token {b} (sample_len="
+                f"{sample_len}); end it there, splitting it into [{cu[d]}, {b}) and [{b}, {cu[d + 1]}) (a document "
+                "cannot span two samples)"
             )
         dealt = chosen.assign(cu, sample_len, ring, ulysses_size)
         return cls(tuple(cu), cp_size, sample_len, chosen.name, dealt.pieces, ulysses_size, dealt.choice)
@@ -354,7 +368,8 @@ class DocLayout:
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.cp_size:
-            raise ValueError(f"rank: expected 0 <= rank < cp_size={self.cp_size}, got {rank}")
+            raise ValueError(f"rank: expected 0 <= rank < cp_size={self.cp_size}, got {rank}; pass this process's rank "
+                             "in the CP group (dist.get_rank(cp_group))")
 
     def __repr__(self) -> str:  # the full tuples are long; keep the repr readable
         hybrid = f", ulysses_size={self.ulysses_size}, ring_size={self.ring_size}" if self.ulysses_size > 1 else ""

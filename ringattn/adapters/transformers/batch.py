@@ -131,8 +131,17 @@ def shard_batch(batch: Mapping[str, Any], group: dist.ProcessGroup | CPGroups | 
     ids_p, pos_p, labels_p, shift_p = (_pad(x, padded, value, filler) for x, value, filler in (
         (ids, pad_token_id, None), (pos, 0, torch.arange(padded - s, dtype=pos.dtype)), (labels, IGNORE_INDEX, None),
         (shift, IGNORE_INDEX, None)))
-    layout = DocLayout.from_cu_seqlens(_padded_documents(cu, b, s, padded), cp, sample_len=padded, strategy=strategy,
-                                       **layout_kwargs)
+    try:
+        layout = DocLayout.from_cu_seqlens(_padded_documents(cu, b, s, padded), cp, sample_len=padded,
+                                           strategy=strategy, **layout_kwargs)
+    except ValueError as exc:
+        if pad_to_multiple_of is None:
+            raise
+        need = DocLayout.required_multiple(cp, strategy=strategy, chunks_per_rank=layout_kwargs.get("chunks_per_rank"),
+                                           ulysses_size=ulysses, num_samples=b)
+        raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} pads the samples to {padded} tokens, which the "
+                         f"layout refuses ({exc}); pass pad_to_multiple_of=None (shard_batch then pads to the layout's "
+                         f"own multiple, {need}) or a multiple of {need}") from None
     idx = layout.local_indices(rank)
 
     def local(x):
