@@ -90,7 +90,7 @@ def torch_cp_api():
             missing[kind].append(f"torch.distributed.tensor.experimental._attention ({exc})")
     names = {"flex": ("_ContextParallel", "_context_parallel_shard"),
              "sdpa": ("_ContextParallel", "_context_parallel_shard", "_enable_context_parallel_dispatcher",
-                      "_disable_context_parallel_dispatcher", "_HeadTailLoadBalancer")}
+                      "_disable_context_parallel_dispatcher", "_HeadTailLoadBalancer", "_cp_options")}
     balancers = {"headtail": "_HeadTailLoadBalancer", "perdoc": "_PerDocumentHeadTailLoadBalancer",
                  "ptrr": "_PTRRLoadBalancer"}
     if cp is not None:
@@ -186,6 +186,11 @@ class Batch:
     @property
     def T(self) -> int:
         return self.B * self.S
+
+    def doc_ids(self) -> torch.Tensor:
+        """int32 ``[T]``: each token's document index (built on the host in one op, as a user would)."""
+        cu = torch.tensor(self.cu)
+        return torch.repeat_interleave(torch.arange(len(cu) - 1, dtype=torch.int32), cu.diff()).to(self.q.device)
 
     def doc_lengths(self) -> list[list[int]]:
         """Per sample, its documents' lengths."""
@@ -327,7 +332,18 @@ class FlexPeer:
                       + ("flex_attention compiled" if compile_flex else "flex_attention eager")
                       + "; no backward on CPU")
         flex = api["flex_attention"]
-        self.flex = torch.compile(flex, dynamic=False) if compile_flex else flex
+
+        # Two entry points with their own code objects: when a compiled call raises (on CPU, flex refuses any input
+        # that requires grad), Dynamo marks that top-level function to run eagerly from then on - seen on torch 2.13:
+        # the no-grad forward then ran 25-40x slower. The training entry point may be lost that way, not this one.
+        def flex_infer(q, k, v, **kw):
+            return flex(q, k, v, **kw)
+
+        def flex_train(q, k, v, **kw):
+            return flex(q, k, v, **kw)
+
+        self.flex_infer, self.flex_train = ((torch.compile(f, dynamic=False) for f in (flex_infer, flex_train))
+                                            if compile_flex else (flex, flex))
         if not compile_flex:  # chosen on purpose (the header says so): not worth a warning per call
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         self.block_mask = torch.compile(api["create_block_mask"], dynamic=False, fullgraph=True)
@@ -340,7 +356,7 @@ class FlexPeer:
 
             class Flex(torch.nn.Module):
                 def forward(self, q, k, v, **kw):
-                    return peer.flex(q, k, v, **kw)
+                    return (peer.flex_train if torch.is_grad_enabled() else peer.flex_infer)(q, k, v, **kw)
 
             self.mesh = self.api["init_device_mesh"](device.type, (dist.get_world_size(),))
             self.module = self.api["parallelize_module"](
@@ -354,10 +370,7 @@ class FlexPeer:
     def setup(self, batch: Batch):
         B, S, dev = batch.B, batch.S, batch.q.device
         module = self._module(dev)
-        doc = torch.empty(batch.T, dtype=torch.int32, device=dev)
-        for i, (a, b) in enumerate(zip(batch.cu, batch.cu[1:])):
-            doc[a:b] = i
-        doc = doc.view(B, S)
+        doc = batch.doc_ids().view(B, S)
 
         def document_causal(b, h, q_idx, kv_idx):
             return (doc[b, q_idx] == doc[b, kv_idx]) & (q_idx >= kv_idx)
@@ -421,9 +434,15 @@ class SdpaPeer:
                       "(no CPU sharding rule)")
         self.mesh = None
 
+    def close(self) -> None:
+        if self.mesh is not None:
+            self.api["_disable_context_parallel_dispatcher"]()
+
     def setup(self, batch: Batch):
         B, S, dev = batch.B, batch.S, batch.q.device
         if self.mesh is None:
+            # DTensor's SDPA ops go to the CP ring from here on, backward included (no other peer uses DTensor)
+            self.api["_enable_context_parallel_dispatcher"]()
             class Sdpa(torch.nn.Module):
                 def forward(self, q, k, v, **kw):
                     return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
@@ -445,20 +464,19 @@ class SdpaPeer:
         if causal:
             kw["is_causal"] = True
         else:
-            doc = torch.repeat_interleave(torch.arange(len(batch.cu) - 1, device=dev),
-                                          torch.tensor(batch.cu, device=dev).diff()).view(B, S)
+            doc = batch.doc_ids().view(B, S)
             qd = doc.gather(1, local)
             pos = torch.arange(S, device=dev)
             kw["attn_mask"] = ((qd[:, :, None] == doc[:, None, :]) & (local[:, :, None] >= pos[None, None, :]))[:, None]
-        return dict(q=shards[0], k=shards[1], v=shards[2], dout=shards[3], rows=rows, kv_rows=rows, kw=kw, rep=rep)
+        return dict(q=shards[0], k=shards[1], v=shards[2], dout=shards[3], rows=rows, kv_rows=rows, kw=kw, rep=rep,
+                    balanced=lb is not None)
 
     def forward(self, st, batch: Batch):
+        # _context_parallel_shard sets the global _cp_options.enable_load_balance from its load_balancer argument,
+        # and the flex peers' setups call it too: restore what this peer's shards were made with
+        self.api["_cp_options"].enable_load_balance = st["balanced"]
         k, v = (x.repeat_interleave(st["rep"], dim=1) for x in (st["k"], st["v"]))
-        self.api["_enable_context_parallel_dispatcher"]()
-        try:
-            return self.module(st["q"], k, v, **st["kw"])
-        finally:
-            self.api["_disable_context_parallel_dispatcher"]()
+        return self.module(st["q"], k, v, **st["kw"])
 
     layout_out = staticmethod(FlexPeer.layout_out)
 
@@ -628,6 +646,8 @@ def run(argv=None, out=sys.stdout) -> dict:
         if rank == 0:
             print_table(outcomes, batch, out)
         del ref
+    for p in peers:
+        getattr(p, "close", lambda: None)()
     return results
 
 
