@@ -213,7 +213,6 @@ class Outcome:
     kv_expected: list | None = None        # ringattn: layout.stats().kv_recv_tokens
     fwd_bytes: int = 0                     # the busiest rank's, forward
     bwd_bytes: int = 0                     # backward (KV again + dK/dV partials)
-    bytes_note: str = ""
     setup_s: float = float("nan")          # median per-batch setup, slowest rank
     warmup_s: float = float("nan")         # first setup + first forward + first forward+backward, slowest rank
     fwd: list = field(default_factory=list)
@@ -314,7 +313,6 @@ class RingPeer:
         oc.kv_tokens = gather_ints(got_bytes // per_token if got_bytes % per_token == 0 else -got_bytes)
         cs = st["layout"].cp_stats(batch.q.shape[1], batch.k.shape[1], batch.k.shape[2], batch.k.element_size())
         oc.fwd_bytes, oc.bwd_bytes = max(cs.ring_fwd_bytes), max(cs.ring_bwd_bytes)
-        oc.bytes_note = "plan (cp_stats)"
 
 
 class FlexPeer:
@@ -418,7 +416,6 @@ class FlexPeer:
         oc.fwd_bytes = max(oc.kv_tokens) * per_token
         # backward: the reduce-scatter of full-length dK and dV (grad dtype = K's) brings (CP-1) local lengths
         oc.bwd_bytes = batch.B * (batch.cp - 1) * (batch.S // batch.cp) * per_token
-        oc.bytes_note = "fwd: all-gathered K/V; bwd: reduce-scatter of dK/dV (formula)"
 
 
 class SdpaPeer:
@@ -489,7 +486,6 @@ class SdpaPeer:
         per_token = 2 * batch.q.shape[1] * batch.k.shape[2] * batch.k.element_size()  # K/V repeated to Hq heads
         oc.fwd_bytes = max(oc.kv_tokens) * per_token
         oc.bwd_bytes = oc.fwd_bytes
-        oc.bytes_note = "formula: all-gather of K/V (Hq heads); bwd assumed alike"
 
 
 def gather_ints(x: int) -> list[int]:
@@ -625,8 +621,10 @@ def run(argv=None, out=sys.stdout) -> dict:
     base = peers[0].name
     say(f"err: largest |x - float64 reference| over all ranks ('-': no such result); ms: median of the slowest rank; "
         f"x: ratio to {base} in the same rounds; warm-up: first setup + first calls (compile), slowest rank; "
-        f"KV tok: tokens each rank received in one forward; MiB: busiest rank, forward / backward; setup: median "
-        f"per-batch setup, slowest rank")
+        f"KV tok: tokens each rank received in one forward; MiB: busiest rank, forward / backward (ringattn: "
+        f"layout.cp_stats, exact; torch flex: forward from the all-gathered K/V, backward the (CP-1)/CP share of "
+        f"full-length dK/dV a reduce-scatter brings - gloo runs it as an all-reduce, which moves more); setup: "
+        f"median per-batch setup, slowest rank")
     results = {}
     for wname in args.workloads.split(","):
         batch = make_batch(wname, args, rank, cp, device, dtype)
