@@ -684,7 +684,7 @@ def print_table(outcomes: list[Outcome], batch: Batch, out) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_args(p, sample_len=4096, rounds=3)
+    add_run_args(p, sample_len=4096, rounds=5)
     p.set_defaults(heads=4, kv_heads=2, head_dim=64)
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="ringattn layout strategies; the first is the "
                    "base of the time ratios")
