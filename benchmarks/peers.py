@@ -27,7 +27,8 @@ all-gathered K length minus the local one) and the bytes forward / backward; per
 A peer's refusal or exception is printed with its text and the run goes on; peers that the
 installed torch lacks are skipped with the missing names.
 
-Torch sources read for this (2.11.0 and 2.13.0 agree on all of it), all under
+Torch sources read for this (2.11.0 and 2.13.0 agree on all of it but the name of the functional collective
+``flex_cp_allgather`` calls: ``all_gather_tensor`` / ``all_gather_single``), all under
 ``torch/distributed/tensor/experimental/``: ``_attention.py`` (re-exports) and
 ``_context_parallel/_attention.py``: ``_context_parallel_shard`` -> ``_context_parallel_buffers``
 (rearranges by ``load_balancer._generate_indices()``, then ``distribute_tensor(..., Shard(seq_dim),
