@@ -548,7 +548,7 @@ def run_peer(peer, batch: Batch, ref, setup_reps: int) -> tuple[Outcome, dict]:
         if key in results:
             x, rows = results[key]
             e = (x.detach().double() - r[rows]).abs().max().item() if rows.numel() else 0.0
-            errs[i] = e if e == e else float("inf")  # a NaN anywhere counts as infinitely wrong
+            errs[i] = float("inf") if math.isnan(e) else e  # a NaN anywhere counts as infinitely wrong
     dist.all_reduce(errs, op=dist.ReduceOp.MAX)
     dist.all_reduce(cover)
     for i, key in enumerate(("out", "dq", "dk", "dv")):
@@ -667,8 +667,8 @@ def print_table(outcomes: list[Outcome], batch: Batch, out) -> None:
             p(f"{oc.peer:<20} refused - {oc.refused}")
             continue
         f, fb = med(oc.fwd), med(oc.fwdbwd)
-        ratio = lambda a, b: f"{a / b:5.2f}" if a == a and b == b else "    -"  # noqa: E731
-        ms = lambda a: f"{a * 1e3:8.1f}" if a == a else "       -"  # noqa: E731
+        ratio = lambda a, b: "    -" if math.isnan(a) or math.isnan(b) else f"{a / b:5.2f}"  # noqa: E731
+        ms = lambda a: "       -" if math.isnan(a) else f"{a * 1e3:8.1f}"  # noqa: E731
         kv = "/".join(str(t) for t in oc.kv_tokens)
         if oc.kv_expected is not None:
             kv += " (= plan)" if list(oc.kv_tokens) == list(oc.kv_expected) else f" (plan: {oc.kv_expected}!)"
