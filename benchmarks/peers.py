@@ -327,8 +327,9 @@ class FlexPeer:
                 "ptrr": f"; (S/128) % {cp} == 0"}[balancer]
         self.needs = (f"S % {TORCH_BLOCK * cp} == 0 (128*CP){rule}; private: _ContextParallel(FLEX), "
                       f"_context_parallel_shard" + ("" if balancer == "none" else ", a _LoadBalancer")
-                      + "; a BlockMask of the whole batch on every rank (create_block_mask compiled); "
-                      + ("flex_attention compiled" if compile_flex else "flex_attention eager")
+                      + "; a BlockMask of the whole batch on every rank; "
+                      + ("create_block_mask and flex_attention compiled" if compile_flex else
+                         "create_block_mask and flex_attention eager (torch compiles its CP BlockMask anyway)")
                       + "; no backward on CPU")
         flex = api["flex_attention"]
 
@@ -345,7 +346,8 @@ class FlexPeer:
                                             if compile_flex else (flex, flex))
         if not compile_flex:  # chosen on purpose (the header says so): not worth a warning per call
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        self.block_mask = torch.compile(api["create_block_mask"], dynamic=False, fullgraph=True)
+        self.block_mask = (torch.compile(api["create_block_mask"], dynamic=False, fullgraph=True) if compile_flex
+                           else api["create_block_mask"])
         self.mesh = None
         self.seen_kv = []
 
