@@ -277,7 +277,7 @@ class RingPeer:
         self.name = f"ringattn {strategy}"
         self.strategy = strategy
         self.needs = (f"sample_len % {DocLayout.required_multiple(dist.get_world_size(), strategy=strategy)} == 0 "
-                      f"(DocLayout.required_multiple); public API; no padding at this length, no compile")
+                      f"(DocLayout.required_multiple; pad to it otherwise); public API; no compile")
 
     def setup(self, batch: Batch):
         layout = DocLayout.from_cu_seqlens(batch.cu, batch.cp, sample_len=batch.S, strategy=self.strategy)
@@ -325,7 +325,7 @@ class FlexPeer:
         cp = dist.get_world_size()
         rule = {"none": "", "headtail": f"; S % {2 * cp} == 0", "perdoc": f"; every document % {2 * cp} == 0",
                 "ptrr": f"; (S/128) % {cp} == 0"}[balancer]
-        self.needs = (f"S % {TORCH_BLOCK * cp} == 0 (128*CP){rule}; private: _ContextParallel(FLEX), "
+        self.needs = (f"S % {TORCH_BLOCK * cp} == 0 (128*CP; pad otherwise){rule}; private: _ContextParallel(FLEX), "
                       f"_context_parallel_shard" + ("" if balancer == "none" else ", a _LoadBalancer")
                       + "; a BlockMask of the whole batch on every rank; "
                       + ("create_block_mask and flex_attention compiled" if compile_flex else
@@ -574,7 +574,7 @@ def make_batch(name: str, args, rank: int, cp: int, device, dtype) -> Batch:
 
 
 def build_peers(args, api, missing, cp):
-    """``(peers, skipped)``: peer objects for what was asked and this torch offers, and ``(name, reason)`` for the rest."""
+    """``(peers, skipped)``: peers asked for that this torch offers, and ``(name, reason)`` for the rest."""
     peers, skipped = [RingPeer(s, args) for s in args.strategies.split(",") if s], []
     for b in [b for b in args.balancers.split(",") if b]:
         if b not in BALANCERS:
@@ -613,7 +613,8 @@ def run(argv=None, out=sys.stdout) -> dict:
     api, missing = torch_cp_api()
     peers, skipped = build_peers(args, api, missing, cp)
     say = (lambda *a: print(*a, file=out, flush=True)) if rank == 0 else (lambda *a: None)
-    say(f"CP={cp} ({dist.get_backend()}, {device.type}), torch {torch.__version__}, Hq={args.heads} Hkv={args.kv_heads} "
+    say(f"CP={cp} ({dist.get_backend()}, {device.type}), torch {torch.__version__}, Hq={args.heads} "
+        f"Hkv={args.kv_heads} "
         f"D={args.head_dim} {args.dtype}, sample_len={args.sample_len}, {args.rounds} rounds, {args.threads} thread(s) "
         f"per rank, flex {'compiled' if args.flex_compile else 'eager'}")
     say("What each needs from the user:")
