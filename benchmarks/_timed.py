@@ -32,11 +32,12 @@ def local_qkv(n: int, heads: int, kv_heads: int, head_dim: int, g: torch.Generat
     return [torch.randn(n, h, head_dim, generator=g).to(dtype).requires_grad_() for h in (heads, kv_heads, kv_heads)]
 
 
-def timed_rounds(runs: dict, rounds: int) -> dict:
+def timed_rounds(runs: dict, rounds: int, warm: bool = True) -> dict:
     """``{key: [seconds]}``: every ``runs[key]()`` once per round, interleaved, each timed as the slowest rank's
-    (barrier before, all-reduce MAX after); round 0 warms up connections and caches and is not kept."""
+    (barrier before, all-reduce MAX after); round 0 warms up connections and caches and is not kept (``warm=False``:
+    the caller warmed up, no such round)."""
     times = {key: [] for key in runs}
-    for rnd in range(rounds + 1):
+    for rnd in range(0 if warm else 1, rounds + 1):
         for key, fn in runs.items():
             dist.barrier()
             t0 = time.perf_counter()

@@ -6,8 +6,13 @@
 #      32K tokens per sample, CP 8, zigzag and balanced;
 #   3. benchmarks/overhead.py with the real CUDA kernel: host time per call beside kernel time, op counts, and
 #      torch.cuda.set_sync_debug_mode("error") around a warm CP=1 call;
-#   4. everything into $GPU_REPORT_DIR (default ./gpu_report/), one file per part plus summary.txt.
-# Runs from the source tree (PYTHONPATH), installs nothing, each part under its own time limit (8 minutes in all).
+#   4. benchmarks/peers.py: ringattn beside torch's own context parallelism (flex attention compiled, with a
+#      document mask and each load balancer; the SDPA ring), forward+backward, exactness against float64, time
+#      ratios, KV received, setup: CP 2, 3 and 4 as processes sharing GPU 0 over gloo (as the GPU tests run),
+#      bf16, Hq=16, Hkv=4, D=128, three workloads at 12288 tokens per sample (a multiple of 128*CP for each CP);
+#      one torchrun per CP, so a peer that fails or hangs costs only its part;
+#   5. everything into $GPU_REPORT_DIR (default ./gpu_report/), one file per part plus summary.txt.
+# Runs from the source tree (PYTHONPATH), installs nothing, each part under its own time limit (14 minutes in all).
 # Without a GPU it runs the CPU-reachable parts at small sizes (the GPU tests then report as skipped).
 # Usage: bash benchmarks/gpu_check.sh   (or: make gpu-check; PYTHON=... to choose the interpreter)
 set -uo pipefail
@@ -49,6 +54,11 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     --heads 32 --kv-heads 8 --head-dim 128 --dtype bfloat16 --repeat 3
   part 3_overhead 150 "$PY" benchmarks/overhead.py --device cuda --backend cuda --cp 1,4 --docs 10,100,1000 \
     --sample-len 32768 --repeat 3
+  for cp in 2 3 4; do
+    part "4_peers_cp$cp" 120 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$cp" benchmarks/peers.py \
+      --device cuda --dtype bfloat16 --heads 16 --kv-heads 4 --head-dim 128 --sample-len 12288 \
+      --workloads pretrain_mix_128k,one_doc_128k,short_docs_128k --rounds 5
+  done
 else
   note "no CUDA device: running the CPU-reachable parts at small sizes"
   part 1_gpu_tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_backends.py -k cuda -rs
@@ -56,5 +66,7 @@ else
     --workloads pretrain_mix_128k,short_docs_128k --heads 4 --kv-heads 2 --head-dim 64 --dtype bfloat16 --repeat 1
   part 3_overhead 150 "$PY" benchmarks/overhead.py --device cpu --backend null --cp 1,4 --docs 10,100,1000 \
     --sample-len 32768 --repeat 3
+  part 4_peers_cp2 120 "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/peers.py \
+    --device cpu --sample-len 512 --workloads pretrain_mix_128k,one_doc_128k --no-flex-compile --rounds 1
 fi
 note "report: $OUT"
