@@ -38,11 +38,13 @@ class EodMetadata:
 
 def _check_tokens(tokens: torch.Tensor) -> None:
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
-        raise ValueError(f"tokens: expected a 2-D tensor [batch, seq], got {getattr(tokens, 'shape', type(tokens))}")
+        raise ValueError(f"tokens: expected a 2-D tensor [batch, seq], got {getattr(tokens, 'shape', type(tokens))}; "
+                         "pass the token ids of the micro-batch (tokens.unsqueeze(0) for a single sample)")
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-        raise ValueError(f"tokens: expected an integer tensor, got dtype {tokens.dtype}")
+        raise ValueError(f"tokens: expected an integer tensor, got dtype {tokens.dtype}; pass token ids, not "
+                         "embeddings or a mask")
     if tokens.shape[1] == 0:
-        raise ValueError("tokens: sequence length must be positive")
+        raise ValueError("tokens: sequence length must be positive; pass a non-empty batch")
 
 
 def cu_seqlens_from_tokens(tokens: torch.Tensor, eod_id: int) -> torch.Tensor:

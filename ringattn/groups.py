@@ -63,7 +63,8 @@ class CPGroups:
         dist.all_gather_object(seen, mine, group=cp)
         problem = _check_order(dist.get_process_group_ranks(cp), seen)
         if problem:
-            raise ValueError(f"groups: {problem}")
+            raise ValueError(f"groups: {problem}; pass the groups ringattn.new_cp_groups(U, cp_group) builds, or "
+                             "megatron's hierarchical CP groups (Ulysses inner, ring outer)")
         u, r = len(seen[0][0]), len(seen[0][1])
         return cls(cp, ulysses if u > 1 else None, ring if r > 1 else None, u, r)
 
@@ -110,14 +111,16 @@ def new_cp_groups(ulysses_size: int, group: dist.ProcessGroup | None = None) -> 
     (``new_cp_groups(8, my_cp_group)``); all processes still call it together.
     """
     if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("new_cp_groups: torch.distributed is not initialised")
+        raise ValueError("new_cp_groups: torch.distributed is not initialised; call dist.init_process_group first "
+                         "(e.g. under torchrun)")
     cp_group = dist.group.WORLD if group is None else group
     mine = (ulysses_size, tuple(dist.get_process_group_ranks(cp_group)))
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     problem = _check_request(every)
     if problem:
-        raise ValueError(f"new_cp_groups: {problem}")
+        raise ValueError(f"new_cp_groups: {problem}; every process calls new_cp_groups with the same ulysses_size, a "
+                         "divisor of its CP group's size, each with its own CP group (disjoint, ranks ascending)")
     u = ulysses_size
     me = dist.get_rank()
     ulysses = ring = None
@@ -188,7 +191,7 @@ def resolve_group(group: dist.ProcessGroup | CPGroups | None, cp_size: int | Non
         groups, group = group, group.cp
         if not isinstance(group, dist.ProcessGroup):
             raise ValueError(f"group: the CPGroups' cp group must be a torch.distributed ProcessGroup, got "
-                             f"{type(group).__name__}")
+                             f"{type(group).__name__}; build it with ringattn.new_cp_groups(U, cp_group)")
     elif group is None:
         if not (dist.is_available() and dist.is_initialized()):
             if cp_size not in (None, 1):
@@ -200,11 +203,13 @@ def resolve_group(group: dist.ProcessGroup | CPGroups | None, cp_size: int | Non
         group = dist.group.WORLD
     if not isinstance(group, dist.ProcessGroup):
         raise ValueError(f"group: expected a torch.distributed ProcessGroup, a ringattn.CPGroups or None, got "
-                         f"{type(group).__name__}")
+                         f"{type(group).__name__}; pass the CP process group, ringattn.new_cp_groups(U, cp_group) for "
+                         "Ulysses x ring, or None for the world group")
     size = dist.get_world_size(group)
     if groups is not None and groups.cp_size != size:
         raise ValueError(f"group: the CPGroups split {groups.cp_size} ranks (ulysses_size={groups.ulysses_size} x "
-                         f"ring_size={groups.ring_size}) but its cp group has {size}")
+                         f"ring_size={groups.ring_size}) but its cp group has {size}; build it with "
+                         "ringattn.new_cp_groups(U, cp_group) over this CP group")
     if size == 1:
         return ResolvedGroup(None, None, 0, 1)
     return ResolvedGroup(group, groups, dist.get_rank(group), size)

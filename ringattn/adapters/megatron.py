@@ -122,7 +122,7 @@ def _hierarchical_groups(pg_collection, config):
     got = [g.size() for g in hcp]
     if sizes is not None and list(sizes) != got:
         raise ValueError(f"hierarchical_context_parallel_sizes: the config says {list(sizes)}, megatron's hierarchical "
-                         f"CP groups have sizes {got}")
+                         f"CP groups have sizes {got}; initialise megatron's groups with the config's sizes")
     return hcp
 
 
@@ -180,7 +180,8 @@ class RingEoDCoreAttention(nn.Module):
         super().__init__()
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
-            raise ValueError(f"attention_dropout: ringattn implements no attention dropout; expected 0, got {dropout}")
+            raise ValueError(f"attention_dropout: ringattn implements no attention dropout; expected 0, got {dropout}; "
+                             "set attention_dropout=0.0 in the TransformerConfig")
         self.config, self.layer_number, self.attention_type = config, layer_number, attention_type
         _check_cp_comm_type(config, cp_comm_type)
         self.cp_comm_type = cp_comm_type
@@ -247,7 +248,8 @@ class RingEoDCoreAttention(nn.Module):
             raise ValueError("packed_seq_params: ringattn needs the documents; pass RingEoDPackedSeqParams(layout=...) "
                              "(see get_batch_on_this_cp_rank) or thd PackedSeqParams with cu_seqlens_q")
         if layout.cp_size != cp:
-            raise ValueError(f"packed_seq_params.layout: cp_size {layout.cp_size} but the CP group has {cp} ranks")
+            raise ValueError(f"packed_seq_params.layout: cp_size {layout.cp_size} but the CP group has {cp} ranks; "
+                             "build the batch's layout with get_batch (it takes the CP size from parallel_state)")
         if layout.ulysses_size != self.ulysses_size:
             raise ValueError(f"packed_seq_params.layout: ulysses_size {layout.ulysses_size}, but cp_comm_type="
                              f"{self.cp_comm_type!r} runs ulysses_size {self.ulysses_size}; shard the batch with "
@@ -263,7 +265,8 @@ class RingEoDCoreAttention(nn.Module):
         ``attention_mask`` is ignored: the layout defines the document-causal mask.
         """
         if attention_bias is not None:
-            raise ValueError("attention_bias: not supported by ringattn")
+            raise ValueError("attention_bias: not supported by ringattn; use a model without an additive attention bias "
+                             "(or megatron's own core attention)")
         thd = query.dim() == 3
         if thd:
             q, k, v = query, key, value

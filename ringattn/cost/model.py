@@ -94,18 +94,20 @@ class CostModel:
         if isinstance(prof, str):
             prof = preset(prof)
         if not isinstance(prof, HardwareProfile):
-            raise ValueError(f"profile: expected a HardwareProfile or a preset name, got {type(prof).__name__}")
+            raise ValueError(f"profile: expected a HardwareProfile or a preset name, got {type(prof).__name__}; pass "
+                             "a name of ringattn.cost.PRESETS or HardwareProfile.load(path)")
         object.__setattr__(self, "profile", prof)
         for name in ("num_heads", "num_kv_heads", "head_dim"):
             positive_int(name, getattr(self, name))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"heads: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-                             f"({self.num_kv_heads})")
+                             f"({self.num_kv_heads}); pass your model's attention heads and KV heads")
         dt = self.dtype
         if isinstance(dt, str):
             dt = getattr(torch, dt, None)
         if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-            raise ValueError(f"dtype: expected a floating torch dtype or its name, got {self.dtype!r}")
+            raise ValueError(f"dtype: expected a floating torch dtype or its name, got {self.dtype!r}; pass e.g. "
+                             "torch.bfloat16 or 'bfloat16'")
         object.__setattr__(self, "dtype", dt)
 
     # ------------------------------------------------------------------ unit prices
@@ -159,7 +161,8 @@ class CostModel:
             hq, hkv, _ = ulysses_heads(self.num_heads, self.num_kv_heads, u)
         except ValueError as exc:
             raise ValueError(f"cost: the model's heads (num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}) "
-                             f"cannot run ulysses_size={u}: {exc}") from exc
+                             f"cannot run ulysses_size={u}: {exc}; price it with a CostModel of your model's "
+                             "heads") from exc
         prof = replace(self.profile, p2p_bandwidth=self.ring_bandwidth(u, cp_size), node_size=0)
         return CostModel(prof, hq, hkv, self.head_dim, self.dtype)
 
@@ -179,7 +182,7 @@ class CostModel:
         if cp_size is None:
             if need_cp and self.profile.node_size:
                 raise ValueError(f"cp_size: needed to price a split on the two-level profile {self.profile.name!r} "
-                                 f"(node_size={self.profile.node_size})")
+                                 f"(node_size={self.profile.node_size}); pass cp_size=")
             return ulysses_size, 0
         if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1 or cp_size % ulysses_size:
             raise ValueError(f"cp_size: expected a positive multiple of ulysses_size={ulysses_size}, got {cp_size!r}")
@@ -248,7 +251,8 @@ class CostModel:
         and efficiency, under a sliding ``window`` (its exact work and traffic). ``ValueError`` if the model's
         heads cannot be split over the layout's ``ulysses_size``."""
         if not isinstance(layout, PieceLayout):
-            raise ValueError(f"layout: expected a DocLayout, got {type(layout).__name__}")
+            raise ValueError(f"layout: expected a DocLayout, got {type(layout).__name__}; build one with "
+                             "DocLayout.from_cu_seqlens")
         comm = comm or DEFAULT_COMM
         if layout.ulysses_size == 1 and not self.profile.node_size:
             return self.predict_stats(build_plan(layout, comm, window).stats)

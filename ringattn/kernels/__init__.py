@@ -114,5 +114,6 @@ def get_backend(device_type: str, override: str | None = None) -> ModuleType:
     """The kernel module for ``device_type`` (or the ``override`` backend name)."""
     name = override or device_type
     if name not in BACKENDS:
-        raise ValueError(f"backend: expected one of {sorted(BACKENDS)}, got {name!r}")
+        raise ValueError(f"backend: expected one of {sorted(BACKENDS)}, got {name!r}; pass one of them (or None: "
+                         "from the tensors' device), or register yours in ringattn.kernels.BACKENDS")
     return importlib.import_module(BACKENDS[name])

@@ -449,7 +449,8 @@ def rank_plan(layout: PieceLayout, rank: int, comm: str = DEFAULT_COMM, window: 
         if comm not in COMM_SHAPES:
             raise ValueError(f"comm: expected one of {COMM_SHAPES}, got {comm!r}")
         if not 0 <= rank < layout.cp_size:
-            raise ValueError(f"rank: expected 0 <= rank < cp_size={layout.cp_size}, got {rank}")
+            raise ValueError(f"rank: expected 0 <= rank < cp_size={layout.cp_size}, got {rank}; pass this process's "
+                             "rank in the CP group (dist.get_rank(cp_group))")
         w = effective_window(layout, window)
         if w is None and window is not None:
             rp = rank_plan(layout, rank, comm)

@@ -37,13 +37,15 @@ def ulysses_heads(heads: int, kv_heads: int, ulysses_size: int) -> tuple[int, in
     """
     u = ulysses_size
     if heads % u:
-        raise ValueError(f"heads: q heads ({heads}) must be a multiple of ulysses_size={u}")
+        raise ValueError(f"heads: q heads ({heads}) must be a multiple of ulysses_size={u}; use a Ulysses size that "
+                         "divides the query heads (the all-to-all scatters heads)")
     if kv_heads % u == 0:
         return heads // u, kv_heads // u, 1
     if u % kv_heads == 0:
         return heads // u, 1, u // kv_heads
     raise ValueError(f"heads: k/v heads ({kv_heads}) must be a multiple or a divisor of ulysses_size={u} "
-                     "(split or replicated over the Ulysses ranks)")
+                     "(split or replicated over the Ulysses ranks); use a Ulysses size that divides, or is a multiple "
+                     "of, the KV heads")
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,11 @@ def cp_stats(layout: PieceLayout, heads: int, kv_heads: int, head_dim: int, item
     """
     u, r = layout.ulysses_size, layout.ring_size
     if heads % kv_heads:
-        raise ValueError(f"heads: q heads ({heads}) must be a multiple of k/v heads ({kv_heads})")
+        raise ValueError(f"heads: q heads ({heads}) must be a multiple of k/v heads ({kv_heads}); pass the model's "
+                         "num_attention_heads and num_key_value_heads")
     if node_size is not None and (not isinstance(node_size, int) or node_size < 1):
-        raise ValueError(f"node_size: expected a positive int, got {node_size!r}")
+        raise ValueError(f"node_size: expected a positive int, got {node_size!r}; pass the CP ranks per node, or "
+                         "None")
     hq, hkv, rep = ulysses_heads(heads, kv_heads, u)
     plan = build_plan(layout.ring_layout, comm, window)
     st = plan.stats

@@ -41,7 +41,7 @@ def effective_window(layout: PieceLayout, window: int | None) -> int | None:
         return None
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window: expected a positive int (the keys a query may attend to, itself included) or "
-                         f"None, got {window!r}")
+                         f"None, got {window!r}; pass the layer's sliding window, or None on full-attention layers")
     return None if window >= layout.longest_document else window
 
 

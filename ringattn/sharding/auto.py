@@ -288,7 +288,8 @@ class Auto:
 
     def __post_init__(self) -> None:
         if self.cost is not None and not isinstance(self.cost, CostModel):
-            raise ValueError(f"cost: expected a ringattn.cost.CostModel, got {type(self.cost).__name__}")
+            raise ValueError(f"cost: expected a ringattn.cost.CostModel, got {type(self.cost).__name__}; pass "
+                             "CostModel(profile, num_heads, num_kv_heads, head_dim, dtype) or None for the default")
 
     def rules(self, ring_size: int, ring_name: str) -> list[Rule]:
         return [chunk_rule(ring_size, ring_name)]  # its candidates need no more than zigzag's chunks

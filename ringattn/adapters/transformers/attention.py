@@ -45,7 +45,8 @@ def _refusal(ctx: RingAttnContext, module: nn.Module, query, key, value, attenti
     if attention_mask is not None:
         return mask_refusal(attention_mask)
     if dropout:
-        return f"dropout: ringattn implements no attention dropout; expected 0, got {dropout} (config.attention_dropout)"
+        return (f"dropout: ringattn implements no attention dropout; expected 0, got {dropout} (config.attention_dropout); "
+                "set attention_dropout=0.0 in the model's config")
     # transformers' window keeps key j for query i iff j > i - sliding_window (masking_utils.sliding_window_overlay):
     # exactly ring_eod_attention's window=; it is checked there (a positive int or None)
     if softcap is not None:
@@ -54,11 +55,14 @@ def _refusal(ctx: RingAttnContext, module: nn.Module, query, key, value, attenti
     if call.get("s_aux") is not None and call.get("sinks") is not None:
         return "sinks: got both s_aux and sinks; pass the layer's sink logits once"
     if call.get("position_bias") is not None:
-        return "position_bias: ringattn implements no additive attention bias"
+        return ("position_bias: ringattn implements no additive attention bias; run this model with another "
+                "attn_implementation")
     if (is_causal if is_causal is not None else getattr(module, "is_causal", True)) is False:
-        return "is_causal: ringattn implements causal (decoder) attention only; got is_causal=False"
+        return ("is_causal: ringattn implements causal (decoder) attention only; got is_causal=False; run encoders and "
+                "bidirectional layers with another attn_implementation")
     if call.get("output_attentions") or getattr(config, "output_attentions", False):
-        return "output_attentions: ringattn never materialises attention weights"
+        return ("output_attentions: ringattn never materialises attention weights; call the model with "
+                "output_attentions=False")
     if call.get("use_cache"):
         return "use_cache: a KV cache of one CP shard is meaningless; pass use_cache=False (shard_batch does)"
     for name, x in (("query", query), ("key", key), ("value", value)):

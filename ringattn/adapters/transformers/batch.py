@@ -26,7 +26,8 @@ def _as_2d(name: str, x, shape=None) -> torch.Tensor:
     if x.dtype.is_floating_point or x.dtype == torch.bool:
         raise ValueError(f"{name}: expected an integer tensor, got dtype {x.dtype}")
     if shape is not None and tuple(x.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape} (as input_ids), got {tuple(x.shape)}")
+        raise ValueError(f"{name}: expected shape {shape} (as input_ids), got {tuple(x.shape)}; pass one value per "
+                         "token of input_ids")
     return x.detach().to("cpu", torch.int64)
 
 
@@ -43,10 +44,13 @@ def _documents(batch, ids: torch.Tensor, eod_id, pos) -> torch.Tensor:
             raise ValueError(f"cu_seq_lens_q: expected boundaries from 0 to {total} (the batch's tokens), got "
                              f"{cu.tolist()[:4]}...{cu.tolist()[-2:]}")
         if bool((cu[1:] <= cu[:-1]).any()):
-            raise ValueError("cu_seq_lens_q: expected strictly increasing boundaries")
+            raise ValueError("cu_seq_lens_q: expected strictly increasing boundaries; pass the collator's "
+                             "cu_seq_lens_q unchanged")
         missing = sorted(set(range(s, total, s)) - set(cu.tolist()))
         if missing:
-            raise ValueError(f"cu_seq_lens_q: every sample boundary must be a document boundary; missing {missing[:4]}")
+            raise ValueError(f"cu_seq_lens_q: every sample boundary must be a document boundary; missing {missing[:4]}; "
+                             "end every sample's last document at the sample end (DataCollatorWithFlattening makes "
+                             "one sample, [1, T])")
         return cu
     if pos is not None:
         # a document starts wherever the position ids do not grow by one: transformers' own rule for packed
@@ -108,7 +112,8 @@ def shard_batch(batch: Mapping[str, Any], group: dist.ProcessGroup | CPGroups | 
     if not isinstance(batch, dict) and not hasattr(batch, "keys"):
         raise ValueError(f"batch: expected a dict of tensors, got {type(batch).__name__}")
     if "input_ids" not in batch or batch["input_ids"] is None:
-        raise ValueError("batch: expected input_ids (inputs_embeds are not supported)")
+        raise ValueError("batch: expected input_ids (inputs_embeds are not supported); pass the collator's batch "
+                         "with input_ids")
     group, groups, rank, cp = resolve_group(group)
     ulysses = groups.ulysses_size if groups is not None else 1
     if layout_kwargs.get("ulysses_size", ulysses) != ulysses:

@@ -42,7 +42,8 @@ def _check_loss_function(model) -> None:
     if "shift_labels" not in params:
         raise ValueError(
             f"loss_function: {getattr(fn, '__name__', fn)} takes no shift_labels; under context parallelism the labels "
-            "must be shifted over the whole batch before sharding (transformers' ForCausalLMLoss takes shift_labels)")
+            "must be shifted over the whole batch before sharding: give the model a loss function that takes "
+            "shift_labels (transformers' ForCausalLMLoss does)")
 
 
 def prepare_model(model: PreTrainedModel, name: str = DEFAULT_NAME) -> PreTrainedModel:
@@ -64,7 +65,8 @@ def prepare_model(model: PreTrainedModel, name: str = DEFAULT_NAME) -> PreTraine
     model.set_attn_implementation(name)
     if model.config._attn_implementation != name:
         raise ValueError(f"attn_implementation: {type(model).__name__} did not take {name!r} (its attention layers "
-                         "must call ALL_ATTENTION_FUNCTIONS.get_interface)")
+                         "must call ALL_ATTENTION_FUNCTIONS.get_interface); ringattn supports models whose attention "
+                         "goes through transformers' AttentionInterface (Llama, Qwen2/3, Mistral, Gemma 3, gpt-oss, ...)")
     entry = HOOKS.get(model, lambda: [None, None])
     if entry[1] != name:
         if entry[0] is not None:
