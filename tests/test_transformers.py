@@ -288,11 +288,13 @@ HYBRID_ROWS = [  # (label, case, batch kind, padded sample length): all at CP=4 
 
 HYBRID_REFUSALS = [  # (label, ulysses, llama config overrides, ranks that get them), expected message
     (("q heads % U, every rank", 4, dict(num_attention_heads=6, hidden_size=48), (0, 1, 2, 3)),
-     "heads: q heads (6) must be a multiple of ulysses_size=4; this layer has 6 query and 2 KV heads (config "
-     "num_attention_heads=6, num_key_value_heads=2) and the CP groups have ulysses_size=4"),
+     "heads: q heads (6) must be a multiple of ulysses_size=4; use a Ulysses size that divides the query heads (the "
+     "all-to-all scatters heads); this layer has 6 query and 2 KV heads (config num_attention_heads=6, "
+     "num_key_value_heads=2) and the CP groups have ulysses_size=4"),
     (("kv heads vs U, every rank", 2, dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48), (0, 1, 2, 3)),
      "heads: k/v heads (3) must be a multiple or a divisor of ulysses_size=2 (split or replicated over the Ulysses "
-     "ranks); this layer has 6 query and 3 KV heads (config num_attention_heads=6, num_key_value_heads=3)"),
+     "ranks); use a Ulysses size that divides, or is a multiple of, the KV heads; this layer has 6 query and 3 KV "
+     "heads (config num_attention_heads=6, num_key_value_heads=3)"),
     (("q heads % U, rank 2 only", 4, dict(num_attention_heads=6, hidden_size=48), (2,)),
      "rank 2: heads: q heads (6) must be a multiple of ulysses_size=4"),
 ]

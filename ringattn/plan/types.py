@@ -32,8 +32,8 @@ def band_entries(sq: int, sk: int, left: int | None, right: int) -> int:
 
     >>> band_entries(4, 4, None, 0), band_entries(4, 4, 1, 0)   # causal; causal with a window of 2 keys
     (10, 7)
-    >>> band_entries(2, 3, 1, 3)                               # 2 queries 3 tokens after 3 keys, window 4
-    3
+    >>> band_entries(2, 3, 1, 2)   # queries at 3, 4 reading keys 0-2 under a window of 4 (left 4-1-2, right 2)
+    5
     """
     a = sk - sq
     lo = max(0, -a - right)

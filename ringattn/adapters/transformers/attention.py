@@ -79,8 +79,7 @@ def _refusal(ctx: RingAttnContext, module: nn.Module, query, key, value, attenti
                               if isinstance(getattr(config, n, None), int))
             return (f"{exc}; this layer has {query.shape[1]} query and {key.shape[1]} KV heads"
                     + (f" (config {names})" if names else "")
-                    + f" and the CP groups have ulysses_size={ctx.ulysses_size}: use a Ulysses size that divides the "
-                      "query heads and divides or is a multiple of the KV heads")
+                    + f" and the CP groups have ulysses_size={ctx.ulysses_size}")
     return None
 
 
