@@ -23,6 +23,14 @@ dropped); fp32 inputs, head dims above 256 and pre-Ampere GPUs run on :mod:`ring
 (a warning says so once): that path is exact but needs O(L^2) memory per segment.
 
 Causal segments have equal q/k lengths, so flash's bottom-right alignment is plain causal.
+
+Sliding windows: ``call.window`` is already flash's ``(window_size_left, window_size_right)`` pair, aligned to
+each segment's bottom-right corner (``csrc/flash_attn/flash_api.cpp``, ``mha_varlen_fwd``/``mha_varlen_bwd``:
+query ``i`` of a segment sees keys ``[i + sk - sq - left, i + sk - sq + right]``; ``-1`` means infinite; with
+``causal`` the right size is 0): passed as one tuple to flash_attn 2.6.x and as two ints from 2.7, and as
+``window_size_left`` / ``window_size_right`` to ``aten._flash_attention_forward/_backward`` (added to the
+aten schema by pytorch#126061). The planner trims every windowed segment so that each query row sees at
+least one key (a fully masked row would return LSE +inf) and ``left >= 0``.
 cuDNN varlen (``aten._cudnn_attention_forward`` with ``cum_seq_q/k``) is faster on Hopper but is not
 offered until its backward is shown to work on a GPU.
 """
@@ -34,6 +42,9 @@ import warnings
 import torch
 
 from . import math as _math
+
+#: honours ``VarlenCall.window`` (flash's window_size pair, see the module docstring)
+SUPPORTS_WINDOW = True
 
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -61,18 +72,20 @@ def flash_attn_api():
     return version, fai._flash_attn_varlen_forward, fai._flash_attn_varlen_backward
 
 
-def flash_forward_args(version, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal) -> tuple:
+def flash_forward_args(version, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window=None) -> tuple:
     """Positional arguments of ``_flash_attn_varlen_forward`` for flash_attn ``version``.
 
     2.6.x: ``(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
     causal, window_size, softcap, alibi_slopes, return_softmax, block_table)``;
     2.7.0-2.8.x: ``(..., causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
     alibi_slopes=None, return_softmax=False, ...)`` (flash_attn/flash_attn_interface.py at each tag).
+    ``window``: the ``(left, right)`` pair (None: ``(-1, -1)``, no window).
     """
+    left, right = window if window is not None else (-1, -1)
     common = (q, k, v, cu_q, cu_k, max_q, max_k, 0.0, scale, causal)
     if version >= (2, 7):
-        return common + (-1, -1, 0.0, None, False)
-    return common + ((-1, -1), 0.0, None, False, None)
+        return common + (left, right, 0.0, None, False)
+    return common + ((left, right), 0.0, None, False, None)
 
 
 def flash_forward_lse(version, result) -> torch.Tensor:
@@ -82,18 +95,25 @@ def flash_forward_lse(version, result) -> torch.Tensor:
 
 
 def flash_backward_args(version, dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale, causal,
-                        deterministic=False) -> tuple:
+                        deterministic=False, window=None) -> tuple:
     """Positional arguments of ``_flash_attn_varlen_backward`` for flash_attn ``version``.
 
     ``(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     dropout_p, softmax_scale, causal, ...)`` then 2.6.x: ``window_size, softcap, alibi_slopes,
     deterministic, rng_state``; 2.7.0-2.8.x: ``window_size_left, window_size_right, softcap, alibi_slopes,
     deterministic, rng_state`` (flash_attn/flash_attn_interface.py at each tag). dq/dk/dv are written in place.
+    ``window``: the ``(left, right)`` pair (None: ``(-1, -1)``, no window).
     """
+    left, right = window if window is not None else (-1, -1)
     common = (dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, 0.0, scale, causal)
     if version >= (2, 7):
-        return common + (-1, -1, 0.0, None, deterministic, None)
-    return common + ((-1, -1), 0.0, None, deterministic, None)
+        return common + (left, right, 0.0, None, deterministic, None)
+    return common + ((left, right), 0.0, None, deterministic, None)
+
+
+def _aten_window(window) -> dict:
+    """aten's window keywords for ``window`` (none without one, so older schemas keep working)."""
+    return {} if window is None else {"window_size_left": window[0], "window_size_right": window[1]}
 
 
 def _device_cu(call, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,11 +160,12 @@ def forward(q, k, v, call, scale):
     api = flash_attn_api()
     if api is not None:
         version, fwd, _ = api
-        res = fwd(*flash_forward_args(version, q, k, v, cq, ck, call.max_q, call.max_k, scale, call.causal))
+        res = fwd(*flash_forward_args(version, q, k, v, cq, ck, call.max_q, call.max_k, scale, call.causal,
+                                      call.window))
         out, lse = res[0], flash_forward_lse(version, res)
     else:
         out, lse = torch.ops.aten._flash_attention_forward(q, k, v, cq, ck, call.max_q, call.max_k, 0.0, call.causal,
-                                                           False, scale=scale)[:2]
+                                                           False, scale=scale, **_aten_window(call.window))[:2]
     return out[..., :d], lse.t()
 
 
@@ -160,9 +181,10 @@ def backward(dout, q, k, v, out, lse, call, scale):
         version, _, bwd = api
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         bwd(*flash_backward_args(version, dout, q, k, v, out, lse_ht, dq, dk, dv, cq, ck, call.max_q, call.max_k,
-                                 scale, call.causal))
+                                 scale, call.causal, window=call.window))
     else:
         rng, unused = _no_rng(q.device)
         dq, dk, dv = torch.ops.aten._flash_attention_backward(dout, q, k, v, out, lse_ht, cq, ck, call.max_q,
-                                                              call.max_k, 0.0, call.causal, rng, unused, scale=scale)
+                                                              call.max_k, 0.0, call.causal, rng, unused, scale=scale,
+                                                              **_aten_window(call.window))
     return dq[..., :d], dk[..., :d], dv[..., :d]
