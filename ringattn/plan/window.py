@@ -201,7 +201,7 @@ def build_rank_windowed(layout: PieceLayout, ix: WindowIndex, x: int, comm: str)
                 Transfer(y, out) if out else None, False,
                 Transfer(o, ((0, buf.tokens),)) if buf else None,
                 Transfer(y, out) if out else None))
-        return RankPlan(x, cp, comm, sum(e - s for s, e in layout.pieces[x]), tuple(steps), w)
+        return RankPlan(x, cp, comm, layout.local_tokens(x), tuple(steps), w)
 
     # ring / plain: neighbour forwarding; content(o, t) is what arrives at rank o + t at step t
     full = comm == "plain"
@@ -236,4 +236,4 @@ def build_rank_windowed(layout: PieceLayout, ix: WindowIndex, x: int, comm: str)
         steps.append(Step(t, o, segments(o, buf) if buf else (), Transfer((x - 1) % cp, ((0, buf.tokens),)) if buf else None,
                           send, t > 1, grad_send, grad_recv))
         prev = buf
-    return RankPlan(x, cp, comm, sum(e - s for s, e in layout.pieces[x]), tuple(steps), w)
+    return RankPlan(x, cp, comm, layout.local_tokens(x), tuple(steps), w)
