@@ -11,7 +11,7 @@ DEMO_ARGS ?=
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,megatron,transformers]' $(TORCH)
+	$(BIN)/pip install -q -e '.[test,megatron,transformers,trainer]' $(TORCH)
 	touch $@
 
 venv: $(BIN)/.installed
