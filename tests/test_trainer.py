@@ -35,6 +35,9 @@ CASES = [
     ("SFT llama CP2 ga1 packing +eval", 2, dict(trainer="sft", model="llama", cp=2, ga=1, eval=True)),
     ("SFT qwen3 CP2 ga2 packing padding_free ringattn_trainer(SFTTrainer)", 2, dict(
         trainer="sft", model="qwen3", cp=2, ga=2, padding_free=True, factory=True)),
+    # each CP group's own label count (with one DP group: still the single-device gradient)
+    ("Trainer llama CP2 ga2 average_tokens_across_devices=False", 2, dict(
+        trainer="trainer", model="llama", cp=2, ga=2, args={"average_tokens_across_devices": False})),
     # SFTConfig's default bf16=True (autocast on float32 weights), against the plain SFTTrainer under the same autocast
     ("SFT llama CP2 ga1 bf16 mixed precision", 2, dict(trainer="sft", model="llama", cp=2, ga=1, bf16=True,
                                                         sft_args={"bf16": True})),
@@ -69,6 +72,12 @@ REFUSALS = [
     ("padding_sft", 2, "attention_mask: ringattn takes documents, not padding masks"),
     ("extra_key", 2, "batch: ringattn shards packed token batches"),
     ("iterable", 2, "dataloader: accelerate prepared a DataLoaderDispatcher"),
+    ("fsdp", 2, "deepspeed/fsdp: ringattn's Trainer supports DistributedDataParallel only"),
+    ("moe", 2, "output_router_logits: a mixture-of-experts load-balancing loss is a per-rank mean"),
+    ("not_pretrained", 2, "model: expected a transformers PreTrainedModel"),
+    ("loss_without_shift_labels", 2, "loss_function: <lambda> takes no shift_labels"),
+    ("no_loss_kwargs", 2, "model: its forward takes no loss kwargs (num_items_in_batch)"),
+    ("eval_logits", 2, "prediction_loss_only: under context parallelism each rank holds a shard of the logits"),
     ("padding_one_dp_group", 4, "rank 2 (and ranks [3]): attention_mask: ringattn takes documents, not padding masks"),
     ("strided_groups", 4, "cp_groups: rank 0's CP group has ranks [0, 2], expected [0, 1]"),
 ]

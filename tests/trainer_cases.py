@@ -167,6 +167,17 @@ class _Stream(torch.utils.data.IterableDataset):
         return iter({"input_ids": d} for d in self.docs)
 
 
+class _Wrapped(torch.nn.Module):
+    """A model behind a plain nn.Module (as PEFT or a user wrapper would put it)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)
+
+
 def _bad_groups(world: int):
     """CP groups of strided ranks ([0, 2], [1, 3]): every rank creates both (new_group's rule)."""
     import torch.distributed as dist
@@ -216,6 +227,28 @@ def refusal(rank: int, world: int, what: str, base: dict) -> tuple[str | None, i
         case["train"] = _Stream(base["train"])
     elif what == "strided_groups":
         case.update(cp=2, trainer_kwargs={"cp_groups": _bad_groups(world)})
+    elif what == "fsdp":
+        case["args"] = {"fsdp": "full_shard"}
+    elif what == "moe":  # a mixture-of-experts model with its load-balancing loss on
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        torch.manual_seed(0)
+        extra["model"] = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=2, num_experts_per_tok=1,
+            output_router_logits=True))
+    elif what == "not_pretrained":
+        extra["model"] = _Wrapped(tc.build("llama", base["state"]))
+    elif what == "loss_without_shift_labels":
+        model = tc.build("llama", base["state"])
+        model.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum()
+        extra["model"] = model
+    elif what == "no_loss_kwargs":
+        model = tc.build("llama", base["state"])
+        model.accepts_loss_kwargs = False  # what Trainer.__init__ reads (model_accepts_loss_kwargs)
+        extra["model"] = model
+    elif what == "eval_logits":
+        action = "eval_logits"
     else:
         raise ValueError(what)
     trainer = None
@@ -225,10 +258,13 @@ def refusal(rank: int, world: int, what: str, base: dict) -> tuple[str | None, i
                 trainer = _iterable_trainer(case, out)
             else:
                 trainer = trainer_for(case, out, case["per_device"], ringattn=True, **extra)
+            rows = [{"input_ids": d} for d in base["train"][:4]]
             if action == "train":
                 trainer.train()
+            elif action == "eval_logits":  # what predict() or evaluate() with metrics would run
+                trainer.evaluation_loop(trainer.get_eval_dataloader(rows), "Evaluation", prediction_loss_only=False)
             else:
-                trainer.predict([{"input_ids": d} for d in base["train"][:4]])
+                trainer.predict(rows)
     except ValueError as exc:
         return str(exc), (trainer.state.global_step if trainer is not None else -1)
     return None, trainer.state.global_step

@@ -235,7 +235,8 @@ class RingAttnTrainerMixin:
         if getattr(args, "n_gpu", 1) > 1:
             return (f"n_gpu: torch.nn.DataParallel over {args.n_gpu} GPUs in one process is not supported; launch one "
                     "process per GPU (torchrun)")
-        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+        if (getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False)
+                or getattr(args, "deepspeed", None) or getattr(args, "fsdp", None)):
             return ("deepspeed/fsdp: ringattn's Trainer supports DistributedDataParallel only (its loss rule relies on "
                     "DDP averaging the gradients over the world); drop the deepspeed/fsdp arguments")
         pc = getattr(getattr(self, "accelerator", None), "parallelism_config", None)
@@ -349,9 +350,13 @@ class RingAttnTrainerMixin:
             raise ValueError(problem)
         if not batches:
             return [], None
-        if not getattr(self.args, "average_tokens_across_devices", True):
-            count = local
-        num_items = torch.tensor(count / s.cp_size, dtype=torch.float32, device=device)
+        if getattr(self.args, "average_tokens_across_devices", True):
+            # C x the global count (each CP rank counted its group's batch; CP ranks fed different batches are refused
+            # by the attention's batch fingerprint): divided exactly and kept an integer, where the Trainer's float32
+            # division would round above 2**24 labels per step
+            num_items = torch.tensor(count // s.cp_size, dtype=torch.int64, device=device)
+        else:  # this CP group's count over the CP size, a float as in Trainer._get_num_items_in_batch
+            num_items = torch.tensor(local / s.cp_size, dtype=torch.float32, device=device)
         for inputs in sharded:
             inputs["num_items_in_batch"] = num_items
         return sharded, num_items
@@ -434,8 +439,7 @@ def ringattn_trainer(trainer_cls: type) -> type:
 
 
 class RingAttnTrainer(RingAttnTrainerMixin, Trainer):
-    """``transformers.Trainer`` with ringattn context parallelism: ``RingAttnTrainer(..., cp_size=C, ulysses_size=U)``.
-    """
+    """``transformers.Trainer`` with ringattn context parallelism (``cp_size=C, ulysses_size=U``)."""
 
 
 try:  # TRL is optional: RingAttnSFTTrainer exists where it is installed
