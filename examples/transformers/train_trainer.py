@@ -16,7 +16,9 @@ For comparison every rank also trains a copy of the model the ordinary single-de
 the same global batches (the per-device batches of all data-parallel groups, packed together), transformers'
 own ``sdpa`` attention (documents masked from the restarting position ids), and the Trainer's own optimizer,
 schedule and clipping (``Trainer.get_optimizer_cls_and_kwargs``, ``get_scheduler``, ``max_grad_norm``).
-Rank 0 prints both losses of every step and the largest weight difference at the end: float32 rounding.
+Rank 0 prints both losses of every step and the largest weight difference at the end: float32 rounding, which
+AdamW's first update ``lr * g / (|g| + eps)`` magnifies in gradient elements near ``eps`` (up to ~1e-4 at the
+default ``--lr`` with data parallelism, where the global batch is summed in another order; ~1e-6 at CP only).
 """
 from __future__ import annotations
 
