@@ -3,8 +3,8 @@
 Exactness: ``RingAttnTrainer`` / ``RingAttnSFTTrainer`` (TRL packing, padding-free) at CP 2 and 4, 2 DP x 2 CP
 and Ulysses 2 x ring 2, with gradient accumulation 1 and 2, train tiny random-init Llama and Qwen3 models for 3
 AdamW steps; the reference is the plain ``Trainer`` / ``SFTTrainer`` in one process on the same global batches
-(transformers' ``sdpa`` attention, no ringattn). The logged losses, the final weights and the eval loss agree
-to float32 rounding (1e-5). Refusals raise the same ValueError on every rank. The two examples run on the pools.
+(transformers' ``sdpa`` attention, no ringattn). The logged losses, the first step's synchronised gradients, the
+final weights and the eval loss agree to float32 rounding (1e-5). Refusals raise the same ValueError on every rank. The two examples run on the pools.
 """
 from __future__ import annotations
 
@@ -124,13 +124,15 @@ def results(setups, rank_pools):
     return out
 
 
-def max_diffs(ref: dict, ranks: list) -> tuple[float, float, float | None]:
-    """(max |loss diff| over steps, max |weight diff|, |eval loss diff| or None) of rank 0 against the reference."""
+def max_diffs(ref: dict, ranks: list) -> tuple[float, float, float | None, float]:
+    """(max |loss diff| over steps, max |weight diff|, |eval loss diff| or None, max |first-step gradient diff|)
+    of rank 0 against the reference."""
     got = ranks[0]
     loss = max(abs(a - b) for a, b in zip(got["losses"], ref["losses"]))
     weights = max((got["state"][k] - v).abs().max().item() for k, v in ref["state"].items())
     ev = abs(got["eval_loss"] - ref["eval_loss"]) if "eval_loss" in ref else None
-    return loss, weights, ev
+    grads = max((got["grads"][k] - v).abs().max().item() for k, v in ref["grads"].items())
+    return loss, weights, ev, grads
 
 
 @pytest.mark.parametrize("label", [label for label, _, _ in CASES])
@@ -139,12 +141,13 @@ def test_trainer_equals_single_process_training(label, results):
     assert len(ref["losses"]) == STEPS and all(len(r["losses"]) == STEPS for r in ranks), (ref["losses"], ranks)
     assert all(r["losses"] == ranks[0]["losses"] for r in ranks), "every rank logs the same (true) loss"
     assert ranks[0]["state"].keys() == ref["state"].keys()
-    loss, weights, ev = max_diffs(ref, ranks)
+    loss, weights, ev, grads = max_diffs(ref, ranks)
     if dict((c[0], c[2]) for c in CASES)[label].get("bf16"):
         assert loss <= BF16_LOSS_TOL, f"{label}: logged losses {ranks[0]['losses']} vs single process {ref['losses']}"
         return
     assert loss <= TOL, f"{label}: logged losses {ranks[0]['losses']} vs single process {ref['losses']}"
     assert weights <= TOL, f"{label}: final weights off by {weights:.2e}"
+    assert grads <= TOL, f"{label}: the first step's synchronised gradients off by {grads:.2e}"
     if ev is not None:
         assert ev <= TOL and all(r["eval_loss"] == ranks[0]["eval_loss"] for r in ranks), (label, ranks, ref)
 
@@ -187,12 +190,13 @@ def test_single_process_trainer_is_the_plain_trainer(setups):
     import tempfile
 
     with tempfile.TemporaryDirectory() as out:
-        trainer = T.trainer_for(case, out, 2, ringattn=True)
+        store: dict = {}
+        trainer = T.trainer_for(case, out, 2, ringattn=True, callbacks=[T.grad_capture(store)])
         trainer.train()
-        got = T._summary(trainer, True)
+        got = T._summary(trainer, True, store)
     assert trainer.model.config._attn_implementation == "ringattn"
-    loss, weights, ev = max_diffs(ref, [got])
-    assert loss <= TOL and weights <= TOL and ev <= TOL, (loss, weights, ev)
+    loss, weights, ev, grads = max_diffs(ref, [got])
+    assert loss <= TOL and weights <= TOL and ev <= TOL and grads <= TOL, (loss, weights, ev, grads)
 
 
 def test_mixed_precision_runs_the_attention_in_the_autocast_dtype(setups):

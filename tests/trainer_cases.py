@@ -107,9 +107,23 @@ def trainer_for(case: dict, output_dir: str, per_device: int, ringattn: bool, **
     return cls(**kwargs)
 
 
-def _summary(trainer, evaluate: bool) -> dict:
+def grad_capture(store: dict):
+    """A TrainerCallback keeping the first optimizer step's gradients (synchronised, clipped) in ``store``."""
+    from transformers import TrainerCallback
+
+    class Capture(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if "grads" not in store:
+                module = getattr(model, "module", model)  # DDP's module
+                store["grads"] = {n: p.grad.detach().clone() for n, p in module.named_parameters()}
+
+    return Capture()
+
+
+def _summary(trainer, evaluate: bool, store: dict) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    out = {"losses": losses, "state": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}}
+    out = {"losses": losses, "state": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+           "grads": store["grads"]}
     if evaluate:
         out["eval_loss"] = trainer.evaluate()["eval_loss"]
     return out
@@ -119,21 +133,24 @@ def reference(case: dict) -> dict:
     """The plain trainer in this (single) process on the global batches: losses, final weights, eval loss."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     dp = case["world"] // case["cp"]
+    store: dict = {}
     with tempfile.TemporaryDirectory() as out:
-        trainer = trainer_for(case, out, case["per_device"] * dp, ringattn=False)
+        trainer = trainer_for(case, out, case["per_device"] * dp, ringattn=False, callbacks=[grad_capture(store)])
         trainer.train()
-        return _summary(trainer, bool(case.get("eval")))
+        return _summary(trainer, bool(case.get("eval")), store)
 
 
 def run(rank: int, world: int, case: dict) -> dict:
     """ringattn's trainer of the case on this pool rank: losses (every rank), final weights (rank 0), eval loss."""
     set_rank_env(rank, world)
+    store: dict = {}
     with tempfile.TemporaryDirectory() as out:
-        trainer = trainer_for(case, out, case["per_device"], ringattn=True)
+        trainer = trainer_for(case, out, case["per_device"], ringattn=True, callbacks=[grad_capture(store)])
         trainer.train()
-        res = _summary(trainer, bool(case.get("eval")))
+        res = _summary(trainer, bool(case.get("eval")), store)
     if rank != 0:
         res.pop("state")
+        res.pop("grads")
     return res
 
 
