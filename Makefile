@@ -11,7 +11,7 @@ DEMO_ARGS ?=
 $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,lint,plot,megatron,transformers]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,lint,plot,megatron,transformers,trainer]'
 	touch $@
 
 venv: $(BIN)/.installed

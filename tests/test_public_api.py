@@ -21,7 +21,8 @@ import ringattn.plan
 PUBLIC = ["DocLayout", "RingEoDAttention", "ring_eod_attention", "eod_metadata", "EodMetadata", "build_plan",
           "rank_plan", "CPGroups", "new_cp_groups"]
 
-ADAPTERS = [("ringattn.adapters.megatron", "megatron.core"), ("ringattn.adapters.transformers", "transformers")]
+ADAPTERS = [("ringattn.adapters.megatron", "megatron.core"), ("ringattn.adapters.transformers", "transformers"),
+            ("ringattn.adapters.trainer", "trl")]
 
 #: type-checking-only names, resolved from the modules that define them
 TYPE_ONLY = {name: getattr(mod, name) for mod in (ringattn.plan, ringattn.cost) for name in mod.__all__}

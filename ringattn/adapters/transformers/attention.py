@@ -91,7 +91,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     """transformers attention function: ``[b, Hq, s, d]`` q, ``[b, Hkv, s, d]`` k/v -> (``[b, s, Hq, d]``, None).
 
     Runs :func:`ring_eod_attention` over the context's layout and group (its :class:`CPGroups` for
-    Ulysses x ring) with the model's ``scaling``, the layer's ``sliding_window`` (Mistral's config-wide
+    Ulysses x ring) with the model's ``scaling`` (a float32 query under autocast runs with q, k and v in
+    the autocast dtype), the layer's ``sliding_window`` (Mistral's config-wide
     window; Qwen2, Gemma 3 and gpt-oss pass it on their sliding layers only) as ``window=`` and the
     layer's learned sinks (gpt-oss ``s_aux``) as ``sinks=``.
     Refused (the same ``ValueError`` on every CP rank, before any communication): no context,
@@ -118,6 +119,12 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if verdict is not None:
         raise ValueError(verdict)
     ATTENDED.get(ctx, lambda: [0])[0] += 1
+    if query.dtype == torch.float32 and torch.is_autocast_enabled(query.device.type):
+        # mixed precision (Trainer bf16=True/fp16=True on fp32 weights): the projections come out in the autocast dtype
+        # and RoPE promotes q and k back to float32; transformers casts such a query to the autocast dtype for its
+        # kernels (integrations/flash_attention.py: get_target_dtype), and so does autocast for sdpa
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     b, hq, s, d = query.shape
     q = query.transpose(1, 2).reshape(b * s, hq, d)
     k = key.transpose(1, 2).reshape(b * s, key.shape[1], key.shape[3])
