@@ -7,10 +7,12 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
+from ..._memo import IdentityMemo
 from ...agreement import agree_once, agreement_device
 from ...attention import ring_eod_attention
 from ...plan import ulysses_heads
-from .context import ATTENDED, CONTEXT_KWARG, DEFAULT_NAME, REFUSAL_KWARG, RingAttnContext, mask_refusal
+from .context import (ATTENDED, CONTEXT_KWARG, DEFAULT_NAME, PREPARED_KWARG, REFUSAL_KWARG, RingAttnContext,
+                      mask_refusal)
 
 __all__ = ["attention_forward", "register"]
 
@@ -24,6 +26,22 @@ REMEDIES = {
 _SAME_CALL = "every CP rank must run the same model with the same call arguments"
 
 
+#: per context, with register() alone (no pre-hook): whether the model's position ids were the context's
+_POSITIONS_CHECKED: IdentityMemo[list] = IdentityMemo("position ids checked per context")
+
+
+def _own_positions(ctx: RingAttnContext, pos) -> bool:
+    """Whether the layer got the context's position ids: the same tensor, or (checked once per context, a host
+    read of this rank's ids) equal values; None when transformers passes no position ids to attention."""
+    if pos is None or pos is ctx.position_ids:
+        return True
+    seen = _POSITIONS_CHECKED.get(ctx, lambda: [None])
+    if seen[0] is None:
+        seen[0] = (isinstance(pos, torch.Tensor) and pos.shape[-1] == ctx.position_ids.shape[-1]
+                   and torch.equal(pos.reshape(-1).cpu(), ctx.position_ids.reshape(-1).cpu()))
+    return seen[0]
+
+
 def _refusal(ctx: RingAttnContext, module: nn.Module, query, key, value, attention_mask, call: dict) -> str | None:
     """The first thing this call asks for that ringattn cannot honour, as a message; None if none.
 
@@ -35,8 +53,7 @@ def _refusal(ctx: RingAttnContext, module: nn.Module, query, key, value, attenti
     is_causal = call.get("is_causal")
     if call.get(REFUSAL_KWARG):
         return call[REFUSAL_KWARG]
-    pos = call.get("position_ids")
-    if pos is not None and pos is not ctx.position_ids:
+    if not call.get(PREPARED_KWARG) and not _own_positions(ctx, call.get("position_ids")):
         # the model made its own position ids (an arange when the call had none): never what the documents need.
         # A prepared model's pre-hook passes the context's; with register() alone, pass shard_batch's
         return ("position_ids: the model did not get shard_batch's reset position ids (it made its own, an arange "

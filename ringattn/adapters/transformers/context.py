@@ -10,7 +10,7 @@ from ..._memo import IdentityMemo
 from ...groups import CPGroups
 from ...layout import DocLayout
 
-__all__ = ["DEFAULT_NAME", "CONTEXT_KWARG", "REFUSAL_KWARG", "IGNORE_INDEX", "RingAttnContext", "mask_refusal",
+__all__ = ["DEFAULT_NAME", "CONTEXT_KWARG", "REFUSAL_KWARG", "PREPARED_KWARG", "IGNORE_INDEX", "RingAttnContext", "mask_refusal",
            "ATTENDED", "NOT_RINGATTN"]
 
 DEFAULT_NAME = "ringattn"
@@ -18,6 +18,8 @@ DEFAULT_NAME = "ringattn"
 CONTEXT_KWARG = "ringattn_context"
 #: where the forward pre-hook of a prepared model leaves a refusal for the attention function to agree on
 REFUSAL_KWARG = "ringattn_refusal"
+#: set by the forward pre-hook of a prepared model: the call's position ids are the context's (the hook saw to it)
+PREPARED_KWARG = "ringattn_prepared"
 IGNORE_INDEX = -100  # ForCausalLMLoss's default ignore_index, DataCollatorWithFlattening's default separator_id
 #: per context: how many times ringattn's attention function ran on it (see :func:`attended_check`)
 ATTENDED: IdentityMemo[list] = IdentityMemo("attention calls per batch context")

@@ -10,7 +10,8 @@ from transformers import PreTrainedModel
 
 from ..._memo import IdentityMemo
 from .attention import register
-from .context import CONTEXT_KWARG, DEFAULT_NAME, NOT_RINGATTN, REFUSAL_KWARG, RingAttnContext, mask_refusal
+from .context import (CONTEXT_KWARG, DEFAULT_NAME, NOT_RINGATTN, PREPARED_KWARG, REFUSAL_KWARG, RingAttnContext,
+                      mask_refusal)
 
 __all__ = ["prepare_model", "HOOKS"]
 
@@ -112,6 +113,7 @@ def _pre_forward(module, args, kwargs, name: str = DEFAULT_NAME):
         kwargs["position_ids"] = ctx.position_ids.to(device)
     if kwargs.get("use_cache") is None:
         kwargs["use_cache"] = False
+    kwargs[PREPARED_KWARG] = True
     if refusal is not None:
         kwargs[REFUSAL_KWARG] = refusal
     return args, kwargs
