@@ -195,10 +195,18 @@ def test_npu_capabilities_are_detected_once():
     assert getattr(sys.modules.get("torch_npu"), "emulated_generation", None) is None  # removed after use
 
 
+def _merge_inputs(g, t=5, heads=2, d=64, lse_shift=0.0):
+    out_acc, out = (torch.randn(t, heads, d, generator=g) for _ in range(2))
+    lse_acc, lse = (torch.randn(t, heads, generator=g) * 3 + lse_shift for _ in range(2))
+    return out_acc, lse_acc, out, lse
+
+
 def test_npu_fused_merge_missing_from_cann_falls_back_once():
     """torch_npu 26.1.0 on a CANN whose aclnn library lacks aclnnRingAttentionUpdateV2: the op exists in Python
-    but raises RuntimeError when called. The backend notices on the first call, merges with torch from then on
+    but raises RuntimeError when called. The backend warns once, naming the error, merges with torch from then on
     (never calling the op again) and stays exact."""
+    import warnings
+
     from ringattn.kernels import npu as npu_backend
     from ringattn.merge import merge as ringattn_merge
 
@@ -212,13 +220,95 @@ def test_npu_fused_merge_missing_from_cann_falls_back_once():
         mod.npu_ring_attention_update = missing_kernel
         call = VarlenCall((0, 5), (0, 5), True)
         g = torch.Generator().manual_seed(9)
-        for _ in range(3):
-            out_acc, out = (torch.randn(5, 2, 64, generator=g) for _ in range(2))
-            lse_acc, lse = (torch.randn(5, 2, generator=g) for _ in range(2))
-            got = npu_backend.merge(out_acc, lse_acc, out, lse, call)
-            want = ringattn_merge(out_acc, lse_acc, out, lse)
+        for i in range(3):
+            args = _merge_inputs(g)
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                got = npu_backend.merge(*args, call)
+            messages = [str(w.message) for w in seen]
+            if i == 0:
+                assert len(messages) == 1 and "npu_ring_attention_update failed on its first call" in messages[0]
+                assert "RuntimeError: aclnnRingAttentionUpdateV2 not found" in messages[0], messages
+            else:
+                assert messages == [], messages  # once
+            want = ringattn_merge(*args)
             assert all(torch.equal(x, y) for x, y in zip(got, want))
     assert len(calls) == 1
+
+
+def test_npu_fused_merge_rejection_after_the_first_call_is_handled_the_same_way():
+    """The fused op works, then rejects a later call's input (RuntimeError): the same one-time warning naming the
+    error, the torch merge for that call (exact) and from then on, the op never called again."""
+    import warnings
+
+    from ringattn.kernels import npu as npu_backend
+    from ringattn.merge import merge as ringattn_merge
+
+    calls = []
+    with emu.installed("current") as mod:
+        real = mod.npu_ring_attention_update
+
+        def rejects_second_call(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("EZ1001: prevSoftmaxMax rejected")
+            return real(*args, **kwargs)
+
+        mod.npu_ring_attention_update = rejects_second_call
+        call = VarlenCall((0, 5), (0, 5), True)
+        g = torch.Generator().manual_seed(10)
+        for i in range(4):
+            args = _merge_inputs(g)
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                got = npu_backend.merge(*args, call)
+            messages = [str(w.message) for w in seen]
+            want = ringattn_merge(*args)
+            if i == 1:
+                assert len(messages) == 1 and "failed after earlier calls succeeded" in messages[0], messages
+                assert "RuntimeError: EZ1001: prevSoftmaxMax rejected" in messages[0], messages
+            else:
+                assert messages == [], messages
+            if i == 0:  # the fused op's own result: the same merge to fp32 accuracy
+                assert all(torch.allclose(x, y, rtol=1e-6, atol=1e-6) for x, y in zip(got, want))
+            else:
+                assert all(torch.equal(x, y) for x, y in zip(got, want))
+    assert len(calls) == 2
+
+
+def test_npu_fused_merge_takes_negative_lse():
+    """The recorded departure from aclnnRingAttentionUpdate's "softmax_max must be positive" (see
+    ringattn/kernels/npu.py): negative LSEs go through the fused op (no fallback, no warning), and its result is
+    the fp32 merge — to fp32 accuracy, so a fused merge rounded to the inputs' half precision would fail here."""
+    import warnings
+
+    from ringattn.kernels import npu as npu_backend
+    from ringattn.merge import merge as ringattn_merge
+
+    calls = []
+    with emu.installed("current") as mod:
+        real = mod.npu_ring_attention_update
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        mod.npu_ring_attention_update = counted
+        g = torch.Generator().manual_seed(11)
+        call = VarlenCall((0, 6), (0, 6), True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for shift in (-20.0, 0.0, 20.0):
+                out_acc, lse_acc, out, lse = _merge_inputs(g, t=6, heads=3, d=128, lse_shift=shift)
+                if shift < 0:
+                    assert (lse_acc < 0).all() and (lse < 0).all()  # every softmax_max passed is negative
+                out = out.bfloat16()  # a device kernel's half-precision partial; the accumulator stays fp32
+                got_out, got_lse = npu_backend.merge(out_acc, lse_acc, out, lse, call)
+                want_out, want_lse = ringattn_merge(out_acc, lse_acc, out, lse)
+                assert got_out.dtype == torch.float32 and got_lse.dtype == torch.float32
+                torch.testing.assert_close(got_out, want_out, rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(got_lse, want_lse, rtol=1e-6, atol=1e-6)
+    assert len(calls) == 3
 
 
 def _staged_worker(rank, cp, cases):
