@@ -401,7 +401,8 @@ def _check_cuda_backend_on_cpu(dtype, head_dim, seed):
         out, lse = cuda.forward(q, k, v, call, 0.3)
         assert out.shape == q.shape and out.dtype == dtype and lse.shape == q.shape[:2] and lse.dtype == torch.float32
         assert (lse.double() - ref_lse).abs().max() < 1e-5
-        got = (out,) + tuple(cuda.backward(dout, q, k, v, out, lse, call, 0.3))
+        # backward gets the LSE as the executor hands it: a token-major [Tq, H] tensor of its own (the merged one)
+        got = (out,) + tuple(cuda.backward(dout, q, k, v, out, lse.contiguous(), call, 0.3))
         for name, x, r, like, b in zip(("out", "dq", "dk", "dv"), got, [ref_out] + ref_grads, (q, q, k, v), bounds):
             assert x.shape == like.shape and x.dtype == dtype, name
             worst = ((x.double() - r).abs() / b).max().item()
