@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+_LAST_VERDICTS: dict = {}
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,13 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("npu-fused-fp32", "NPU fused merge keeps the accumulator in fp32", "ringattn/kernels/npu.py",
            "return new_out, new_max[..., 0] + torch.log(new_sum[..., 0])",
            "return new_out.to(out.dtype).float(), new_max[..., 0] + torch.log(new_sum[..., 0])", (_FUSED,)),
+    Mutant("npu-fused-fp32-bound", "device-path bound (tests/rounding.py) tight enough to see one extra rounding per "
+           "step: the multi-rank NPU test catches the fused merge rounded to bf16 (the old bound, one ulp of the "
+           "largest value, let it through)", "ringattn/kernels/npu.py",
+           "return new_out, new_max[..., 0] + torch.log(new_sum[..., 0])",
+           "return new_out.to(out.dtype).float(), new_max[..., 0] + torch.log(new_sum[..., 0])",
+           ("tests/test_attention.py::test_multi_rank_matches_dense_reference[2-npu]",
+            "tests/test_attention.py::test_multi_rank_matches_dense_reference[3-npu]")),
     Mutant("npu-fallback-visible", "NPU: falling back from the fused merge warns, naming the error",
            "ringattn/kernels/npu.py", "        warnings.warn(f\"ringattn: npu_ring_attention_update failed",
            "        if False: warnings.warn(f\"ringattn: npu_ring_attention_update failed",
@@ -142,6 +150,23 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("npu-segment-limit", "NPU: calls split at the operator's 1,024 segments", "ringattn/kernels/npu.py",
            "MAX_SEGMENTS = 1024", "MAX_SEGMENTS = 2048",
            ("tests/test_backends.py::test_npu_step_with_more_than_1024_segments_is_split_and_exact",)),
+)
+
+
+#: issue 23's findings and the mutants that show each one caught now (docs/mutants.md)
+FINDINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Agreement: dropping comm or the K/V heads from the signature passed every test",
+     ("agreement-comm", "agreement-kv-heads")),
+    ("bf16: accumulating dq in bf16 passed every test", ("dq-dtype",)),
+    ("bf16: saving the bf16 output for backward passed every test", ("saved-out-dtype",)),
+    ("bf16: rounding the NPU fused merge to bf16 every step passed every test",
+     ("npu-fused-fp32", "npu-fused-fp32-bound")),
+    ("bf16: dK/dV returned in bf16 was caught by one hybrid case at 2.12e-2 against a 2e-2 bound",
+     ("dkv-return-precision", "dkv-owner-precision", "replicated-dkv-dtype")),
+    ("CUDA: removing the head-dim padding (forward or backward) passed every CPU test; the stand-in checked nothing",
+     ("pad-forward", "pad-backward", "cuda-lse-layout", "cuda-cu-int32")),
+    ("NPU: the fallback from the fused merge was silent, a later rejection raised",
+     ("npu-fallback-visible", "npu-fallback-later")),
 )
 
 
@@ -238,6 +263,7 @@ def main(argv=None) -> int:
             rows.append((m, verdict, by, secs))
             print(f"{m.name:24} {verdict:20} {secs:5.0f} s  {by}", file=sys.stderr, flush=True)
 
+    _LAST_VERDICTS.update({m: verdict for m, verdict, _, _ in rows})
     table = kill_table(rows)
     print(table)
     if args.doc:
@@ -277,6 +303,11 @@ def write_doc(path: Path, table: str, revision: str) -> None:
     for m in MUTANTS:
         tests = "<br>".join(f"`{t}`" for t in m.tests)
         listing.append(f"| `{m.name}` | `{m.file}` | {code(m.original)} | {code(m.replacement)} | {tests} |")
+    verdicts = {m.name: v for m, v in _LAST_VERDICTS.items()}
+    findings = ["| finding of issue 23 | mutant(s) now | verdict |", "|---|---|---|"]
+    for text, names in FINDINGS:
+        findings.append(f"| {text} | {', '.join(f'`{n}`' for n in names)} | "
+                        f"{'; '.join(verdicts.get(n, 'not run') for n in names)} |")
     today = datetime.date.today().isoformat()
     path.write_text(f"""# Mutants: one-line changes the tests must catch
 
@@ -292,6 +323,12 @@ will kill it once merged; it does not fail the run (`--strict` makes it). Regene
 Revision {revision}, {today}, this 2-core CPU machine (seconds are wall time of the targeted tests, for scale):
 
 {table}
+
+## Issue 23's findings
+
+{chr(10).join(findings)}
+
+The fuzz's breadth (also issue 23) is no mutant: `python -m tests.fuzz_breadth` counts what a profile draws.
 
 ## The mutants
 
