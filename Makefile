@@ -6,7 +6,7 @@ TORCH := torch==2.13.0
 NPROC ?= 4
 DEMO_ARGS ?=
 
-.PHONY: demo test venv clean gpu-check
+.PHONY: demo test venv clean gpu-check mutants
 
 $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# one-line semantic mutations of the library, each against its targeted tests (tests/mutants.py, docs/mutants.md)
+mutants: venv
+	$(BIN)/python tests/mutants.py
 
 # on an NVIDIA machine whose python3 has torch (installs nothing); report in $$GPU_REPORT_DIR (./gpu_report/)
 gpu-check:

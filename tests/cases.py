@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,10 @@ def global_tensors(case: Case):
 NPU_GENERATIONS = {"npu": "current", "npu-legacy": "legacy", "npu-old-cann": "layout-kwarg-old-cann",
                    "npu-tnd": "tnd-without-update"}
 
+#: test backend names that run the CUDA backend on CPU tensors through a stand-in of flash_attn (that version)
+#: or, for None, of torch's aten flash ops (tests/flash_standin.py)
+CUDA_STANDINS = {"cuda-fa2.6": "2.6.3", "cuda-fa2.7": "2.7.4.post1", "cuda-fa2.8": "2.8.3", "cuda-aten": None}
+
 _GROUPS: dict = {}  # per test process: ulysses size -> CPGroups over the world (new_cp_groups is collective)
 
 
@@ -87,13 +92,21 @@ def run_case(rank: int, cp: int, case: Case):
     """This rank's (local indices, out, dq, dk, dv) for ``case``.
 
     ``backend`` in :data:`NPU_GENERATIONS` runs the NPU backend on the emulation of the documented
-    torch_npu contract, in that generation (see tests/npu_emulation.py).
+    torch_npu contract, in that generation (see tests/npu_emulation.py); in :data:`CUDA_STANDINS` the CUDA
+    backend on CPU tensors through a stand-in of its kernel provider (tests/flash_standin.py).
     """
     if case.backend in NPU_GENERATIONS:
         from . import npu_emulation
 
-        with npu_emulation.installed(NPU_GENERATIONS[case.backend]):
+        with npu_emulation.installed(NPU_GENERATIONS[case.backend]), warnings.catch_warnings():
+            # the emulated fused merge accepts everything ringattn passes: a fallback here is a bug, not a device quirk
+            warnings.filterwarnings("error", message="ringattn: npu_ring_attention_update failed")
             return _run_case(rank, cp, case, "npu")
+    if case.backend in CUDA_STANDINS:
+        from . import flash_standin
+
+        with flash_standin.installed(CUDA_STANDINS[case.backend]):
+            return _run_case(rank, cp, case, "cuda")
     return _run_case(rank, cp, case, case.backend)
 
 

@@ -23,7 +23,12 @@ below by the short names in brackets):
 * [rau-doc]  torch_npu's ``npu_ring_attention_update`` docstring (op-plugin ``_op_plugin_docs.py``) and
              ``op_plugin/ops/opapi/RingAttentionUpdateKernelNpuOpApi.cpp`` (``check_attention_inputs``).
 * [rau-cann] hicann/ops-transformer ``attention/ring_attention_update/docs/aclnnRingAttentionUpdate.md``
-             and ``aclnnRingAttentionUpdateV2_en.md`` (参数说明 / Parameters, 约束说明 / Constraints).
+             and ``aclnnRingAttentionUpdateV2_en.md`` (参数说明 / Parameters, 约束说明 / Constraints, and the
+             first-phase API's error table: null pointers, dtypes, shapes, ``actualSeqQlenOptional`` format,
+             ``inputSoftmaxLayoutOptional`` — no value checks).
+* [rau-kernel] the same repository's kernels, ``attention/ring_attention_update/op_kernel/ring_attention_update_kernel.h``
+             (SBH), ``ring_attention_update_tnd.h`` (TND) and ``arch35/ring_attention_update_regbase_common.h``:
+             ``SoftmaxCompute`` is ``Max``, ``Sub``, ``Exp``, ``Mul``, ``Add``, ``Div`` on fp32, element-wise.
 * [fa-tiling] cannmirror/ops-transformer (CANN 9.0.0 / 9.1.0)
              ``attention/flash_attention_score/op_host/arch22/flash_attention_score_tiling_general.cpp``
              (arch32 in 9.0.0): "校验EOD场景尾部是否补0" — when both sequence lists cover fewer tokens than
@@ -316,8 +321,13 @@ def npu_ring_attention_update(prev_attn_out, prev_softmax_max, prev_softmax_sum,
     tnd = input_softmax_layout == "TND"  # "" is the original per-segment layout [rau-cann V2: "BNS8"]
     pm, ps, cm, cs = (_stats_from_storage(x, segs, tnd, name) for x, name in zip(
         stats, ("prev_softmax_max", "prev_softmax_sum", "cur_softmax_max", "cur_softmax_sum")))
-    if (ps <= 0).any() or (cs <= 0).any():  # [rau-cann] softmax sums: "need to be positive"
+    if (ps <= 0).any() or (cs <= 0).any():  # [rau-cann] softmax sums: "must be positive" (the kernels divide by them)
         raise RuntimeError("emulated torch_npu: softmax sums must be positive")
+    # [rau-cann] also says the softmax *max* values "must be positive". Not enforced here, on purpose, because nothing
+    # on the device enforces or needs it: the first-phase API's error table lists no value check, and the kernels
+    # ([rau-kernel]) compute max / exp of differences with sign-agnostic vector ops, which is what this function does.
+    # ringattn passes an LSE as softmax_max, negative wherever a row's scores are; ringattn/kernels/npu.py records the
+    # departure and tests/test_backends.py::test_npu_fused_merge_takes_negative_lse pins it.
     m = torch.maximum(pm, cm)
     prev_scaled = ps * torch.exp(pm - m)
     cur_scaled = cs * torch.exp(cm - m)

@@ -88,7 +88,11 @@ def bf16_partials(layout, plan) -> tuple[int, int]:
 
     A step runs at most two kernel calls on a rank (its causal and its dense segments). On a device
     path each call returns bf16 partials, so a token's dq (or dK/dV) is the fp32 sum of that many
-    bf16-rounded partials, which bounds its rounding error (``tests/test_attention.py::check_case``).
+    bf16-rounded partials. Only the real-GPU tests still bound their error with this count ((P + 1) / 2
+    ulps of the largest value, ``tests/test_attention.py::check_case``), since a real kernel's internal error
+    is not modelled; the emulated kernels are checked element by element against the error analysis of
+    ``tests/rounding.py`` over :func:`kernel_calls` (which also counts a KV row read by two segments of one
+    call twice, as the kernel returns a partial per segment row).
     """
     ring = layout if layout.ulysses_size == 1 else layout.ring_layout
     local = [ring.local_indices(r).tolist() for r in range(ring.cp_size)]
@@ -101,3 +105,28 @@ def bf16_partials(layout, plan) -> tuple[int, int]:
                 q_calls.update({t for s in segs for t in local[x][s.q[0]:s.q[1]]})
                 kv_calls.update({t for s in segs for t in src[s.kv[0]:s.kv[1]]})
     return max(q_calls.values(), default=1), max(kv_calls.values(), default=1)
+
+
+def kernel_calls(layout, plan) -> list:
+    """Every kernel call the plan makes, on any rank: a list of its segments ``(q ids, kv ids, causal)`` (int64
+    tensors of global token ids; a hybrid layout's ring plan, whose ranks hold global tokens too).
+
+    A step runs at most two calls on a rank, its causal and its dense segments. Within a call a query row is in
+    one segment, a KV row may be in several (two query pieces reading one KV piece). On a device path each
+    segment's partial results come back rounded to half precision, which is what ``tests/rounding.py`` bounds;
+    ``tests/test_plan.py`` checks that the plan computes every unmasked pair exactly once.
+    """
+    import torch
+
+    ring = layout if layout.ulysses_size == 1 else layout.ring_layout
+    local = [ring.local_indices(r).tolist() for r in range(ring.cp_size)]
+    calls = []
+    for i, bufs in enumerate(_received(plan, local)):
+        for x, rp in enumerate(plan.ranks):
+            src = local[x] if i == 0 else bufs[x]
+            for causal in (True, False):
+                segs = [g for g in rp.steps[i].segments if g.causal == causal]
+                if segs:
+                    calls.append([(torch.tensor(local[x][g.q[0]:g.q[1]]), torch.tensor(src[g.kv[0]:g.kv[1]]), causal)
+                                  for g in segs])
+    return calls

@@ -40,3 +40,27 @@ def dense_with_grads(q, k, v, dout, cu_seqlens, scale):
     out = dense_attention(q, k, v, cu_seqlens, scale)
     out.backward(dout.double())
     return out.detach(), q.grad, k.grad, v.grad
+
+
+def varlen_mask(cu_q, cu_k, causal: bool) -> torch.Tensor:
+    """bool ``[Tq, Tk]``: query row i may attend key row j in a packed varlen call (segment ``s``: rows
+    ``cu_q[s]:cu_q[s+1]`` against ``cu_k[s]:cu_k[s+1]``; causal aligned to the bottom-right corner)."""
+    mask = torch.zeros(cu_q[-1], cu_k[-1], dtype=torch.bool)
+    for qs, qe, ks, ke in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):
+        block = torch.ones(qe - qs, ke - ks, dtype=torch.bool)
+        if causal:
+            block = block.tril(ke - ks - (qe - qs))
+        mask[qs:qe, ks:ke] = block
+    return mask
+
+
+def masked_with_grads(q, k, v, dout, mask, scale):
+    """float64 ``(out, lse [Tq, H], dq, dk, dv)`` of attention under a ``[Tq, Tk]`` mask (every row attends
+    at least one key), gradients by autograd."""
+    q, k, v = (x.detach().double().requires_grad_() for x in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    scores = torch.einsum("ihd,jhd->hij", q, k.repeat_interleave(rep, 1)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out = torch.einsum("hij,jhd->ihd", torch.softmax(scores, -1), v.repeat_interleave(rep, 1))
+    out.backward(dout.double())
+    return out.detach(), torch.logsumexp(scores, -1).t().detach(), q.grad, k.grad, v.grad

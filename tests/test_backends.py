@@ -8,7 +8,7 @@ import torch
 
 from ringattn.kernels import VarlenCall, get_backend
 
-from . import npu_emulation as emu
+from . import flash_standin, npu_emulation as emu
 from .cases import Case, assemble, global_tensors, run_cases
 from .dist import run_ranks, unwrap
 from .reference import dense_with_grads
@@ -195,10 +195,18 @@ def test_npu_capabilities_are_detected_once():
     assert getattr(sys.modules.get("torch_npu"), "emulated_generation", None) is None  # removed after use
 
 
+def _merge_inputs(g, t=5, heads=2, d=64, lse_shift=0.0):
+    out_acc, out = (torch.randn(t, heads, d, generator=g) for _ in range(2))
+    lse_acc, lse = (torch.randn(t, heads, generator=g) * 3 + lse_shift for _ in range(2))
+    return out_acc, lse_acc, out, lse
+
+
 def test_npu_fused_merge_missing_from_cann_falls_back_once():
     """torch_npu 26.1.0 on a CANN whose aclnn library lacks aclnnRingAttentionUpdateV2: the op exists in Python
-    but raises RuntimeError when called. The backend notices on the first call, merges with torch from then on
+    but raises RuntimeError when called. The backend warns once, naming the error, merges with torch from then on
     (never calling the op again) and stays exact."""
+    import warnings
+
     from ringattn.kernels import npu as npu_backend
     from ringattn.merge import merge as ringattn_merge
 
@@ -212,13 +220,95 @@ def test_npu_fused_merge_missing_from_cann_falls_back_once():
         mod.npu_ring_attention_update = missing_kernel
         call = VarlenCall((0, 5), (0, 5), True)
         g = torch.Generator().manual_seed(9)
-        for _ in range(3):
-            out_acc, out = (torch.randn(5, 2, 64, generator=g) for _ in range(2))
-            lse_acc, lse = (torch.randn(5, 2, generator=g) for _ in range(2))
-            got = npu_backend.merge(out_acc, lse_acc, out, lse, call)
-            want = ringattn_merge(out_acc, lse_acc, out, lse)
+        for i in range(3):
+            args = _merge_inputs(g)
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                got = npu_backend.merge(*args, call)
+            messages = [str(w.message) for w in seen]
+            if i == 0:
+                assert len(messages) == 1 and "npu_ring_attention_update failed on its first call" in messages[0]
+                assert "RuntimeError: aclnnRingAttentionUpdateV2 not found" in messages[0], messages
+            else:
+                assert messages == [], messages  # once
+            want = ringattn_merge(*args)
             assert all(torch.equal(x, y) for x, y in zip(got, want))
     assert len(calls) == 1
+
+
+def test_npu_fused_merge_rejection_after_the_first_call_is_handled_the_same_way():
+    """The fused op works, then rejects a later call's input (RuntimeError): the same one-time warning naming the
+    error, the torch merge for that call (exact) and from then on, the op never called again."""
+    import warnings
+
+    from ringattn.kernels import npu as npu_backend
+    from ringattn.merge import merge as ringattn_merge
+
+    calls = []
+    with emu.installed("current") as mod:
+        real = mod.npu_ring_attention_update
+
+        def rejects_second_call(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("EZ1001: prevSoftmaxMax rejected")
+            return real(*args, **kwargs)
+
+        mod.npu_ring_attention_update = rejects_second_call
+        call = VarlenCall((0, 5), (0, 5), True)
+        g = torch.Generator().manual_seed(10)
+        for i in range(4):
+            args = _merge_inputs(g)
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                got = npu_backend.merge(*args, call)
+            messages = [str(w.message) for w in seen]
+            want = ringattn_merge(*args)
+            if i == 1:
+                assert len(messages) == 1 and "failed after earlier calls succeeded" in messages[0], messages
+                assert "RuntimeError: EZ1001: prevSoftmaxMax rejected" in messages[0], messages
+            else:
+                assert messages == [], messages
+            if i == 0:  # the fused op's own result: the same merge to fp32 accuracy
+                assert all(torch.allclose(x, y, rtol=1e-6, atol=1e-6) for x, y in zip(got, want))
+            else:
+                assert all(torch.equal(x, y) for x, y in zip(got, want))
+    assert len(calls) == 2
+
+
+def test_npu_fused_merge_takes_negative_lse():
+    """The recorded departure from aclnnRingAttentionUpdate's "softmax_max must be positive" (see
+    ringattn/kernels/npu.py): negative LSEs go through the fused op (no fallback, no warning), and its result is
+    the fp32 merge — to fp32 accuracy, so a fused merge rounded to the inputs' half precision would fail here."""
+    import warnings
+
+    from ringattn.kernels import npu as npu_backend
+    from ringattn.merge import merge as ringattn_merge
+
+    calls = []
+    with emu.installed("current") as mod:
+        real = mod.npu_ring_attention_update
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        mod.npu_ring_attention_update = counted
+        g = torch.Generator().manual_seed(11)
+        call = VarlenCall((0, 6), (0, 6), True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for shift in (-20.0, 0.0, 20.0):
+                out_acc, lse_acc, out, lse = _merge_inputs(g, t=6, heads=3, d=128, lse_shift=shift)
+                if shift < 0:
+                    assert (lse_acc < 0).all() and (lse < 0).all()  # every softmax_max passed is negative
+                out = out.bfloat16()  # a device kernel's half-precision partial; the accumulator stays fp32
+                got_out, got_lse = npu_backend.merge(out_acc, lse_acc, out, lse, call)
+                want_out, want_lse = ringattn_merge(out_acc, lse_acc, out, lse)
+                assert got_out.dtype == torch.float32 and got_lse.dtype == torch.float32
+                torch.testing.assert_close(got_out, want_out, rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(got_lse, want_lse, rtol=1e-6, atol=1e-6)
+    assert len(calls) == 3
 
 
 def _staged_worker(rank, cp, cases):
@@ -261,35 +351,7 @@ def test_cuda_multi_rank_on_one_gpu(cp):
 
 
 # ---------------------------------------------------------------------------------------------- CUDA, on CPU
-# Parameter names (and whether they have a default: a trailing "=") of flash_attn's varlen functions,
-# transcribed from flash_attn/flash_attn_interface.py of Dao-AILab/flash-attention at each tag named here:
-# v2.6.0 (no defaults), v2.6.3 (defaults; leftpad_k from v2.6.1, seqused_k from v2.6.2), v2.7.0 (custom ops;
-# window_size split in two), v2.7.4.post1 and v2.8.3 (zero_tensors, added in v2.7.3 by PR #1433).
-_FA_FWD_260 = ("q k v cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p softmax_scale causal window_size "
-               "softcap alibi_slopes return_softmax block_table").split()
-_FA_FWD_263 = ("q k v cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p softmax_scale causal "
-               "window_size= softcap= alibi_slopes= return_softmax= block_table= leftpad_k= seqused_k=").split()
-_FA_FWD_270 = ("q k v cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p softmax_scale causal "
-               "window_size_left= window_size_right= softcap= alibi_slopes= return_softmax= block_table= leftpad_k= "
-               "seqused_k=").split()
-_FA_FWD_273 = _FA_FWD_270 + ["zero_tensors="]
-_FA_BWD_26 = ("dout q k v out softmax_lse dq dk dv cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p "
-              "softmax_scale causal window_size softcap alibi_slopes deterministic rng_state=").split()
-_FA_BWD_270 = ("dout q k v out softmax_lse dq dk dv cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p "
-               "softmax_scale causal window_size_left window_size_right softcap alibi_slopes deterministic "
-               "rng_state=").split()
-_FA_BWD_273 = _FA_BWD_270 + ["zero_tensors="]
-FLASH_ATTN_SIGNATURES = {"2.6.0": (_FA_FWD_260, _FA_BWD_26), "2.6.3": (_FA_FWD_263, _FA_BWD_26),
-                         "2.7.0": (_FA_FWD_270, _FA_BWD_270), "2.7.4.post1": (_FA_FWD_273, _FA_BWD_273),
-                         "2.8.3": (_FA_FWD_273, _FA_BWD_273)}
-
-
-def _signature(names):
-    import inspect
-
-    return inspect.Signature([inspect.Parameter(n.rstrip("="), inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                default=None if n.endswith("=") else inspect.Parameter.empty)
-                              for n in names])
+FLASH_ATTN_SIGNATURES = flash_standin.FLASH_ATTN_SIGNATURES
 
 
 @pytest.mark.parametrize("tag", sorted(FLASH_ATTN_SIGNATURES))
@@ -299,14 +361,15 @@ def test_flash_attn_arguments_bind_to_the_real_signatures(tag):
     fwd_names, bwd_names = FLASH_ATTN_SIGNATURES[tag]
     version = cuda._version(tag)
     q, k, v, cq, ck, dq, dk, dv, out, lse, dout = (object() for _ in range(11))
-    f = _signature(fwd_names).bind(*cuda.flash_forward_args(version, q, k, v, cq, ck, 7, 9, 0.125, True)).arguments
+    f = flash_standin._signature(fwd_names).bind(*cuda.flash_forward_args(version, q, k, v, cq, ck, 7, 9, 0.125,
+                                                                           True)).arguments
     assert (f["q"], f["k"], f["v"], f["cu_seqlens_q"], f["cu_seqlens_k"]) == (q, k, v, cq, ck)
     assert (f["max_seqlen_q"], f["max_seqlen_k"], f["dropout_p"], f["softmax_scale"], f["causal"]) == (7, 9, 0.0, 0.125, True)
     assert f["softcap"] == 0.0 and f["alibi_slopes"] is None and f["return_softmax"] is False
     window = (f["window_size_left"], f["window_size_right"]) if version >= (2, 7) else f["window_size"]
     assert tuple(window) == (-1, -1)
-    b = _signature(bwd_names).bind(*cuda.flash_backward_args(version, dout, q, k, v, out, lse, dq, dk, dv, cq, ck, 7, 9,
-                                                               0.125, False)).arguments
+    b = flash_standin._signature(bwd_names).bind(*cuda.flash_backward_args(version, dout, q, k, v, out, lse, dq, dk, dv,
+                                                                           cq, ck, 7, 9, 0.125, False)).arguments
     assert (b["dout"], b["q"], b["k"], b["v"], b["out"], b["softmax_lse"]) == (dout, q, k, v, out, lse)
     assert (b["dq"], b["dk"], b["dv"], b["cu_seqlens_q"], b["cu_seqlens_k"]) == (dq, dk, dv, cq, ck)
     assert (b["max_seqlen_q"], b["max_seqlen_k"], b["dropout_p"], b["softmax_scale"], b["causal"]) == (7, 9, 0.0, 0.125, False)
@@ -315,79 +378,147 @@ def test_flash_attn_arguments_bind_to_the_real_signatures(tag):
     assert tuple(window) == (-1, -1)
 
 
-def _fake_flash_attn(version: str):
-    """A stand-in flash_attn package: functions that accept only ``(*args, **kwargs)`` (as 2.7's custom ops
-    present themselves), bind them to the real parameter names of ``version`` and compute with the math
-    kernel, returning the real result tuples (LSE ``[H, total_q]``). Only what the CUDA backend calls."""
-    import types
+def _check_cuda_backend_on_cpu(dtype, head_dim, seed):
+    """``cuda.forward`` / ``cuda.backward`` on CPU tensors, through whatever provider is installed, against the
+    float64 masked reference (tests/reference.py, autograd): causal and dense calls, GQA, strided K/V views; every
+    element within the error analysis's bound for one kernel call (tests/rounding.py: one rounding of out; the
+    gradients' one rounding plus the rounded out in the rowsum term)."""
+    from ringattn.kernels import cuda
 
-    from ringattn.kernels import cuda, math as mk
+    from .reference import masked_with_grads, varlen_mask
+    from .rounding import device_bounds, varlen_call
 
-    key = cuda._version(version)
-    fwd_names, bwd_names = FLASH_ATTN_SIGNATURES[version]
-
-    def varlen_forward(*args, **kwargs):
-        a = _signature(fwd_names).bind(*args, **kwargs).arguments
-        call = VarlenCall(tuple(a["cu_seqlens_q"].tolist()), tuple(a["cu_seqlens_k"].tolist()), a["causal"])
-        out, lse = mk.forward(a["q"], a["k"], a["v"], call, a["softmax_scale"])
-        out = out.to(a["q"].dtype)
-        if key >= (2, 7):
-            return out, lse.t().contiguous(), torch.empty(0), torch.empty(2)
-        return out, a["q"], a["k"], a["v"], out, lse.t().contiguous(), torch.empty(0), torch.empty(2)
-
-    def varlen_backward(*args, **kwargs):
-        a = _signature(bwd_names).bind(*args, **kwargs).arguments
-        call = VarlenCall(tuple(a["cu_seqlens_q"].tolist()), tuple(a["cu_seqlens_k"].tolist()), a["causal"])
-        assert a["softmax_lse"].is_contiguous()
-        grads = mk.backward(a["dout"], a["q"], a["k"], a["v"], a["out"], a["softmax_lse"].t(), call, a["softmax_scale"])
-        for dst, g in zip((a["dq"], a["dk"], a["dv"]), grads):
-            dst.copy_(g)
-        return torch.empty(0)
-
-    pkg = types.ModuleType("flash_attn")
-    pkg.__version__ = version
-    iface = types.ModuleType("flash_attn.flash_attn_interface")
-    iface._flash_attn_varlen_forward, iface._flash_attn_varlen_backward = varlen_forward, varlen_backward
-    pkg.flash_attn_interface = iface
-    return pkg, iface
+    g = torch.Generator().manual_seed(seed)
+    for causal, cu_q, cu_k in ((True, (0, 3, 8, 9), (0, 3, 8, 9)), (False, (0, 2, 5), (0, 4, 10))):
+        call = VarlenCall(cu_q, cu_k, causal)
+        q = torch.randn(cu_q[-1], 4, head_dim, generator=g).to(dtype)
+        kv = torch.randn(cu_k[-1], 2, 2, head_dim, generator=g).to(dtype)
+        k, v = kv[:, 0], kv[:, 1]  # strided views, as the executor passes them
+        dout = torch.randn(q.shape, generator=g).to(dtype)
+        mask = varlen_mask(cu_q, cu_k, causal)
+        ref_out, ref_lse, *ref_grads = masked_with_grads(q, k, v, dout, mask, 0.3)
+        bounds = device_bounds(q, k, v, dout, mask, [varlen_call(cu_q, cu_k, causal)], 0.3, dtype)
+        out, lse = cuda.forward(q, k, v, call, 0.3)
+        assert out.shape == q.shape and out.dtype == dtype and lse.shape == q.shape[:2] and lse.dtype == torch.float32
+        assert (lse.double() - ref_lse).abs().max() < 1e-5
+        # backward gets the LSE as the executor hands it: a token-major [Tq, H] tensor of its own (the merged one)
+        got = (out,) + tuple(cuda.backward(dout, q, k, v, out, lse.contiguous(), call, 0.3))
+        for name, x, r, like, b in zip(("out", "dq", "dk", "dv"), got, [ref_out] + ref_grads, (q, q, k, v), bounds):
+            assert x.shape == like.shape and x.dtype == dtype, name
+            worst = ((x.double() - r).abs() / b).max().item()
+            assert worst <= 1.0, f"{name}: {worst:.2f}x the error analysis's bound"
 
 
 @pytest.mark.parametrize("version", ["2.6.3", "2.7.4.post1", "2.8.3"])
 @pytest.mark.parametrize("head_dim", [64, 20])
-def test_cuda_backend_through_flash_attn_matches_math(version, head_dim, monkeypatch):
-    """The CUDA backend's flash_attn path, run on CPU against a stand-in with the real signatures: same result
-    as the math kernel, GQA, causal and dense calls, head dims that need padding to a multiple of 8."""
-    from ringattn.kernels import cuda, math as mk
+def test_cuda_backend_through_flash_attn_matches_float64(version, head_dim):
+    """The CUDA backend's flash_attn path, on CPU, through a stand-in that binds the version's real signature,
+    enforces its flash_api.cpp checks (head size a multiple of 8 in every backward and in forwards from 2.7,
+    int32 contiguous cu_seqlens, fp16/bf16, ...) and computes in float64: equal to the float64 reference. Head
+    dim 20 needs the backend's zero padding to 24 (without it the stand-in refuses the call, as flash_attn
+    does)."""
+    from ringattn.kernels import cuda
 
-    pkg, iface = _fake_flash_attn(version)
-    monkeypatch.setitem(sys.modules, "flash_attn", pkg)
-    monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", iface)
-    cuda.flash_attn_api.cache_clear()
-    try:
+    with flash_standin.installed(version):
         assert cuda.flash_attn_api()[0] == cuda._version(version)
-        g = torch.Generator().manual_seed(3)
-        for causal, cu_q, cu_k in ((True, (0, 3, 8), (0, 3, 8)), (False, (0, 2, 5), (0, 4, 10))):
-            call = VarlenCall(cu_q, cu_k, causal)
-            q = torch.randn(cu_q[-1], 4, head_dim, generator=g).bfloat16()
-            kv = torch.randn(cu_k[-1], 2, 2, head_dim, generator=g).bfloat16()
-            k, v = kv[:, 0], kv[:, 1]  # strided views, as the executor passes them
-            out, lse = cuda.forward(q, k, v, call, 0.3)
-            ref_out, ref_lse = mk.forward(q, k, v, call, 0.3)
-            assert out.shape == q.shape and lse.shape == q.shape[:2]
-            assert (out.float() - ref_out).abs().max() < 1e-2 and (lse - ref_lse).abs().max() < 1e-5
-            dout = torch.randn(q.shape, generator=g).bfloat16()
-            got = cuda.backward(dout, q, k, v, out, lse, call, 0.3)
-            ref = mk.backward(dout, q, k, v, out.float(), ref_lse, call, 0.3)
-            for x, r in zip(got, ref):
-                assert x.shape == r.shape and (x.float() - r).abs().max() < 2e-2
-    finally:
-        cuda.flash_attn_api.cache_clear()
+        for dtype in (torch.bfloat16, torch.float16):
+            _check_cuda_backend_on_cpu(dtype, head_dim, seed=3)
+
+
+@pytest.mark.parametrize("head_dim", [64, 20])
+def test_cuda_backend_through_aten_flash_ops_matches_float64(head_dim):
+    """No flash_attn installed: the backend calls ``aten::_flash_attention_forward/_backward`` with
+    ``cum_seq_q/k``; here stand-ins bound to the installed torch's own schemas of those ops, enforcing the checks
+    of torch's vendored flash_api.cpp (which does not pad: "this is ensured by padding!")."""
+    from ringattn.kernels import cuda
+
+    with flash_standin.installed(None):
+        assert cuda.flash_attn_api() is None
+        for dtype in (torch.bfloat16, torch.float16):
+            _check_cuda_backend_on_cpu(dtype, head_dim, seed=4)
+
+
+def test_flash_standins_enforce_the_upstream_checks():
+    """Not vacuous: each stand-in refuses what its provider's flash_api.cpp refuses, per version."""
+    from ringattn.kernels import cuda
+
+    def args(d, dtype=torch.bfloat16, cu_dtype=torch.int32, heads=(4, 2), lengths=(3, 5)):
+        cu = torch.tensor((0,) + tuple(torch.tensor(lengths).cumsum(0).tolist()), dtype=cu_dtype)
+        t = int(cu[-1])
+        q = torch.randn(t, heads[0], d).to(dtype)
+        k = torch.randn(t, heads[1], d).to(dtype)
+        return q, k, k.clone(), cu, cu, max(lengths), max(lengths)
+
+    def fwd(version, q, k, v, cq, ck, mq, mk):
+        _, iface = flash_standin.flash_attn_module(version)
+        return iface._flash_attn_varlen_forward(*cuda.flash_forward_args(cuda._version(version), q, k, v, cq, ck, mq,
+                                                                          mk, 0.3, True))
+
+    for version in ("2.7.4.post1", "2.8.3"):
+        with pytest.raises(RuntimeError, match="multiple of 8"):
+            fwd(version, *args(20))
+    res = fwd("2.6.3", *args(20))  # 2.6 forwards pad internally: out at 20, q_padded at 24
+    assert res[0].shape[-1] == 20 and res[1].shape[-1] == 24
+    for version in ("2.6.3", "2.8.3"):
+        with pytest.raises(RuntimeError, match="fp16 and bf16"):
+            fwd(version, *args(64, dtype=torch.float32))
+        with pytest.raises(RuntimeError, match="int32"):
+            fwd(version, *args(64, cu_dtype=torch.int64))
+        with pytest.raises(RuntimeError, match="at most 256"):
+            fwd(version, *args(264))
+        with pytest.raises(RuntimeError, match="must divide"):
+            fwd(version, *args(64, heads=(3, 2)))
+        q, k, v, cq, ck, _, _ = args(64)
+        with pytest.raises(RuntimeError, match="max_seqlen"):
+            fwd(version, q, k, v, cq, ck, 4, 5)
+    # backward: head size a multiple of 8 in every version; dq written in place must have a contiguous last dim;
+    # the LSE is read as a contiguous h x total_q
+    for version in ("2.6.3", "2.8.3"):
+        key = cuda._version(version)
+        _, iface = flash_standin.flash_attn_module(version)
+        for d, lse_t, dq_strided, match in ((20, False, False, "multiple of 8"), (64, True, False, "h x total_q"),
+                                            (64, False, True, "contiguous last dimension")):
+            q, k, v, cq, ck, mq, mk = args(d)
+            lse = torch.zeros(q.shape[1], q.shape[0])
+            lse = lse.t().contiguous().t() if lse_t else lse  # right shape, wrong memory order
+            dq = torch.empty(q.shape[:2] + (2 * d,), dtype=q.dtype)[..., ::2] if dq_strided else torch.empty_like(q)
+            with pytest.raises(RuntimeError, match=match):
+                iface._flash_attn_varlen_backward(*cuda.flash_backward_args(
+                    key, q, q, k, v, q, lse, dq, torch.empty_like(k), torch.empty_like(v), cq, ck, mq, mk, 0.3, True))
+    # aten: no internal padding in forward either
+    fwd_op, bwd_op = flash_standin.aten_flash_ops()
+    q, k, v, cq, ck, mq, mk = args(20)
+    with pytest.raises(RuntimeError, match="ensured by padding"):
+        fwd_op(q, k, v, cq, ck, mq, mk, 0.0, True, False, scale=0.3)
+    with pytest.raises(TypeError):  # scale is keyword-only in the schema
+        fwd_op(*args(64), 0.0, True, False, 0.3)
+
+
+def _cuda_standin_worker(rank, cp, cases):
+    return run_cases(rank, cp, cases)
+
+
+@pytest.mark.parametrize("cp", [3])
+def test_cuda_backend_multi_rank_on_cpu_through_the_standins(cp, rank_pools):
+    """The whole CUDA path (padding, int32 cu_seqlens, LSE layouts, bf16/fp16 partials merged in fp32) on CP ranks
+    over gloo, each provider's stand-in installed in every rank, against the float64 reference with the
+    device-path bound (check_case)."""
+    chunk = 4
+    s = 2 * cp * chunk
+    docs = (0, 3, 9, 10, 17, s)  # documents crossing chunk edges
+    cases = [Case(f"cuda stand-in {backend} d{d} {dtype}", docs, s, hq=4, hkv=2, d=d, dtype=dtype, seed=51 + i,
+                  comm="direct", backend=backend)
+             for i, (backend, d, dtype) in enumerate((("cuda-fa2.8", 20, "bfloat16"), ("cuda-fa2.6", 20, "float16"),
+                                                      ("cuda-aten", 20, "bfloat16"), ("cuda-fa2.7", 64, "bfloat16")))]
+    per_rank = unwrap(rank_pools(cp).run(_cuda_standin_worker, cases))
+    for i, case in enumerate(cases):
+        check_case(case, assemble([r[i] for r in per_rank], s), device_baseline(case, cp))
 
 
 def test_cuda_backend_refuses_flash_attn_before_2_6(monkeypatch):
     from ringattn.kernels import cuda
 
-    pkg, iface = _fake_flash_attn("2.6.0")
+    pkg, iface = flash_standin.flash_attn_module("2.6.0")
     pkg.__version__ = "2.5.9"
     monkeypatch.setitem(sys.modules, "flash_attn", pkg)
     monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", iface)

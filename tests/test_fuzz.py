@@ -1,10 +1,18 @@
 """Property-based fuzzing against the float64 reference (hypothesis).
 
-Random document layouts, CP 1-4, micro-batches, GQA ratios, head dims, fp32/bf16, both
-targeted comm shapes and all layout strategies (zigzag, balanced, auto), on the CPU backend or the NPU
-backend over the emulated torch_npu generations; hybrid Ulysses x ring at CP 4 and 6 with random
-(U, R) factorisations and head counts that split or replicate KV heads.
-``pytest --hypothesis-profile thorough`` runs many more examples.
+Documents are drawn by length (a list of lengths per sample, single tokens, chunk-sized and sample-sized mixed),
+and in 7 of 8 multi-rank cases one document is then made to cross a chunk edge: either longer than a ring rank's
+share of a sample — so that under every strategy it lies on two ring ranks and its KV travels — or spanning a
+zigzag chunk edge between two ranks. CP 1-4, micro-batches, GQA ratios, head dims, fp32/bf16, both targeted comm
+shapes and all layout strategies (zigzag, balanced, auto), on the CPU backend or the NPU backend over the emulated
+torch_npu generations; hybrid Ulysses x ring over every factorisation of CP 4 and 6, with head counts that split
+or replicate KV heads. ``python -m tests.fuzz_breadth`` counts what a profile draws (cases exchanging KV, splits).
+
+Profiles (tests/conftest.py): ``default`` (CI, derandomized: the same cases on every run) and ``thorough``
+(``pytest tests/test_fuzz.py --hypothesis-profile thorough``: randomized, its seed printed in the header and the
+summary; ``--hypothesis-seed=N`` replays a run). Per profile's ``max_examples`` M: M cases at CP 1, 3M / 4 per
+multi-rank CP size (every one of them now exchanges KV, so costs more than before), and M // 10 (at least 1) per
+Ulysses x ring split.
 """
 from __future__ import annotations
 
@@ -15,9 +23,57 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
-from .cases import Case, assemble, random_cu_seqlens, run_case, run_cases, splittable_heads
+from .cases import Case, assemble, run_case, run_cases, splittable_heads
 from .dist import unwrap
 from .test_attention import check_case, device_baseline
+
+#: Ulysses x ring splits the hybrid fuzz covers: every factorisation of CP 4 and 6
+SPLITS = [(u, cp // u) for cp in (4, 6) for u in range(1, cp + 1) if cp % u == 0]
+
+
+@st.composite
+def sample_documents(draw, sample_len: int, ring: int, chunk: int, cross: bool) -> list[int]:
+    """Document boundaries ``[0, ..., sample_len]`` of one sample, drawn as lengths.
+
+    With ``cross`` one document is then widened (absorbing its neighbours) to cross a chunk edge: longer than a
+    ring rank's share ``sample_len / ring`` (on two ring ranks under every strategy, whose ranks hold equal shares
+    of every sample), or around a zigzag chunk edge between two different ranks (chunk ``c`` of ``2 ring`` is
+    rank ``min(c, 2 ring - 1 - c)``'s).
+    """
+    lengths = draw(st.lists(st.one_of(st.just(1), st.integers(1, chunk), st.integers(1, sample_len)),
+                            min_size=1, max_size=sample_len))
+    cuts, pos = [0], 0
+    for n in lengths:
+        if pos >= sample_len:
+            break
+        pos = min(sample_len, pos + n)
+        cuts.append(pos)
+    if cuts[-1] < sample_len:
+        cuts.append(sample_len)
+    if cross and ring > 1:
+        share = sample_len // ring
+        if share < sample_len and draw(st.booleans()):
+            length = draw(st.integers(share + 1, sample_len))
+            a = draw(st.integers(0, sample_len - length))
+            b = a + length
+        else:
+            edge = chunk * draw(st.sampled_from([c for c in range(1, 2 * ring) if c != ring]))
+            a, b = edge - draw(st.integers(1, edge)), edge + draw(st.integers(1, sample_len - edge))
+        cuts = sorted({x for x in cuts if x <= a or x >= b} | {a, b})
+    return cuts
+
+
+@st.composite
+def packed(draw, samples: int, sample_len: int, ring: int, chunk: int) -> tuple[int, ...]:
+    """``cu_seqlens`` of ``samples`` samples; with a ring of 2+ ranks, 7 in 8 draws make one sample's document
+    cross a chunk edge (:func:`sample_documents`)."""
+    cross = ring > 1 and draw(st.integers(0, 7)) > 0
+    crossing = draw(st.integers(0, samples - 1))
+    cu = [0]
+    for b in range(samples):
+        cuts = draw(sample_documents(sample_len, ring, chunk, cross and b == crossing))
+        cu.extend(b * sample_len + x for x in cuts[1:])
+    return tuple(cu)
 
 
 @st.composite
@@ -25,14 +81,12 @@ def cases(draw, cp: int) -> Case:
     chunk = draw(st.integers(1, 6))
     samples = draw(st.integers(1, 2))
     s = 2 * cp * chunk
-    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
-    cu = random_cu_seqlens(rng, s, samples, p_single=draw(st.sampled_from([0.0, 0.3, 1.0])),
-                           max_doc=draw(st.sampled_from([1, chunk, 2 * chunk, s])))
+    cu = draw(packed(samples, s, cp, chunk))
     hkv = draw(st.sampled_from([1, 2]))
     strategy = draw(st.sampled_from(["zigzag", "balanced", "auto"]))
     per_rank = draw(st.sampled_from([k for k in (1, 2, 4) if s % (k * cp) == 0])) if strategy == "balanced" else None
-    # the NPU backend on the emulated torch_npu generations too; in bf16 its multi-rank result is bounded with its
-    # own single-device error (check_case), so at CP=1 (where that bound would be the result itself) fp32 only
+    # the NPU backend on the emulated torch_npu generations too; in bf16 its multi-rank result is bounded by the
+    # error analysis of its plan (check_case); at CP=1 fp32 only, as before
     backend = draw(st.sampled_from([None, None, "npu", "npu-legacy", "npu-tnd", "npu-old-cann"]))
     dtype = "float32" if backend and cp == 1 else draw(st.sampled_from(["float32", "bfloat16"]))
     return Case(
@@ -50,7 +104,7 @@ def test_fuzz_cp1(case):
 
 
 @pytest.mark.parametrize("cp", [2, 3, 4])
-@settings(deadline=None)
+@settings(deadline=None, max_examples=max(1, 3 * settings().max_examples // 4))
 @given(data=st.data())
 def test_fuzz_multi_rank(cp, rank_pools, data):
     case = data.draw(cases(cp))
@@ -59,16 +113,12 @@ def test_fuzz_multi_rank(cp, rank_pools, data):
 
 
 @st.composite
-def hybrid_cases(draw, cp: int) -> Case:
-    """A random (U, R) factorisation of ``cp`` and heads valid for it (split or replicated KV heads)."""
-    u = draw(st.sampled_from([d for d in range(1, cp + 1) if cp % d == 0]))
-    r = cp // u
+def hybrid_cases(draw, u: int, r: int) -> Case:
+    """A case for Ulysses x ring ``u x r``, heads valid for it (split or replicated KV heads)."""
     chunk = u * draw(st.integers(1, 3))  # each ring rank's tokens split into U equal parts
     samples = draw(st.integers(1, 2))
     s = 2 * r * chunk
-    rng = random.Random(draw(st.integers(0, 2**32 - 1)))
-    cu = random_cu_seqlens(rng, s, samples, p_single=draw(st.sampled_from([0.0, 0.3, 1.0])),
-                           max_doc=draw(st.sampled_from([1, chunk, 2 * chunk, s])))
+    cu = draw(packed(samples, s, r, chunk))
     hq, hkv = draw(st.sampled_from(splittable_heads(u, (1, 2, 3, 4, 6), (1, 2, 3))))
     strategy = draw(st.sampled_from(["zigzag", "balanced", "auto"]))
     per_rank = draw(st.sampled_from([k for k in (1, 2, 4) if s % (k * r) == 0])) if strategy == "balanced" else None
@@ -79,10 +129,10 @@ def hybrid_cases(draw, cp: int) -> Case:
     )
 
 
-@pytest.mark.parametrize("cp", [4, 6])
-@settings(deadline=None, max_examples=max(1, settings().max_examples // 4))
+@pytest.mark.parametrize("u, r", SPLITS, ids=[f"{u}x{r}" for u, r in SPLITS])
+@settings(deadline=None, max_examples=max(1, settings().max_examples // 10))
 @given(data=st.data())
-def test_fuzz_hybrid_ulysses_ring(cp, rank_pools, data):
-    case = data.draw(hybrid_cases(cp))
-    per_rank = unwrap(rank_pools(cp).run(run_cases, [case]))
+def test_fuzz_hybrid_ulysses_ring(u, r, rank_pools, data):
+    case = data.draw(hybrid_cases(u, r))
+    per_rank = unwrap(rank_pools(u * r).run(run_cases, [case]))
     check_case(case, assemble([r[0] for r in per_rank], case.cu_seqlens[-1]))

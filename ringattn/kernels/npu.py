@@ -30,11 +30,22 @@ What this relies on, and where upstream documents it (Ascend/op-plugin unless sa
   (token-major statistics, so the merge is row-wise) and ``actual_seq_qlen`` an int64 tensor rising
   from 0 to T (hicann/ops-transformer ``aclnnRingAttentionUpdate.md``); prev/cur outputs of one dtype;
   TND needs D a multiple of 64, D <= 768, N <= 256 (``aclnnRingAttentionUpdateV2_en.md``,
-  Constraints) — otherwise the torch merge runs.
+  Constraints) — otherwise the torch merge runs. The statistics passed are the LSE as ``softmax_max`` and
+  ones as ``softmax_sum``. **Departure from the doc, on purpose**: the parameter table of
+  ``aclnnRingAttentionUpdate(V2)`` says the 8 values of ``prevSoftmaxMax`` / ``curSoftmaxMax`` "must be
+  positive", and an LSE is negative wherever a row's scores are (a one-key row with a negative score, say).
+  Nothing depends on that sign: the formula (max, then ``exp`` of differences) is invariant to a common
+  shift of both maxima; the kernels compute exactly that with sign-agnostic vector ops
+  (``op_kernel/ring_attention_update_tnd.h`` and ``ring_attention_update_kernel.h`` ``SoftmaxCompute``:
+  ``Max``, ``Sub``, ``Exp``, ``Mul``, ``Add``, ``Div``; ``arch35/ring_attention_update_regbase_common.h`` the
+  same); and the first-phase API checks no values (its error table lists null pointers, dtypes, shapes,
+  ``actualSeqQlen`` format and ``inputSoftmaxLayout`` only). Shifting the LSE to make it positive would
+  cost more element-wise ops than the fused merge saves. The sums, which the kernels divide by, are 1.
 
-Capabilities are detected once per imported ``torch_npu`` module: the fused merge by attribute and
-its first call (a RuntimeError there — a torch_npu newer than its CANN, whose aclnn library lacks
-``aclnnRingAttentionUpdateV2`` — means "not available": the torch merge runs from then on), and
+Capabilities are detected once per imported ``torch_npu`` module: the fused merge by attribute, and by
+its calls: a RuntimeError from it — on the first call, a torch_npu newer than its CANN whose aclnn library
+lacks ``aclnnRingAttentionUpdateV2``; on a later call, a rejection of that call's input — makes the backend
+warn once (``warnings.warn`` naming the error) and merge with torch from then on (the same exact merge), and
 ``softmax_layout="TND"`` by the first call that tries it (a TypeError — keyword unknown to an older
 torch_npu — or RuntimeError — CANN without the V4 kernels — followed by a successful call without it
 means "not supported"; the statistics are then converted to and from the default layout with one
@@ -47,6 +58,7 @@ torch_npu/CANN generations — not on Ascend hardware.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -252,10 +264,12 @@ def merge(out_acc, lse_acc, out, lse, call):
     try:
         new_out, new_max, new_sum = fused(out_acc, prev_max, ones, out.to(out_acc.dtype), cur_max, ones,
                                           actual_seq_qlen=seq, input_layout="TND", input_softmax_layout="TND")
-    except RuntimeError:
-        if caps.fused_merge:  # it worked before: a genuine error
-            raise
+    except RuntimeError as exc:  # missing aclnn kernel (first call) or a rejected input (any call): same handling
+        when = "on its first call" if caps.fused_merge is None else "after earlier calls succeeded"
         caps.fused_merge = False
+        warnings.warn(f"ringattn: npu_ring_attention_update failed {when} ({type(exc).__name__}: {exc}); the NPU "
+                      f"backend merges with torch from now on (exact, a few more kernel launches per step)",
+                      RuntimeWarning, stacklevel=2)
         return _torch_merge(out_acc, lse_acc, out, lse)
     caps.fused_merge = True
     return new_out, new_max[..., 0] + torch.log(new_sum[..., 0])
