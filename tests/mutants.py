@@ -48,8 +48,9 @@ _FLASH = "tests/test_backends.py::test_cuda_backend_through_flash_attn_matches_f
 _ATEN = "tests/test_backends.py::test_cuda_backend_through_aten_flash_ops_matches_float64"
 _NPU_LAYOUT = "tests/test_backends.py::test_npu_default_statistics_layout_regression"
 _FUSED = "tests/test_backends.py::test_npu_fused_merge_takes_negative_lse"
-_AGREE_PENDING = ("tests/test_faults.py per-field agreement tests (issue 23 point 1, being added on main with "
-                  "the agreement module move)")
+_FIELD = "tests/test_faults.py::test_ranks_that_differ_in_one_field_get_one_error_naming_it[{}]"
+_WINDOW = ("tests/test_window.py::test_window_and_sinks_match_the_dense_reference[1]",
+           "tests/test_window.py::test_window_and_sinks_match_the_dense_reference[2]")
 
 #: the curated list: one mutant per promise
 MUTANTS: tuple[Mutant, ...] = (
@@ -90,21 +91,20 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("saved-out-dtype", "backward gets the fp32 merged output (BACKWARD_TAKES_FP32_OUT)",
            "ringattn/attention.py",
            "        saved_out = out32 if getattr(kernel, \"BACKWARD_TAKES_FP32_OUT\", False) else out\n"
-           "        ctx.save_for_backward(q, kv, saved_out, lse)",
-           "        saved_out = out\n        ctx.save_for_backward(q, kv, saved_out, lse)", (_PREC,)),
+           "        ctx.save_for_backward(q, kv, saved_out, lse, sinks)",
+           "        saved_out = out\n        ctx.save_for_backward(q, kv, saved_out, lse, sinks)", (_PREC,)),
     Mutant("replicated-dkv-dtype", "Ulysses: replicated KV heads' dK/dV return and are summed in fp32",
            "ringattn/attention.py", "        kv_dtype = torch.float32 if rep > 1 else ctx.kv_dtype",
            "        kv_dtype = ctx.kv_dtype", (_PREC,)),
     Mutant("cpu-kernel-fp32", "CPU backend computes half precision in fp32", "ringattn/kernels/cpu.py",
            "    return [x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in xs]",
            "    return list(xs)", (_PREC,)),
-    Mutant("agreement-comm", "agreement signature holds the comm shape", "ringattn/attention.py",
-           "str(getattr(q, \"dtype\", None)), scale, comm,", "str(getattr(q, \"dtype\", None)), scale,",
-           ("tests/test_faults.py", "tests/test_validation.py"), pending=_AGREE_PENDING),
-    Mutant("agreement-kv-heads", "agreement signature holds the K/V heads and head dim", "ringattn/attention.py",
-           "what = (layout.fingerprint, _heads_and_dim(q), _heads_and_dim(k),",
-           "what = (layout.fingerprint, _heads_and_dim(q), None,",
-           ("tests/test_faults.py", "tests/test_validation.py"), pending=_AGREE_PENDING),
+    Mutant("agreement-comm", "agreement facts hold the comm shape", "ringattn/attention.py",
+           '"comm": comm, "ulysses x ring"', '"ulysses x ring"', (_FIELD.format("comm"),)),
+    Mutant("agreement-kv-heads", "agreement facts hold the K/V heads and head dim", "ringattn/attention.py",
+           '"k/v heads/dim": _heads_and_dim(k),', '', (_FIELD.format("k/v heads/dim"),)),
+    Mutant("agreement-window", "agreement facts hold the sliding window", "ringattn/attention.py",
+           '"window": window,', '', ("tests/test_window.py::test_bad_window_or_sinks_raise_the_same_error_on_every_rank",)),
     Mutant("pad-forward", "CUDA: head dims padded to a multiple of 8 (forward)", "ringattn/kernels/cuda.py",
            "    q, k, v = _pad8(*(x.contiguous() for x in (q, k, v)))",
            "    q, k, v = (x.contiguous() for x in (q, k, v))", (_FLASH, _ATEN)),
@@ -117,8 +117,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "torch.tensor(call.cu_q, dtype=torch.int32)", "torch.tensor(call.cu_q, dtype=torch.int64)", (_FLASH,)),
     Mutant("flash-version-args", "CUDA: flash_attn arguments by the installed version's signature",
            "ringattn/kernels/cuda.py",
-           "    if version >= (2, 7):\n        return common + (-1, -1, 0.0, None, False)",
-           "    if version >= (2, 8):\n        return common + (-1, -1, 0.0, None, False)",
+           "    if version >= (2, 7):\n        return common + (left, right, 0.0, None, False)",
+           "    if version >= (2, 8):\n        return common + (left, right, 0.0, None, False)",
            ("tests/test_backends.py::test_flash_attn_arguments_bind_to_the_real_signatures",)),
     Mutant("npu-stats-forward", "NPU: default statistics read head-major per segment", "ringattn/kernels/npu.py",
            "lse = flat[_head_major_index(call, ch, heads, q.device)[0]].view(t, heads)",
@@ -147,6 +147,26 @@ MUTANTS: tuple[Mutant, ...] = (
            "ringattn/kernels/npu.py", "    except RuntimeError as exc:  # missing aclnn kernel",
            "    except (RuntimeError if caps.fused_merge is None else ()) as exc:  # missing aclnn kernel",
            ("tests/test_backends.py::test_npu_fused_merge_rejection_after_the_first_call_is_handled_the_same_way",)),
+    Mutant("window-trim", "window: a read's query rows stop where the window no longer reaches its keys",
+           "ringattn/plan/window.py", "    end = min(qe, b + w - 1)", "    end = min(qe, b + w)", _WINDOW),
+    Mutant("window-pair", "window: a read is masked by (W - 1 - delta, delta)", "ringattn/plan/window.py",
+           "False, (w - 1 - delta, delta))", "False, (w - delta, delta))", _WINDOW),
+    Mutant("window-causal", "window: a rank's own blocks are masked by (W - 1, 0)", "ringattn/plan/window.py",
+           "own.append(Segment(rows, rows, True, (w - 1, 0)))", "own.append(Segment(rows, rows, True, (w, 0)))",
+           _WINDOW),
+    Mutant("window-reads", "window: a piece reads the keys [qs - W + 1, qs) before it, no fewer",
+           "ringattn/plan/window.py", "lo = max(cu[d], s - w + 1)", "lo = max(cu[d], s - w + 2)",
+           ("tests/test_window.py::test_window_kv_received_is_exactly_what_the_window_reads",)),
+    Mutant("cpu-window-mask", "CPU kernel: the band mask keeps keys [r - left, r + right]", "ringattn/kernels/cpu.py",
+           "keep = (c >= r - left) & (c <= r + right)", "keep = (c > r - left) & (c <= r + right)", _WINDOW),
+    Mutant("sinks-merge", "sinks: the output is rescaled by exp(lse - lse') after the merge", "ringattn/attention.py",
+           "return out32 * torch.exp(lse - new).unsqueeze(-1), new", "return out32, new", _WINDOW),
+    Mutant("sinks-grad", "sinks: dL/ds = -sum exp(s - lse') rowsum(dout * out')", "ringattn/attention.py",
+           "return -(torch.exp(sinks.float().unsqueeze(0) - lse) * rowsum).sum(0)",
+           "return (torch.exp(sinks.float().unsqueeze(0) - lse) * rowsum).sum(0)", _WINDOW),
+    Mutant("sinks-ulysses", "sinks under Ulysses: a rank applies its head group's sinks", "ringattn/attention.py",
+           "sinks.reshape(u, hq_u)[ulysses.rank()]", "sinks.reshape(u, hq_u)[0]",
+           ("tests/test_window.py::test_window_and_sinks_under_ulysses_2_x_ring_2",)),
     Mutant("npu-segment-limit", "NPU: calls split at the operator's 1,024 segments", "ringattn/kernels/npu.py",
            "MAX_SEGMENTS = 1024", "MAX_SEGMENTS = 2048",
            ("tests/test_backends.py::test_npu_step_with_more_than_1024_segments_is_split_and_exact",)),
@@ -156,7 +176,7 @@ MUTANTS: tuple[Mutant, ...] = (
 #: issue 23's findings and the mutants that show each one caught now (docs/mutants.md)
 FINDINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Agreement: dropping comm or the K/V heads from the signature passed every test",
-     ("agreement-comm", "agreement-kv-heads")),
+     ("agreement-comm", "agreement-kv-heads", "agreement-window")),
     ("bf16: accumulating dq in bf16 passed every test", ("dq-dtype",)),
     ("bf16: saving the bf16 output for backward passed every test", ("saved-out-dtype",)),
     ("bf16: rounding the NPU fused merge to bf16 every step passed every test",
