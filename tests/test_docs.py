@@ -55,3 +55,19 @@ def test_the_check_sees_a_broken_link():
     """Not vacuous: the link pattern finds relative links and the slug matches GitHub's."""
     assert LINK.findall("see [x](../shared/DESIGN.md) and [y](docs/a.md#b-c)") == ["../shared/DESIGN.md", "docs/a.md#b-c"]
     assert _slug("Comm shapes: `direct`, `ring`, `plain`") == "comm-shapes-direct-ring-plain"
+
+
+def test_readme_is_the_front_page():
+    """README: at most 12 KB, the two commands first, then what it is, Install and the quickstarts; every page of
+    docs/ reachable from it."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) <= 12 * 1024, f"README.md is {len(readme.encode())} bytes (at most 12 KB)"
+    lines = readme.splitlines()
+    assert lines[0] == "# ringattn" and lines[2] == "```bash" and lines[3].startswith("make demo")
+    assert lines[4].startswith("make test")
+    order = [readme.index(h) for h in ("## Install", "## Quickstart: plain PyTorch", "## Quickstart: Hugging Face",
+                                       "## Quickstart: Megatron", "## Supported versions", "## Documentation")]
+    assert order == sorted(order)
+    linked = {t.partition("#")[0] for t in LINK.findall(readme)}
+    missing = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if f"docs/{p.name}" not in linked]
+    assert not missing, f"docs pages the README does not link: {missing}"
