@@ -222,8 +222,9 @@ class RingEoDCoreAttention(nn.Module):
         heads = config.num_attention_heads // tp_size
         device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
         offset = torch.zeros(heads, device=device, dtype=config.params_dtype)
-        if softmax_type == "off-by-one":
-            self.softmax_offset = offset
+        if softmax_type == "off-by-one":  # a fixed zero logit: moves with the module, not in its state dict
+            del self.softmax_offset
+            self.register_buffer("softmax_offset", offset, persistent=False)
             return
         self.softmax_offset = nn.Parameter(offset)
         if config.perform_initialization:
@@ -275,11 +276,8 @@ class RingEoDCoreAttention(nn.Module):
             q, k, v = (rearrange(x, "s b h d -> (b s) h d") for x in (query, key, value))
         layout = self._layout(packed_seq_params, q.shape[0])
         group = self.group if layout.cp_size > 1 else None
-        sinks = self.softmax_offset
-        if sinks is not None and sinks.device != q.device:  # the fixed off-by-one zeros are not a buffer
-            sinks = sinks.to(q.device)
         out = ring_eod_attention(q, k, v, layout, group=group, softmax_scale=self.softmax_scale, window=self.window,
-                                 sinks=sinks, comm=self.comm)
+                                 sinks=self.softmax_offset, comm=self.comm)
         if thd:
             return rearrange(out, "t h d -> t (h d)")
         return rearrange(out, "(b s) h d -> s b (h d)", b=b)
