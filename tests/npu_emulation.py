@@ -49,7 +49,8 @@ below by the short names in brackets):
              flash_attention_score_grad_tiling_s1s2_bn2gs1s2.cpp`` ("token以右下角为基准，需要校正", per batch).
 * [fa-varlen-tiling] the same ``flash_attention_score_tiling_general.cpp``, varlen ``CheckPretokenAndNexttoken``,
              BAND: "pre_tokens[..] config error, has invalid data block" (``pre_tockens < 0``), "invalid config"
-             (``next_tockens < 0`` and ``pre + next < 0``), "has invalid row" (a batch with ``Sq - next_tockens > Skv``).
+             (``next_tockens < 0`` and ``pre + next < 0``), "has invalid row" (a batch with
+             ``Sq - next_tockens > Skv``).
 * [releases] the op-plugin branches per TorchNPU release (``op_plugin_functions.yaml`` on branches 7.1.0,
              7.2.0, 7.3.0, 26.0.0, 26.1.0) and Ascend/pytorch ``COMPATIBILITY.en.md``: ``softmax_layout``
              arrives in 7.2.0 (torch-npu 2.1.0.post17 / 2.6.0.post3 / 2.7.1 / 2.8.0, CANN 8.3.RC1), ``sink``
@@ -305,7 +306,8 @@ class _Generation:
             m = s.amax(-1)
             p = torch.exp(s - m.unsqueeze(-1))
             l = p.sum(-1)
-            out[qs:qe] = torch.einsum("nqk,knd->qnd", p / l.unsqueeze(-1), value[ks:ke].double().repeat_interleave(rep, 1))
+            vv = value[ks:ke].double().repeat_interleave(rep, 1)
+            out[qs:qe] = torch.einsum("nqk,knd->qnd", p / l.unsqueeze(-1), vv)
             smax[qs:qe], ssum[qs:qe] = m.t(), l.t()
         # [fa-doc] 输出说明: attention_out in the input dtype, softmax_max / softmax_sum float, softmax_out reserved
         return (out.to(query.dtype), _stats_to_storage(smax.float(), sq, tnd), _stats_to_storage(ssum.float(), sq, tnd),
@@ -347,7 +349,8 @@ class _Generation:
             delta = (do * attention_in[qs:qe].double()).sum(-1).t().unsqueeze(-1)
             ds = p * (dp - delta) * scale_value
             dq[qs:qe] = torch.einsum("nqk,knd->qnd", ds, kk)
-            dk[ks:ke] = torch.einsum("nqk,qnd->knd", ds, query[qs:qe].double()).view(ke - ks, key.shape[1], rep, d).sum(2)
+            dk[ks:ke] = torch.einsum("nqk,qnd->knd", ds, query[qs:qe].double()).view(ke - ks, key.shape[1], rep,
+                                                                                      d).sum(2)
             dv[ks:ke] = torch.einsum("nqk,qnd->knd", p, do).view(ke - ks, key.shape[1], rep, d).sum(2)
         grads = (dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), torch.empty(0))
         return grads + (torch.empty(0),) if self.name == "current" else grads  # [yaml] from 7.3.0: + dsink
