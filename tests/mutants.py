@@ -51,6 +51,8 @@ _FUSED = "tests/test_backends.py::test_npu_fused_merge_takes_negative_lse"
 _FIELD = "tests/test_faults.py::test_ranks_that_differ_in_one_field_get_one_error_naming_it[{}]"
 _WINDOW = ("tests/test_window.py::test_window_and_sinks_match_the_dense_reference[1]",
            "tests/test_window.py::test_window_and_sinks_match_the_dense_reference[2]")
+_NPU_WINDOW = ("tests/test_window_npu.py::test_npu_window_and_sinks_match_the_dense_reference[1]",
+               "tests/test_window_npu.py::test_npu_window_and_sinks_match_the_dense_reference[2]")
 
 #: the curated list: one mutant per promise
 MUTANTS: tuple[Mutant, ...] = (
@@ -167,6 +169,12 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("sinks-ulysses", "sinks under Ulysses: a rank applies its head group's sinks", "ringattn/attention.py",
            "sinks.reshape(u, hq_u)[ulysses.rank()]", "sinks.reshape(u, hq_u)[0]",
            ("tests/test_window.py::test_window_and_sinks_under_ulysses_2_x_ring_2",)),
+    Mutant("npu-window-tockens", "NPU: the window pair (left, right) is the band's (pre_tockens, next_tockens)",
+           "ringattn/kernels/npu.py", '"pre_tockens": left, "next_tockens": right}',
+           '"pre_tockens": right, "next_tockens": left}', _NPU_WINDOW),
+    Mutant("npu-window-mode", "NPU: a windowed call runs the band (sparse_mode=4), not right-down causal (3)",
+           "ringattn/kernels/npu.py", '"sparse_mode": 4, "pre_tockens"', '"sparse_mode": 3, "pre_tockens"',
+           _NPU_WINDOW),
     Mutant("npu-segment-limit", "NPU: calls split at the operator's 1,024 segments", "ringattn/kernels/npu.py",
            "MAX_SEGMENTS = 1024", "MAX_SEGMENTS = 2048",
            ("tests/test_backends.py::test_npu_step_with_more_than_1024_segments_is_split_and_exact",)),

@@ -34,6 +34,23 @@ below by the short names in brackets):
              (arch32 in 9.0.0): "校验EOD场景尾部是否补0" — when both sequence lists cover fewer tokens than
              the tensors hold, the lists must end in 0 ("The end of actualSeqQLen & actualSeqKvLen should be
              0 in EOD scenario").
+* [fa-tnd]   op-plugin ``FlashAttentionKernelNpuOpApi.cpp`` (forward and grad), on every release branch with TND
+             (6.0.rc1 through 26.1.0, and master): for ``input_layout == "TND"``, ``TORCH_CHECK`` "The sparse_mode
+             value must be in range of [0,5) or (5,8]"; ``pre_tockens`` / ``next_tockens`` are passed through unchanged.
+* [fa-band]  the band (``sparse_mode=4``): [fa-doc] 参考资源 "当sparse_mode为4时，代表band场景，即计算pre_tockens和
+             next_tockens之间的部分，参数起点为右下角，pre_tockens和next_tockens之间需要有交集。atten_mask为优化后的
+             压缩下三角矩阵（2048*2048）" (the same text in ``_op_plugin_docs.py`` from the 7.0.0 branch on); what
+             "between" means, [fa-doc] 调用示例 ``get_atten_mask``: masked = ``triu(ones, k=next_tockens + 1) |
+             tril(ones, k=-pre_tockens - 1)``, i.e. row ``i`` keeps keys ``[i - pre_tockens, i + next_tockens]`` from
+             the top-left; moved to the bottom-right corner of each varlen segment per hicann/ops-transformer
+             ``attention/flash_attention_score/op_host/flash_attention_score_tiling_general.cpp`` (varlen
+             ``GetSparseInfo``: "if sparseMode is Band, preTokens and nextTokens start from bottom right vertex";
+             ``GetS2RealSize`` per batch) and ``flash_attention_score_grad/op_host/
+             flash_attention_score_grad_tiling_s1s2_bn2gs1s2.cpp`` ("token以右下角为基准，需要校正", per batch).
+* [fa-varlen-tiling] the same ``flash_attention_score_tiling_general.cpp``, varlen ``CheckPretokenAndNexttoken``,
+             BAND: "pre_tokens[..] config error, has invalid data block" (``pre_tockens < 0``), "invalid config"
+             (``next_tockens < 0`` and ``pre + next < 0``), "has invalid row" (a batch with
+             ``Sq - next_tockens > Skv``).
 * [releases] the op-plugin branches per TorchNPU release (``op_plugin_functions.yaml`` on branches 7.1.0,
              7.2.0, 7.3.0, 26.0.0, 26.1.0) and Ascend/pytorch ``COMPATIBILITY.en.md``: ``softmax_layout``
              arrives in 7.2.0 (torch-npu 2.1.0.post17 / 2.6.0.post3 / 2.7.1 / 2.8.0, CANN 8.3.RC1), ``sink``
@@ -55,15 +72,21 @@ Generations (``install(generation)``):
   ``dropout_mask``/``seed``/``offset``) exist, the grad op returns 5 tensors [yaml], and
   ``npu_ring_attention_update`` exists with its real signature [rau-doc].
 
-Outputs come back in the input dtype (statistics in fp32), as on the device. Tests put it in
+Masks (every generation alike, per [fa-tnd]): ``atten_mask=None`` computes everything; ``sparse_mode=3`` is right-down
+causal; ``sparse_mode=4`` is the band of [fa-band], with [fa-varlen-tiling]'s checks and [fa-doc]'s varlen rule that no
+row is fully masked; both need the compressed 2048x2048 ``triu(1)`` mask. The masked attention is computed in float64
+from the arguments given (the documented formula, not ringattn's code) and rounded once: outputs come back in the
+input dtype (statistics in fp32), as on the device. Tests put it in
 ``sys.modules["torch_npu"]`` only for the duration of a case (:func:`installed`), so nothing else in the
 test process (transformers' own torch_npu probe, say) ever sees it.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import types
+import weakref
 
 import torch
 
@@ -76,10 +99,28 @@ MAX_HEAD_DIM = 768  # [fa-doc] D: 取值范围1~768
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # [fa-doc] query/key/value 数据类型
 
 
+@functools.lru_cache(maxsize=1)
 def _compressed_causal_mask() -> torch.Tensor:
     # [fa-doc] 调用示例: for sparse_mode 2/3/4 the optimised mask is
     # torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
     return torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
+
+
+_CHECKED_MASKS: dict[int, tuple] = {}  # id -> (weak reference, version) of mask tensors found equal to the above
+
+
+def _is_compressed_causal_mask(mask) -> bool:
+    """``mask`` is the compressed 2048x2048 ``triu(1)`` bool mask (its contents compared once per tensor and
+    in-place version: ringattn passes one cached tensor on every call, and comparing 4M elements costs ~10 ms)."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (2048, 2048):
+        return False
+    seen = _CHECKED_MASKS.get(id(mask))
+    if seen is not None and seen[0]() is mask and seen[1] == mask._version:
+        return True
+    if not torch.equal(mask.cpu(), _compressed_causal_mask()):
+        return False
+    _CHECKED_MASKS[id(mask)] = (weakref.ref(mask), mask._version)
+    return True
 
 
 def _segments(name: str, seq, total: int) -> list[tuple[int, int]]:
@@ -142,31 +183,53 @@ def _check_tensors(query, key, value, head_num, input_layout, pse, padding_mask,
         raise NotImplementedError("emulated torch_npu: dropout, pse, padding_mask and prefix are not emulated")
 
 
-def _mask_mode(atten_mask, sparse_mode) -> bool:
-    """True for right-down causal. [fa-doc] sparse_mode / atten_mask rules."""
+def _mask_mode(atten_mask, sparse_mode, pre_tockens, next_tockens):
+    """The keys a row keeps, from the arguments: None (all), or ``(pre, next)`` counted from each segment's
+    bottom-right corner (row ``r`` of an ``Sq x Skv`` segment keeps ``[r + Skv - Sq - pre, r + Skv - Sq + next]``).
+    [fa-tnd] [fa-doc] [fa-band] [fa-varlen-tiling]."""
+    if not isinstance(sparse_mode, int) or not (0 <= sparse_mode < 5 or 5 < sparse_mode <= 8):
+        raise RuntimeError(f"emulated torch_npu: The sparse_mode value must be in range of [0,5) or (5,8], but got "
+                           f"{sparse_mode} [fa-tnd]")
     if atten_mask is None:
         # [fa-doc] 当atten_mask输入为None时，sparse_mode、pre_tockens、next_tockens参数不生效，固定为全计算
-        return False
-    if sparse_mode == 3:  # rightDownCausal; needs the optimised 2048x2048 mask
-        if atten_mask.dtype != torch.bool or tuple(atten_mask.shape) != (2048, 2048) \
-                or not torch.equal(atten_mask.cpu(), _compressed_causal_mask()):
-            raise RuntimeError("emulated torch_npu: sparse_mode=3 needs the compressed 2048x2048 triu(1) bool mask")
-        return True
-    raise NotImplementedError(f"emulated torch_npu: sparse_mode={sparse_mode} with a mask is not emulated")
+        return None
+    if sparse_mode not in (3, 4):
+        raise NotImplementedError(f"emulated torch_npu: sparse_mode={sparse_mode} with a mask is not emulated")
+    # [fa-doc] sparse_mode 3 and 4: the optimised 2048x2048 mask (调用示例: torch.triu(torch.ones(2048, 2048), 1))
+    if not _is_compressed_causal_mask(atten_mask):
+        raise RuntimeError(f"emulated torch_npu: sparse_mode={sparse_mode} needs the compressed 2048x2048 triu(1) "
+                           f"bool mask")
+    if sparse_mode == 3:  # rightDownCausal: pre_tockens / next_tockens 不生效 [fa-doc]
+        return (INT_MAX, 0)
+    for name, x in (("pre_tockens", pre_tockens), ("next_tockens", next_tockens)):
+        if not isinstance(x, int) or isinstance(x, bool):
+            raise TypeError(f"emulated torch_npu: {name} must be an int (int in the schema [yaml]), got {x!r}")
+    if pre_tockens < 0:
+        raise RuntimeError(f"emulated torch_npu: pre_tokens[{pre_tockens}] config error, has invalid data block "
+                           f"[fa-varlen-tiling]")
+    if next_tockens < 0 and pre_tockens + next_tockens < 0:  # [fa-band] 之间需要有交集
+        raise RuntimeError(f"emulated torch_npu: pre_tokens[{pre_tockens}], next_tokens[{next_tockens}], invalid "
+                           f"config [fa-varlen-tiling]")
+    return (pre_tockens, next_tockens)
 
 
-def _scores(q, k, scale, causal):
-    """fp32 ``[N, Lq, Lk]``; right-down causal masking (sparse_mode=3)."""
+def _scores(q, k, scale, band):
+    """float64 ``[N, Lq, Lk]`` scaled scores, ``-inf`` outside ``band`` (:func:`_mask_mode`; None: no mask)."""
     rep = q.shape[1] // k.shape[1]
-    s = torch.einsum("qnd,knd->nqk", q.float(), k.float().repeat_interleave(rep, dim=1)) * scale
-    if causal:
-        lq, lk = q.shape[0], k.shape[0]
-        if lq > lk:  # [fa-doc] varlen: atten_mask中不能存在某一行全1的场景 (a fully masked row)
-            raise RuntimeError("emulated torch_npu: right-down causal with Sq > Skv leaves fully masked rows")
-        i = torch.arange(lq)[:, None]
-        j = torch.arange(lk)[None, :]
-        s = s.masked_fill(j > i + (lk - lq), float("-inf"))
-    return s
+    s = torch.einsum("qnd,knd->nqk", q.double(), k.double().repeat_interleave(rep, dim=1)) * scale
+    if band is None:
+        return s
+    pre, nxt = band
+    lq, lk = q.shape[0], k.shape[0]
+    if lq - nxt > lk:  # [fa-varlen-tiling] "has invalid row" (right-down causal, next 0: Sq > Skv)
+        raise RuntimeError(f"emulated torch_npu: Batch s1[{lq}], s2[{lk}], next_tokens[{nxt}], has invalid row "
+                           f"[fa-varlen-tiling]")
+    i = torch.arange(lq)[:, None] + (lk - lq)  # the bottom-right corner is the origin [fa-band]
+    j = torch.arange(lk)[None, :]
+    keep = (j >= i - pre) & (j <= i + nxt)
+    if not keep.any(-1).all():  # [fa-doc] varlen: atten_mask中不能存在某一行全1的场景 (a fully masked row)
+        raise RuntimeError("emulated torch_npu: a fully masked row in varlen (atten_mask中不能存在某一行全1) [fa-doc]")
+    return s.masked_fill(~keep, float("-inf"))
 
 
 def _stats_to_storage(per_token: torch.Tensor, segs, tnd: bool) -> torch.Tensor:
@@ -226,27 +289,28 @@ class _Generation:
         """The generation-independent body; :func:`_bind` exposes each generation's exact keywords."""
         _check_tensors(query, key, value, head_num, input_layout, pse, padding_mask, prefix, keep_prob)
         tnd = self.layout(softmax_layout, input_layout)
-        causal = _mask_mode(atten_mask, sparse_mode)
+        band = _mask_mode(atten_mask, sparse_mode, pre_tockens, next_tockens)
         if actual_seq_qlen is None or actual_seq_kvlen is None or len(actual_seq_qlen) != len(actual_seq_kvlen):
             # [fa-cpp] "For TND layout, actual_seq_qlen and actual_seq_kvlen must be provided and have same size"
             raise RuntimeError("emulated torch_npu: TND needs actual_seq_qlen and actual_seq_kvlen of equal length")
         sq, sk = _varlen_segments(actual_seq_qlen, actual_seq_kvlen, query.shape[0], key.shape[0])
         t, n, d = query.shape
-        out = torch.full((t, n, d), float("nan"))  # rows of batches not computed stay undefined
-        smax = torch.full((t, n), float("nan"))
-        ssum = torch.full((t, n), float("nan"))
+        out = torch.full((t, n, d), float("nan"), dtype=torch.float64)  # rows of batches not computed: undefined
+        smax = torch.full((t, n), float("nan"), dtype=torch.float64)
+        ssum = torch.full((t, n), float("nan"), dtype=torch.float64)
         rep = n // key.shape[1]
         for (qs, qe), (ks, ke) in zip(sq, sk):
             if qe == qs:
                 continue
-            s = _scores(query[qs:qe], key[ks:ke], scale, causal)
+            s = _scores(query[qs:qe], key[ks:ke], scale, band)
             m = s.amax(-1)
             p = torch.exp(s - m.unsqueeze(-1))
             l = p.sum(-1)
-            out[qs:qe] = torch.einsum("nqk,knd->qnd", p / l.unsqueeze(-1), value[ks:ke].float().repeat_interleave(rep, 1))
+            vv = value[ks:ke].double().repeat_interleave(rep, 1)
+            out[qs:qe] = torch.einsum("nqk,knd->qnd", p / l.unsqueeze(-1), vv)
             smax[qs:qe], ssum[qs:qe] = m.t(), l.t()
         # [fa-doc] 输出说明: attention_out in the input dtype, softmax_max / softmax_sum float, softmax_out reserved
-        return (out.to(query.dtype), _stats_to_storage(smax, sq, tnd), _stats_to_storage(ssum, sq, tnd),
+        return (out.to(query.dtype), _stats_to_storage(smax.float(), sq, tnd), _stats_to_storage(ssum.float(), sq, tnd),
                 torch.empty(0), 0, 0, 0)
 
     # ------------------------------------------------------------------ backward
@@ -257,7 +321,7 @@ class _Generation:
                  gen_mask_parallel=True, sync=False, softmax_layout=""):
         _check_tensors(query, key, value, head_num, input_layout, pse, padding_mask, prefix, keep_prob)
         tnd = self.layout(softmax_layout, input_layout)
-        causal = _mask_mode(atten_mask, sparse_mode)
+        band = _mask_mode(atten_mask, sparse_mode, pre_tockens, next_tockens)
         sq, sk = _varlen_segments(actual_seq_qlen, actual_seq_kvlen, query.shape[0], key.shape[0])
         t, n, d = query.shape
         m = _stats_from_storage(softmax_max, sq, tnd, "softmax_max")
@@ -269,22 +333,24 @@ class _Generation:
         if dy.shape != query.shape or dy.dtype != query.dtype:
             raise RuntimeError("emulated torch_npu: dy must be shaped and typed like query")
         rep = n // key.shape[1]
-        dq = torch.zeros(t, n, d)
-        dk = torch.zeros(key.shape)
-        dv = torch.zeros(value.shape)
+        m, l = m.double(), l.double()
+        dq = torch.zeros(t, n, d, dtype=torch.float64)
+        dk = torch.zeros(key.shape, dtype=torch.float64)
+        dv = torch.zeros(value.shape, dtype=torch.float64)
         for (qs, qe), (ks, ke) in zip(sq, sk):
             if qe == qs:
                 continue
-            s = _scores(query[qs:qe], key[ks:ke], scale_value, causal)
+            s = _scores(query[qs:qe], key[ks:ke], scale_value, band)
             p = torch.exp(s - m[qs:qe].t().unsqueeze(-1)) / l[qs:qe].t().unsqueeze(-1)
-            do = dy[qs:qe].float()
-            vv = value[ks:ke].float().repeat_interleave(rep, 1)
-            kk = key[ks:ke].float().repeat_interleave(rep, 1)
+            do = dy[qs:qe].double()
+            vv = value[ks:ke].double().repeat_interleave(rep, 1)
+            kk = key[ks:ke].double().repeat_interleave(rep, 1)
             dp = torch.einsum("qnd,knd->nqk", do, vv)
-            delta = (do * attention_in[qs:qe].float()).sum(-1).t().unsqueeze(-1)
+            delta = (do * attention_in[qs:qe].double()).sum(-1).t().unsqueeze(-1)
             ds = p * (dp - delta) * scale_value
             dq[qs:qe] = torch.einsum("nqk,knd->qnd", ds, kk)
-            dk[ks:ke] = torch.einsum("nqk,qnd->knd", ds, query[qs:qe].float()).view(ke - ks, key.shape[1], rep, d).sum(2)
+            dk[ks:ke] = torch.einsum("nqk,qnd->knd", ds, query[qs:qe].double()).view(ke - ks, key.shape[1], rep,
+                                                                                      d).sum(2)
             dv[ks:ke] = torch.einsum("nqk,qnd->knd", p, do).view(ke - ks, key.shape[1], rep, d).sum(2)
         grads = (dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), torch.empty(0))
         return grads + (torch.empty(0),) if self.name == "current" else grads  # [yaml] from 7.3.0: + dsink
@@ -369,9 +435,11 @@ def _bind(gen: _Generation):
                 actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False):
             return gen.backward(query, key, value, dy, head_num, input_layout, pse=pse, padding_mask=padding_mask,
                                 atten_mask=atten_mask, softmax_max=softmax_max, softmax_sum=softmax_sum,
-                                attention_in=attention_in, scale_value=scale_value, keep_prob=keep_prob,
-                                prefix=prefix, actual_seq_qlen=actual_seq_qlen, actual_seq_kvlen=actual_seq_kvlen,
-                                sparse_mode=sparse_mode)
+                                softmax_in=softmax_in, attention_in=attention_in, scale_value=scale_value,
+                                keep_prob=keep_prob, pre_tockens=pre_tockens, next_tockens=next_tockens,
+                                inner_precise=inner_precise, seed=seed, offset=offset, numels=numels, prefix=prefix,
+                                actual_seq_qlen=actual_seq_qlen, actual_seq_kvlen=actual_seq_kvlen,
+                                sparse_mode=sparse_mode, gen_mask_parallel=gen_mask_parallel, sync=sync)
     return fwd, bwd
 
 

@@ -45,6 +45,17 @@ def _attn(*, qkv=None, layout=ONE, **kw):
     return lambda: ringattn.ring_eod_attention(*(qkv or _qkv()), layout, **kw)
 
 
+def _without_window_support(run):
+    """``run()`` with a backend registered that does not declare ``SUPPORTS_WINDOW`` (every built-in one does)."""
+    from ringattn.kernels import BACKENDS
+
+    BACKENDS["no-window"] = "tests.no_window_backend"
+    try:
+        return run()
+    finally:
+        del BACKENDS["no-window"]
+
+
 def _hf(what):
     """transformers triggers on a tiny Llama at CP 1."""
     def run():
@@ -151,7 +162,7 @@ LOCAL = {
     "comm": _attn(comm="bogus"),
     "backend": _attn(backend="bogus"),
     "window": _attn(window=0),
-    "window-backend": _attn(window=2, backend="npu"),
+    "window-backend": lambda: _without_window_support(_attn(window=2, backend="no-window")),
     "sinks-shape": _attn(sinks=torch.zeros(3)),
     "sinks-dtype": _attn(sinks=torch.zeros(4, dtype=torch.int64)),
     "sinks-device": _attn(sinks=torch.zeros(4, device="meta")),

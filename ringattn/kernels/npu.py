@@ -12,6 +12,43 @@ What this relies on, and where upstream documents it (Ascend/op-plugin unless sa
 * Causal segments: ``sparse_mode=3`` (rightDownCausal) with the optimised 2048x2048 ``triu(1)`` bool mask
   (doc, 调用示例); q and k segments have equal lengths, so right-down is the plain causal mask. Dense
   segments: no mask (doc: with ``atten_mask=None`` the op computes everything, whatever ``sparse_mode``).
+* Sliding windows (``call.window``: flash_attn's ``(left, right)`` pair, aligned to each segment's bottom-right
+  corner, see :class:`ringattn.kernels.VarlenCall`): ``sparse_mode=4`` (band) with ``pre_tockens=left``,
+  ``next_tockens=right`` and the same compressed 2048x2048 ``triu(1)`` bool mask, derived once per call and device
+  (:func:`_mask_args`); the grad op takes the same four keywords (schema in ``op_plugin_functions.yaml``). Why
+  this is the mapping, with no translation:
+
+  - *What the pair means.* The doc's example (调用示例, ``get_atten_mask``) builds the sparse_mode 0 / 4 reference
+    mask as ``triu(ones, k=next_tockens + 1) | tril(ones, k=-pre_tockens - 1)``: row ``i`` keeps keys
+    ``[i - pre_tockens, i + next_tockens]``, counted from the top-left corner (sparse_mode 0).
+  - *Where it is anchored.* The doc (参考资源, and torch_npu's docstring in ``_op_plugin_docs.py`` from the 7.0.0
+    branch on): "当sparse_mode为4时，代表band场景，即计算pre_tockens和next_tockens之间的部分，参数起点为右下角，
+    pre_tockens和next_tockens之间需要有交集。atten_mask为优化后的压缩下三角矩阵（2048*2048）" — the origin is the
+    bottom-right corner, so row ``r`` of a ``(sq, sk)`` segment keeps ``[r + sk - sq - pre, r + sk - sq + next]``:
+    flash's rule with ``(left, right) = (pre_tockens, next_tockens)``. The doc's sparse_mode 7 example gives the
+    numbers (a 2x6 band with ``pre_tockens=6``, ``next_tockens=-2`` is rows 0-1 of a 4x6 right-down causal mask).
+  - *Per segment in TND.* The op-plugin doc does not say that each varlen segment has its own corner; CANN's
+    operator code does: hicann/ops-transformer ``attention/flash_attention_score/op_host/
+    flash_attention_score_tiling_general.cpp`` (varlen tiling, ``GetSparseInfo``: "if sparseMode is Band,
+    preTokens and nextTokens start from bottom right vertex"; ``GetS2RealSize``, BAND_COMPRESS: keys from
+    ``s1 - Sq_b + Skv_b - preTokens`` to ``s1 + Skv_b - (Sq_b - nextTokens)`` per batch ``b``) and
+    ``flash_attention_score_grad/op_host/flash_attention_score_grad_tiling_s1s2_bn2gs1s2.cpp`` ("sparse_mode =4
+    (band)时 ... token以右下角为基准，需要校正": per batch ``preTokens + Sq_b - Skv_b``). That is what is assumed.
+  - *What the operator checks* (the same varlen tiling, ``CheckPretokenAndNexttoken``, BAND): ``pre_tockens >= 0``;
+    ``next_tockens < 0`` with ``pre + next < 0`` refused; ``Sq_b - next_tockens > Skv_b`` "has invalid row"; and
+    the doc's varlen rule (约束说明): no fully masked row ("atten_mask中不能存在某一行全1"). The planner's segments
+    satisfy all of them (``left, right >= 0``, every row sees a key); checked once per call here.
+  - *Which versions.* op-plugin's ``FlashAttentionKernelNpuOpApi.cpp`` accepts ``sparse_mode`` in ``[0,5) or
+    (5,8]`` for TND on every release branch that has TND (6.0.rc1 through 26.1.0, and master) and passes the
+    pair through unchanged; the band is in the sparse_mode table next to the varlen-only modes in torch_npu's API
+    pages for 6.0.RC3 and 6.0.0 (hiascend.com, 接口原型 with ``actual_seq_qlen``) and in the docstring from the
+    7.0.0 branch on (the 6.0.rc1-6.0.0 branches' docstrings predate TND; the 6.0.RC1/RC2 pages were not read);
+    CANN's ``aclnnFlashAttentionVarLenScore.md`` lists sparseMode 0-4, 6-8. So every generation the emulation
+    models takes windows, and none is refused.
+  - *Other modes.* 7 (band on the last segment, right-down causal on the others) and 8 (band on the first,
+    left-up causal on the others) are for a query split across cards; every segment of a windowed call needs the
+    band (the executor makes one call per ``(causal, window)`` pair), so they do not fit. Mode 0 with a band counts
+    from the top-left and needs the full ``[maxSq, maxSkv]`` mask.
 * Statistics: ``softmax_max`` / ``softmax_sum`` are fp32 ``[T, N, 8]`` (the 8 values equal). Their
   *storage* is, by default, head-major per segment — one ``[N, S_i, 8]`` block per segment,
   concatenated (doc of ``softmax_layout``: "默认情况下，softmax的输出排布为NTD排布"; MindSpeed
@@ -64,6 +101,9 @@ from dataclasses import dataclass
 import torch
 
 from ..merge import merge as _torch_merge
+
+#: honours ``VarlenCall.window`` (band ``sparse_mode=4``, see the module docstring)
+SUPPORTS_WINDOW = True
 
 _MASK_SIZE = 2048
 MAX_SEGMENTS = 1024  # varlen: actual_seq_qlen has at most 1K entries per call
@@ -134,8 +174,24 @@ def _causal_mask(device: torch.device) -> torch.Tensor:
     return torch.triu(torch.ones(_MASK_SIZE, _MASK_SIZE, dtype=torch.bool, device=device), diagonal=1)
 
 
-def _mask_args(causal: bool, device) -> dict:
-    return {"atten_mask": _causal_mask(device), "sparse_mode": 3} if causal else {"atten_mask": None, "sparse_mode": 0}
+def _mask_args(call, device) -> dict:
+    """The operator's mask keywords for ``call``, derived once per call and device (see the module docstring):
+    band (``sparse_mode=4``, ``pre_tockens``/``next_tockens`` = the window pair) under a window, else right-down causal
+    (3) or no mask (0). Do not mutate the returned dict: it is reused on every step."""
+    def build():
+        if call.window is None:
+            if call.causal:
+                return {"atten_mask": _causal_mask(torch.device(device)), "sparse_mode": 3}
+            return {"atten_mask": None, "sparse_mode": 0}
+        left, right = call.window
+        bad = [i for i in range(call.num_segments)
+               if call.cu_q[i + 1] - call.cu_q[i] - right > call.cu_k[i + 1] - call.cu_k[i]]
+        if left < 0 or right < 0 or bad:  # the planner's invariants; the operator refuses these (module docstring)
+            raise AssertionError(f"planner: window pair {call.window} must be non-negative and leave no fully masked "
+                                 f"row (segments {bad[:5]} have Sq - next_tockens > Skv)")
+        mask = _causal_mask(torch.device(device))  # sparse_mode 4 takes the compressed mask too (doc, 参考资源)
+        return {"atten_mask": mask, "sparse_mode": 4, "pre_tockens": left, "next_tockens": right}
+    return call.cached(("npu-mask", torch.device(device)), build)
 
 
 @dataclass(frozen=True)
@@ -206,7 +262,7 @@ def forward(q, k, v, call, scale):
         (out, smax, ssum), token_major = _try_tnd(
             caps, "tnd_forward", lambda **kw: npu.npu_fusion_attention(
                 q[ch.q0:ch.q1], k[ch.k0:ch.k1], v[ch.k0:ch.k1], heads, "TND", scale=scale, keep_prob=1.0,
-                actual_seq_qlen=ch.seq_q, actual_seq_kvlen=ch.seq_k, **_mask_args(call.causal, q.device), **kw)[:3])
+                actual_seq_qlen=ch.seq_q, actual_seq_kvlen=ch.seq_k, **_mask_args(call, q.device), **kw)[:3])
         t = ch.q1 - ch.q0
         if token_major:
             lse = smax[..., 0] + torch.log(ssum[..., 0])
@@ -241,7 +297,7 @@ def backward(dout, q, k, v, out, lse, call, scale):
                 q[_rows], k[_ch.k0:_ch.k1], v[_ch.k0:_ch.k1], dout[_rows], heads, "TND", softmax_max=stats,
                 softmax_sum=torch.ones_like(stats), attention_in=attention_in[_rows], scale_value=scale,
                 keep_prob=1.0, actual_seq_qlen=_ch.seq_q, actual_seq_kvlen=_ch.seq_k,
-                **_mask_args(call.causal, q.device), **extra)[:3]
+                **_mask_args(call, q.device), **extra)[:3]
 
         grads.append(_try_tnd(caps, "tnd_backward", grad)[0])
     if len(grads) == 1:
