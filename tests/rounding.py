@@ -32,16 +32,18 @@ from __future__ import annotations
 import torch
 
 MANTISSA = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
+#: half the spacing of the subnormals (below the smallest normal the spacing stops shrinking: fp16's is 2^-24)
+SUBNORMAL_HALF = {torch.bfloat16: 2.0 ** -134, torch.float16: 2.0 ** -25, torch.float32: 2.0 ** -150}
 REL = 2.0 ** -17  # fp32 arithmetic slack, relative
 ABS = 1e-7
 
 
 def half_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Half the spacing of ``dtype`` at ``|x|`` (float64, elementwise; 0 at 0): the most that rounding a value of
-    that magnitude to ``dtype`` can move it."""
+    """Half the spacing of ``dtype`` at ``|x|`` (float64, elementwise; 0 at 0, never below half the subnormal
+    spacing): the most that rounding a value of that magnitude to ``dtype`` can move it."""
     x = x.abs()
     e = torch.floor(torch.log2(x.clamp_min(1e-300)))
-    return torch.where(x == 0, torch.zeros_like(x), torch.exp2(e - MANTISSA[dtype]))
+    return torch.where(x == 0, torch.zeros_like(x), torch.exp2(e - MANTISSA[dtype]).clamp_min(SUBNORMAL_HALF[dtype]))
 
 
 def varlen_call(cu_q, cu_k, causal: bool) -> list:

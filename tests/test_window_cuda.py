@@ -1,0 +1,151 @@
+"""Sliding windows and sinks on the CUDA backend, on CPU, through the stand-ins of its kernel providers.
+
+tests/flash_standin.py binds each flash_attn version's real signature (2.6.x: ``window_size`` one pair; 2.7+:
+``window_size_left, window_size_right``) and aten's schema (``window_size_left/right``), and applies the window as
+flash_api.cpp and the kernels do ([F-win], [T-win] there: causal forces right to 0, ``>= max_seqlen_k`` becomes -1,
+a negative side becomes ``max_seqlen_k`` unless both are negative, bottom-right alignment per segment, key-less rows
+give out 0 and LSE +inf). Here:
+
+* the stand-ins' masks against masks written out by hand, per provider.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from . import flash_standin
+from .rounding import half_ulp
+
+PROVIDERS = ["2.6.3", "2.7.4.post1", "2.8.3", None]  # None: no flash_attn, torch's aten flash ops
+PROVIDER_IDS = ["fa2.6.3", "fa2.7.4", "fa2.8.3", "aten"]
+
+
+# ---------------------------------------------------------------------------------------------- the stand-ins
+def _fwd(provider, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window):
+    """The stand-in's varlen forward called by keyword, as each provider spells it: ``(out, lse [H, Tq])``."""
+    cq, ck = (torch.tensor(c, dtype=torch.int32) for c in (cu_q, cu_k))
+    if provider is None:
+        fwd, _ = flash_standin.aten_flash_ops()
+        kw = {} if window is None else {"window_size_left": window[0], "window_size_right": window[1]}
+        res = fwd(q, k, v, cq, ck, max_q, max_k, 0.0, causal, False, scale=scale, **kw)
+        return res[0], res[1]
+    _, iface = flash_standin.flash_attn_module(provider)
+    left, right = (-1, -1) if window is None else window
+    kw = ({"window_size_left": left, "window_size_right": right} if provider >= "2.7"
+          else {"window_size": (left, right)})
+    res = iface._flash_attn_varlen_forward(q=q, k=k, v=v, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=max_q,
+                                           max_seqlen_k=max_k, dropout_p=0.0, softmax_scale=scale, causal=causal,
+                                           softcap=0.0, alibi_slopes=None, return_softmax=False, **kw)
+    return res[0], res[1] if provider >= "2.7" else res[5]
+
+
+def _bwd(provider, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, window):
+    cq, ck = (torch.tensor(c, dtype=torch.int32) for c in (cu_q, cu_k))
+    if provider is None:
+        _, bwd = flash_standin.aten_flash_ops()
+        kw = {} if window is None else {"window_size_left": window[0], "window_size_right": window[1]}
+        return bwd(dout, q, k, v, out, lse, cq, ck, max_q, max_k, 0.0, causal, torch.zeros(2, dtype=torch.int64),
+                   torch.empty(0), scale=scale, **kw)
+    _, iface = flash_standin.flash_attn_module(provider)
+    left, right = (-1, -1) if window is None else window
+    kw = ({"window_size_left": left, "window_size_right": right} if provider >= "2.7"
+          else {"window_size": (left, right)})
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    iface._flash_attn_varlen_backward(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse, dq=dq, dk=dk, dv=dv,
+                                      cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=max_q, max_seqlen_k=max_k,
+                                      dropout_p=0.0, softmax_scale=scale, causal=causal, softcap=0.0,
+                                      alibi_slopes=None, deterministic=False, **kw)
+    return dq, dk, dv
+
+
+def _masked64(q, k, v, dout, mask, scale):
+    """float64 ``(out, lse [H, Tq], dq, dk, dv)`` under a ``[Tq, Tk]`` mask, rows without a key giving out 0 and LSE
+    +inf (what flash documents: "If the row of the mask is all zero, the output will be zero")."""
+    q, k, v = (x.detach().double().requires_grad_() for x in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    s = (torch.einsum("ihd,jhd->hij", q, k.repeat_interleave(rep, 1)) * scale).masked_fill(~mask, float("-inf"))
+    seen = mask.any(-1)
+    p = torch.softmax(s.masked_fill(~seen[None, :, None], 0.0), -1) * seen[None, :, None]
+    out = torch.einsum("hij,jhd->ihd", p, v.repeat_interleave(rep, 1))
+    out.backward(dout.double())
+    lse = torch.where(seen, torch.logsumexp(s.detach(), -1), torch.tensor(float("inf"), dtype=torch.float64))
+    return out.detach(), lse, q.grad, k.grad, v.grad, p.detach()
+
+
+def _block_mask(cu_q, cu_k, blocks) -> torch.Tensor:
+    """The ``[Tq, Tk]`` mask of a packed call from per-segment blocks written as strings of 0/1 rows."""
+    mask = torch.zeros(cu_q[-1], cu_k[-1], dtype=torch.bool)
+    for (qs, ks), rows in zip(zip(cu_q, cu_k), blocks):
+        for i, row in enumerate(rows):
+            for j, ch in enumerate(row):
+                mask[qs + i, ks + j] = ch == "1"
+    return mask
+
+
+#: (what, cu_q, cu_k, causal, window, max_k or None (the longest key segment), per-segment masks written by hand)
+HAND_MASKS = [
+    ("causal 2x5, flash's docstring", (0, 2), (0, 5), True, None, None, [["11110", "11111"]]),
+    ("causal 5x2, flash's docstring: three rows see nothing", (0, 5), (0, 2), True, None, None,
+     [["00", "00", "00", "10", "11"]]),
+    ("(1, 0) on 3x5: keys [i+1, i+2]", (0, 3), (0, 5), False, (1, 0), None, [["01100", "00110", "00011"]]),
+    ("(0, 2) on 3x3: keys [i, i+2]", (0, 3), (0, 3), False, (0, 2), None, [["111", "011", "001"]]),
+    ("(2, -1): right infinite", (0, 4), (0, 4), False, (2, -1), None, [["1111", "1111", "1111", "0111"]]),
+    ("(-1, 1): left infinite", (0, 4), (0, 4), False, (-1, 1), None, [["1100", "1110", "1111", "1111"]]),
+    ("causal (1, 5): causal forces right to 0", (0, 4), (0, 4), True, (1, 5), None,
+     [["1000", "1100", "0110", "0011"]]),
+    ("(5, 0) on 3x3: left >= max_seqlen_k is -1, so plain causal", (0, 3), (0, 3), False, (5, 0), None,
+     [["100", "110", "111"]]),
+    ("(0, 1) on two segments, each aligned to its own bottom-right corner", (0, 2, 5), (0, 3, 4), False, (0, 1),
+     None, [["011", "001"], ["0", "1", "1"]]),
+    # flash_api.cpp clamps right >= max_seqlen_k to -1, then set_params_fprop makes it max_seqlen_k again: with more
+    # queries than max_seqlen_k + 1 the top rows lose keys the documented rule keeps (all four rows see key 0)
+    ("(0, 4) on 4x1, max_seqlen_k 1: right clamped to 1", (0, 4), (0, 1), False, (0, 4), None,
+     [["0", "0", "1", "1"]]),
+    ("(0, 4) on 4x1, max_seqlen_k 4: the documented rule", (0, 4), (0, 1), False, (0, 4), 4,
+     [["1", "1", "1", "1"]]),
+]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS, ids=PROVIDER_IDS)
+@pytest.mark.parametrize("what, cu_q, cu_k, causal, window, max_k, blocks", HAND_MASKS, ids=[h[0] for h in HAND_MASKS])
+def test_standin_window_masks_match_hand_built_masks(provider, what, cu_q, cu_k, causal, window, max_k, blocks):
+    """Forward (out, LSE; key-less rows: out 0, LSE +inf) and backward (given that out and LSE) of each provider's
+    stand-in equal float64 attention under the mask written out by hand, to one rounding of the fp16 result."""
+    g = torch.Generator().manual_seed(7)
+    dtype, scale = torch.float16, 0.5
+    q = torch.randn(cu_q[-1], 2, 8, generator=g).to(dtype)
+    k, v = (torch.randn(cu_k[-1], 1, 8, generator=g).to(dtype) for _ in range(2))
+    dout = torch.randn(q.shape, generator=g).to(dtype)
+    max_q = max(b - a for a, b in zip(cu_q, cu_q[1:]))
+    max_k = max_k or max(b - a for a, b in zip(cu_k, cu_k[1:]))
+    out_r, lse_r, *grads_r, p = _masked64(q, k, v, dout, _block_mask(cu_q, cu_k, blocks), scale)
+    out, lse = _fwd(provider, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window)
+    assert lse.dtype == torch.float32 and lse.shape == (2, cu_q[-1])
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_r)), f"{what}: rows without keys differ"
+    fin = torch.isfinite(lse_r)
+    assert ((lse.double() - lse_r)[fin].abs() <= 1e-5).all(), what
+    assert ((out.double() - out_r).abs() <= half_ulp(out_r, dtype) * 1.001 + 1e-12).all(), what
+    # backward reads the LSE and out it is handed (here the exact LSE, +inf on the key-less rows, and out in fp16):
+    # the rounded out moves rowsum(dout * out) by at most e = sum_d |dout| h(out), so dS by scale * P * e
+    got = _bwd(provider, dout, q, k, v, out_r.to(dtype), lse_r.float().contiguous(), cu_q, cu_k, max_q, max_k,
+               scale, causal, window)
+    e = (dout.double().abs() * half_ulp(out_r, dtype)).sum(-1).t()  # [H, Tq]
+    e_ds = scale * p * e.unsqueeze(-1)  # [H, Tq, Tk]
+    k1, q1 = k.double().abs().repeat_interleave(2, 1), q.double().abs()
+    drift = (torch.einsum("hij,jhd->ihd", e_ds, k1), torch.einsum("hij,ihd->jhd", e_ds, q1).sum(1, keepdim=True), 0.0)
+    for name, x, r, dr in zip(("dq", "dk", "dv"), got, grads_r, drift):
+        slack = (r.abs() + dr) * 2e-6 + dr + half_ulp(r.abs() + dr, dtype) * 1.001 + 1e-9
+        assert ((x.double() - r).abs() <= slack).all(), f"{what}: {name} off by {(x.double() - r).abs().max():.3g}"
+
+
+def test_standin_window_rule_follows_flash_api_cpp():
+    """The clamps in order (flash_api.cpp, [F-win] steps 1-3): a rule per (causal, pair, max_seqlen_q/k)."""
+    rule = flash_standin.flash_window_rule
+    assert rule(True, -1, -1, 8, 8, True) == ("causal", -1, 0)
+    assert rule(True, 3, -1, 8, 8, True) == ("local", 3, 0)  # causal forces right 0, keeps left
+    assert rule(True, 3, -1, 1, 8, True) == ("local", 3, 8)  # forward: max_seqlen_q 1 is not causal
+    assert rule(True, 3, -1, 1, 8, False) == ("local", 3, 0)  # the backward has no such line
+    assert rule(False, 8, 0, 8, 8, True) == ("causal", -1, 0)  # left >= max_seqlen_k -> -1
+    assert rule(False, 2, 9, 8, 8, True) == ("local", 2, 8)  # right >= max_seqlen_k -> -1 -> max_seqlen_k
+    assert rule(False, -1, -1, 8, 8, True) == ("dense", -1, -1)
+    assert rule(False, -1, 3, 8, 8, True) == ("local", 8, 3)
