@@ -6,15 +6,20 @@ flash_api.cpp and the kernels do ([F-win], [T-win] there: causal forces right to
 a negative side becomes ``max_seqlen_k`` unless both are negative, bottom-right alignment per segment, key-less rows
 give out 0 and LSE +inf). Here:
 
-* the stand-ins' masks against masks written out by hand, per provider.
+* the stand-ins' masks against masks written out by hand, per provider;
+* the window pair bound to each provider's parameters, per tag;
+* the CUDA backend's own windowed calls (segments shaped like the planner's reads, including ones with more queries
+  than ``max_seqlen_k + 1``) against the documented window, elementwise within one kernel call's rounding bound.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
+from ringattn.kernels import VarlenCall
+
 from . import flash_standin
-from .rounding import half_ulp
+from .rounding import device_bounds, half_ulp
 
 PROVIDERS = ["2.6.3", "2.7.4.post1", "2.8.3", None]  # None: no flash_attn, torch's aten flash ops
 PROVIDER_IDS = ["fa2.6.3", "fa2.7.4", "fa2.8.3", "aten"]
@@ -149,3 +154,83 @@ def test_standin_window_rule_follows_flash_api_cpp():
     assert rule(False, 2, 9, 8, 8, True) == ("local", 2, 8)  # right >= max_seqlen_k -> -1 -> max_seqlen_k
     assert rule(False, -1, -1, 8, 8, True) == ("dense", -1, -1)
     assert rule(False, -1, 3, 8, 8, True) == ("local", 8, 3)
+
+
+# ---------------------------------------------------------------------------------------------- the CUDA kernel
+@pytest.mark.parametrize("tag", sorted(flash_standin.FLASH_ATTN_SIGNATURES))
+def test_cuda_window_pair_binds_to_each_providers_parameters(tag):
+    """``call.window = (left, right)`` reaches flash_attn as ``window_size=(left, right)`` (2.6.x) or
+    ``window_size_left=left, window_size_right=right`` (2.7+), forward and backward, at every tag the stand-in knows;
+    and aten's ``window_size_left/right`` keywords bind to the installed torch's schemas."""
+    from ringattn.kernels import cuda
+
+    fwd_names, bwd_names = flash_standin.FLASH_ATTN_SIGNATURES[tag]
+    version = cuda._version(tag)
+    x = [object() for _ in range(11)]
+    f = flash_standin._signature(fwd_names).bind(*cuda.flash_forward_args(version, *x[:5], 7, 9, 0.125, False,
+                                                                           (5, 2))).arguments
+    b = flash_standin._signature(bwd_names).bind(*cuda.flash_backward_args(version, *x, 7, 9, 0.125, False,
+                                                                           window=(5, 2))).arguments
+    for a in (f, b):
+        pair = (a["window_size_left"], a["window_size_right"]) if version >= (2, 7) else tuple(a["window_size"])
+        assert pair == (5, 2), (tag, pair)
+    fwd_sig = flash_standin._schema_signature(torch.ops.aten._flash_attention_forward)
+    bwd_sig = flash_standin._schema_signature(torch.ops.aten._flash_attention_backward)
+    for sig, n in ((fwd_sig, 10), (bwd_sig, 14)):
+        a = sig.bind(*(object() for _ in range(n)), **cuda._aten_window((5, 2))).arguments
+        assert (a["window_size_left"], a["window_size_right"]) == (5, 2)
+
+
+def _intended_mask(cu_q, cu_k, causal, window) -> torch.Tensor:
+    """The documented window (flash_attn_varlen_func's docstring): row i of a segment with sq queries and sk keys
+    sees keys ``[i + sk - sq - left, i + sk - sq + right]``, causal ones ``<= i + sk - sq``; -1 infinite."""
+    mask = torch.zeros(cu_q[-1], cu_k[-1], dtype=torch.bool)
+    left, right = window
+    for qs, qe, ks, ke in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):
+        sq, sk = qe - qs, ke - ks
+        for i in range(sq):
+            lo = 0 if left < 0 else i + sk - sq - left
+            hi = i + sk - sq if causal else (sk - 1 if right < 0 else i + sk - sq + right)
+            for j in range(max(lo, 0), min(hi, sk - 1) + 1):
+                mask[qs + i, ks + j] = True
+    return mask
+
+
+#: windowed calls as the planner makes them (a rank's own causal blocks with (W - 1, 0); reads of earlier keys with
+#: (W - 1 - delta, delta), delta = q_end - k_end), among them reads with more queries than keys + 1
+CUDA_CALLS = [
+    ((0, 5, 12), (0, 5, 12), True, (2, 0)),
+    ((0, 10), (0, 2), False, (0, 10)),  # W 11: 2 keys before 10 queries (a chunk edge right after a document start)
+    ((0, 4, 8), (0, 2, 6), False, (0, 4)),  # W 5: two reads, 2 and 4 keys
+    ((0, 3, 6), (0, 4, 8), False, (1, 3)),  # W 5: 4 keys ending 3 rows before the queries end
+]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS, ids=PROVIDER_IDS)
+def test_cuda_backend_windowed_calls_match_the_documented_window(provider):
+    """``cuda.forward`` / ``cuda.backward`` with ``call.window`` through each provider's stand-in equal float64
+    attention under the documented window, elementwise within one call's rounding bound (tests/rounding.py)."""
+    from ringattn.kernels import cuda
+
+    from .rounding import varlen_call
+
+    g = torch.Generator().manual_seed(11)
+    with flash_standin.installed(provider):
+        for dtype in (torch.float16, torch.bfloat16):
+            for cu_q, cu_k, causal, window in CUDA_CALLS:
+                call = VarlenCall(cu_q, cu_k, causal, window)
+                q = torch.randn(cu_q[-1], 4, 16, generator=g).to(dtype)
+                kv = torch.randn(cu_k[-1], 2, 2, 16, generator=g).to(dtype)
+                k, v = kv[:, 0], kv[:, 1]
+                dout = torch.randn(q.shape, generator=g).to(dtype)
+                mask = _intended_mask(cu_q, cu_k, causal, window)
+                assert mask.any(-1).all(), "every row of a planned call sees a key"
+                ref_out, ref_lse, *ref_grads, _ = _masked64(q, k, v, dout, mask, 0.25)
+                bounds = device_bounds(q, k, v, dout, mask, [varlen_call(cu_q, cu_k, False)], 0.25, dtype)
+                out, lse = cuda.forward(q, k, v, call, 0.25)
+                assert torch.isfinite(lse).all(), f"{call}: a row lost every key (LSE +inf)"
+                assert (lse.double() - ref_lse.t()).abs().max() < 1e-5, call
+                got = (out,) + tuple(cuda.backward(dout, q, k, v, out, lse.contiguous(), call, 0.25))
+                for name, x, r, b in zip(("out", "dq", "dk", "dv"), got, [ref_out] + ref_grads, bounds):
+                    worst = ((x.double() - r).abs() / b).max().item()
+                    assert worst <= 1.0, f"{call} {dtype}: {name} at {worst:.2f}x the bound"
