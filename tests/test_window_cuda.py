@@ -7,19 +7,28 @@ a negative side becomes ``max_seqlen_k`` unless both are negative, bottom-right 
 give out 0 and LSE +inf). Here:
 
 * the stand-ins' masks against masks written out by hand, per provider;
-* the window pair bound to each provider's parameters, per tag;
 * the CUDA backend's own windowed calls (segments shaped like the planner's reads, including ones with more queries
-  than ``max_seqlen_k + 1``) against the documented window, elementwise within one kernel call's rounding bound.
+  than ``max_seqlen_k + 1``) against the documented window, elementwise within one kernel call's rounding bound;
+* the whole CUDA path at CP 1-4 and Ulysses 2 x ring 2, windows 1, 2, sizes that cut chunks mid-document and one
+  longer than every document, with and without sinks, fp16/bf16, every provider, against the float64
+  ``window_reference`` of tests/test_window.py within the device-path error analysis (tests/rounding.py).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
+import ringattn
+from ringattn import DocLayout, build_plan
 from ringattn.kernels import VarlenCall
 
 from . import flash_standin
+from .cases import CUDA_STANDINS
+from .dist import run_ranks, unwrap
+from .plan_sim import kernel_calls
+from .reference import doc_window_mask
 from .rounding import device_bounds, half_ulp
+from .test_window import CU, LONGEST, WINDOWS, window_reference
 
 PROVIDERS = ["2.6.3", "2.7.4.post1", "2.8.3", None]  # None: no flash_attn, torch's aten flash ops
 PROVIDER_IDS = ["fa2.6.3", "fa2.7.4", "fa2.8.3", "aten"]
@@ -234,3 +243,101 @@ def test_cuda_backend_windowed_calls_match_the_documented_window(provider):
                 for name, x, r, b in zip(("out", "dq", "dk", "dv"), got, [ref_out] + ref_grads, bounds):
                     worst = ((x.double() - r).abs() / b).max().item()
                     assert worst <= 1.0, f"{call} {dtype}: {name} at {worst:.2f}x the bound"
+
+
+# ---------------------------------------------------------------------------------------------- the whole path
+def _globals(case):
+    """Global inputs of a case in float64, rounded to the case's dtype (what the ranks feed), sinks in fp32."""
+    cu, hq, hkv, d, window, use_sinks, *_, dtype, _, seed = case
+    g = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, dtype)
+    q, k, v, dout = (torch.randn(cu[-1], h, d, generator=g, dtype=torch.float64).to(dt).double()
+                     for h in (hq, hkv, hkv, hq))
+    sinks = torch.randn(hq, generator=g, dtype=torch.float64).float().double() if use_sinks else None
+    return q, k, v, dout, sinks
+
+
+def _run(rank, cp, case):
+    cu, hq, hkv, d, window, use_sinks, comm, strategy, ulysses, dtype, provider, seed = case
+    layout = DocLayout.from_cu_seqlens(cu, cp, strategy=strategy, ulysses_size=ulysses)
+    group = ringattn.new_cp_groups(ulysses) if ulysses > 1 else None
+    q, k, v, dout, sinks = _globals(case)
+    idx = layout.local_indices(rank)
+    dt = getattr(torch, dtype)
+    ql, kl, vl = (x[idx].to(dt).requires_grad_() for x in (q, k, v))
+    sl = sinks.float().requires_grad_() if use_sinks else None
+    with flash_standin.installed(CUDA_STANDINS[provider]):
+        out = ringattn.ring_eod_attention(ql, kl, vl, layout, group, window=window, sinks=sl, comm=comm,
+                                          backend="cuda")
+        out.backward(dout[idx].to(dt))
+    return (idx, out.detach().double(), ql.grad.double(), kl.grad.double(), vl.grad.double(),
+            None if sl is None else sl.grad.double())
+
+
+def _run_all(rank, cp, cases):
+    return [_run(rank, cp, c) for c in cases]
+
+
+def _check(case, cp, per_rank):
+    """Every element of out, dq, dk, dv and the CP-summed dsinks within the device-path bound of the case's windowed
+    plan (tests/rounding.py), around the float64 window_reference of the rounded inputs."""
+    cu, hq, hkv, d, window, use_sinks, comm, strategy, ulysses, dtype, provider, _ = case
+    q, k, v, dout, sinks = _globals(case)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)] + ([sinks.clone().requires_grad_()] if use_sinks else [])
+    ref = window_reference(*leaves[:3], cu, d ** -0.5, window, leaves[3] if use_sinks else None)
+    ref.backward(dout)
+    layout = DocLayout.from_cu_seqlens(cu, cp, strategy=strategy, ulysses_size=ulysses)
+    calls = kernel_calls(layout, build_plan(layout, comm, window))
+    bounds = device_bounds(q, k, v, dout, doc_window_mask(cu, window), calls, d ** -0.5, getattr(torch, dtype),
+                           sinks=sinks, ulysses=ulysses)
+    got = [torch.full_like(x, float("nan")) for x in (q, q, k, v)]
+    dsinks = torch.zeros(hq, dtype=torch.float64)
+    for idx, *parts, ds in per_rank:
+        for full, part in zip(got, parts):
+            full[idx] = part
+        if ds is not None:
+            dsinks += ds
+    want = [ref.detach()] + [x.grad for x in leaves[:3]] + ([leaves[3].grad] if use_sinks else [])
+    names = ("out", "dq", "dk", "dv", "dsinks")
+    for name, x, r, b in zip(names, got + ([dsinks] if use_sinks else []), want, bounds):
+        assert not torch.isnan(x).any(), f"{case}: {name} has rows no rank produced"
+        worst = ((x - r).abs() / b).max().item()
+        assert worst <= 1.0, (f"{case}: {name} error {(x - r).abs().max().item():.3e} at {worst:.2f}x the device-path "
+                              f"bound (tests/rounding.py)")
+
+
+def _cases(cp: int, ulysses: int = 1) -> list[tuple]:
+    """One case per window, the providers taking turns (every provider at every CP size), fp16 and bf16, with and
+    without sinks, MHA / GQA / MQA, every comm shape and strategy; one head dim (20) that needs padding."""
+    providers = list(CUDA_STANDINS)
+    heads = [(4, 4), (4, 2), (4, 1)] if ulysses == 1 else [(4, 2), (4, 1)]
+    windows = WINDOWS if ulysses == 1 else [1, 5, 11, LONGEST + 4]
+    out = []
+    for n, window in enumerate(windows):
+        hq, hkv = heads[n % len(heads)]
+        out.append((CU, hq, hkv, 20 if n == 2 else 16, window, (n + cp) % 2 == 0, ("direct", "ring", "plain")[n % 3],
+                    ("zigzag", "balanced", "auto")[(n + cp) % 3], ulysses, ("bfloat16", "float16")[n % 2],
+                    providers[(n + cp) % len(providers)], 100 * cp + n))
+    return out
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3, 4])
+def test_cuda_windows_and_sinks_through_the_standins(rank_pools, cp):
+    """The CUDA backend (padding, int32 cu_seqlens, the window pair per provider, LSE layouts, fp16/bf16 partials
+    merged in fp32, sinks after the merge) on CP ranks over gloo, each provider's stand-in installed in every rank."""
+    cases = _cases(cp)
+    assert {c[10] for c in cases} == set(CUDA_STANDINS)
+    if cp == 1:
+        per_case = [[_run(0, 1, c)] for c in cases]
+    else:
+        per_case = list(zip(*unwrap(rank_pools(cp).run(_run_all, cases))))
+    for case, results in zip(cases, per_case):
+        _check(case, cp, results)
+
+
+def test_cuda_windows_and_sinks_under_ulysses_2_x_ring_2():
+    cases = _cases(4, ulysses=2)
+    assert {c[10] for c in cases} == set(CUDA_STANDINS)
+    per_case = list(zip(*unwrap(run_ranks(4, _run_all, cases, timeout_s=120))))
+    for case, results in zip(cases, per_case):
+        _check(case, 4, results)
