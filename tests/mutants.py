@@ -51,6 +51,8 @@ _FUSED = "tests/test_backends.py::test_npu_fused_merge_takes_negative_lse"
 _FIELD = "tests/test_faults.py::test_ranks_that_differ_in_one_field_get_one_error_naming_it[{}]"
 _WINDOW = ("tests/test_window.py::test_window_and_sinks_match_the_dense_reference[1]",
            "tests/test_window.py::test_window_and_sinks_match_the_dense_reference[2]")
+_CUDA_WINDOW = ("tests/test_window_cuda.py::test_cuda_windows_and_sinks_through_the_standins[1]",
+                "tests/test_window_cuda.py::test_cuda_windows_and_sinks_through_the_standins[2]")
 
 #: the curated list: one mutant per promise
 MUTANTS: tuple[Mutant, ...] = (
@@ -167,6 +169,22 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("sinks-ulysses", "sinks under Ulysses: a rank applies its head group's sinks", "ringattn/attention.py",
            "sinks.reshape(u, hq_u)[ulysses.rank()]", "sinks.reshape(u, hq_u)[0]",
            ("tests/test_window.py::test_window_and_sinks_under_ulysses_2_x_ring_2",)),
+    Mutant("cuda-window-swap", "CUDA: the window pair reaches flash_attn as (left, right) (forward)",
+           "ringattn/kernels/cuda.py",
+           "    left, right = window if window is not None else (-1, -1)\n    common = (q, k, v,",
+           "    right, left = window if window is not None else (-1, -1)\n    common = (q, k, v,", _CUDA_WINDOW),
+    Mutant("cuda-window-swap-backward", "CUDA: the window pair reaches flash_attn as (left, right) (backward)",
+           "ringattn/kernels/cuda.py",
+           "    left, right = window if window is not None else (-1, -1)\n    common = (dout,",
+           "    right, left = window if window is not None else (-1, -1)\n    common = (dout,", _CUDA_WINDOW),
+    Mutant("cuda-window-swap-aten", "CUDA: the window pair reaches aten as window_size_left / window_size_right",
+           "ringattn/kernels/cuda.py",
+           '{"window_size_left": window[0], "window_size_right": window[1]}',
+           '{"window_size_left": window[1], "window_size_right": window[0]}', _CUDA_WINDOW),
+    Mutant("cuda-window-max-k", "CUDA: windowed calls pass max_seqlen_k >= every query segment (flash_api.cpp's "
+           "clamps then keep the documented window)", "ringattn/kernels/cuda.py",
+           "    return call.max_k if call.window is None else max(call.max_k, call.max_q)", "    return call.max_k",
+           ("tests/test_window_cuda.py::test_cuda_windows_and_sinks_through_the_standins[2]",)),
     Mutant("npu-segment-limit", "NPU: calls split at the operator's 1,024 segments", "ringattn/kernels/npu.py",
            "MAX_SEGMENTS = 1024", "MAX_SEGMENTS = 2048",
            ("tests/test_backends.py::test_npu_step_with_more_than_1024_segments_is_split_and_exact",)),
