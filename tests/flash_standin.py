@@ -11,8 +11,9 @@ Neither is flash_attn nor torch's CUDA kernel, and neither calls ringattn. Each 
    the one rule left out, since these tests run on CPU;
 3. computes attention itself, independently of ringattn, in float64 per segment from the arguments it was
    given (``cu_seqlens``, scale, causal flag, window pair and ``max_seqlen_q/k`` as [F-win] says the kernels
-   apply them; in backward the ``out`` and LSE it is handed, as the kernels use them), and returns the provider's result layout in the input dtype (one rounding, as a kernel that
-   accumulates in fp32 does) with an fp32 ``[H, total_q]`` LSE.
+   apply them; in backward the ``out`` and LSE it is handed, as the kernels use them), and returns the
+   provider's result layout in the input dtype (one rounding, as a kernel that accumulates in fp32 does) with an
+   fp32 ``[H, total_q]`` LSE.
 
 flash_attn rules, ``csrc/flash_attn/flash_api.cpp`` (Dao-AILab/flash-attention), line numbers at
 v2.6.0 / v2.6.3 / v2.7.0 / v2.7.4.post1 / v2.8.3 (``mha_varlen_fwd`` starts at 528 / 534 / 518 / 515 / 515,
