@@ -27,6 +27,8 @@ class Case:
     strategy: str = "zigzag"
     chunks_per_rank: int | None = None
     ulysses: int | None = None  # None: a plain CP group; U: ringattn.new_cp_groups(U), CP = U x ring
+    window: int | None = None  # sliding window (keys a query attends, itself included); None: none
+    sinks: bool = False  # learned sink logits per query head (case_sinks), their gradient returned too
 
 
 def random_cu_seqlens(rng: random.Random, sample_len: int, num_samples: int = 1, p_single: float = 0.2,
@@ -68,6 +70,13 @@ def global_tensors(case: Case):
     v = torch.randn(s, case.hkv, case.d, generator=g).to(dtype)
     dout = torch.randn(s, case.hq, case.d, generator=g).to(dtype)
     return q, k, v, dout
+
+
+def case_sinks(case: Case) -> torch.Tensor:
+    """Seeded fp32 sink logits ``[Hq]`` of a case (its own generator: global_tensors is unchanged by them), each
+    exactly representable in bf16 (so a bf16 single-device kernel can be handed them unrounded)."""
+    g = torch.Generator().manual_seed(case.seed + 1_000_003)
+    return torch.randn(case.hq, generator=g).to(torch.bfloat16).float()
 
 
 #: test backend names that run the NPU backend on an emulated torch_npu generation (tests/npu_emulation.py)
@@ -122,8 +131,12 @@ def _run_case(rank: int, cp: int, case: Case, backend):
     idx = layout.local_indices(rank)
     q, k, v, dout = global_tensors(case)
     q, k, v = (x[idx].clone().requires_grad_() for x in (q, k, v))
-    out = ringattn.ring_eod_attention(q, k, v, layout, group, comm=case.comm, backend=backend)
+    sinks = case_sinks(case).to(q.device).requires_grad_() if case.sinks else None
+    out = ringattn.ring_eod_attention(q, k, v, layout, group, comm=case.comm, backend=backend, window=case.window,
+                                      sinks=sinks)
     out.backward(dout[idx])
+    if sinks is not None:  # this rank's partial of the sink gradient (the CP sum is the single-device one)
+        return idx, out.detach(), q.grad, k.grad, v.grad, sinks.grad
     return idx, out.detach(), q.grad, k.grad, v.grad
 
 
@@ -132,7 +145,8 @@ def run_cases(rank: int, cp: int, cases):
 
 
 def assemble(per_rank, total: int):
-    """Global (out, dq, dk, dv) from every rank's local results of one case."""
+    """Global (out, dq, dk, dv) from every rank's local results of one case, and the CP-summed sink gradient
+    (float64) when the case has sinks."""
     outs = []
     for j in range(4):
         first = per_rank[0][j + 1]
@@ -140,4 +154,6 @@ def assemble(per_rank, total: int):
         for res in per_rank:
             full[res[0]] = res[j + 1]
         outs.append(full)
+    if len(per_rank[0]) > 5:
+        outs.append(sum(res[5].double() for res in per_rank))
     return outs

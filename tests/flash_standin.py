@@ -10,9 +10,10 @@ Neither is flash_attn nor torch's CUDA kernel, and neither calls ringattn. Each 
    by function and message (torch's vendored copy); the device checks (``CHECK_DEVICE``: tensors on CUDA) are
    the one rule left out, since these tests run on CPU;
 3. computes attention itself, independently of ringattn, in float64 per segment from the arguments it was
-   given (``cu_seqlens``, scale, causal flag; in backward the ``out`` and LSE it is handed, as the kernels
-   use them), and returns the provider's result layout in the input dtype (one rounding, as a kernel that
-   accumulates in fp32 does) with an fp32 ``[H, total_q]`` LSE.
+   given (``cu_seqlens``, scale, causal flag, window pair and ``max_seqlen_q/k`` as [F-win] says the kernels
+   apply them; in backward the ``out`` and LSE it is handed, as the kernels use them), and returns the
+   provider's result layout in the input dtype (one rounding, as a kernel that accumulates in fp32 does) with an
+   fp32 ``[H, total_q]`` LSE.
 
 flash_attn rules, ``csrc/flash_attn/flash_api.cpp`` (Dao-AILab/flash-attention), line numbers at
 v2.6.0 / v2.6.3 / v2.7.0 / v2.7.4.post1 / v2.8.3 (``mha_varlen_fwd`` starts at 528 / 534 / 518 / 515 / 515,
@@ -45,6 +46,40 @@ v2.6.0 / v2.6.3 / v2.7.0 / v2.7.4.post1 / v2.8.3 (``mha_varlen_fwd`` starts at 5
   bottom-right corner.
 * Results: v2.6.x ``(out, q, k, v, out_padded, softmax_lse, S_dmask, rng_state)``, v2.7+ ``(out, softmax_lse,
   S_dmask, rng_state)`` (flash_attn_interface.py at each tag); the backward writes dq, dk, dv in place.
+* [F-win] sliding windows, as the kernels apply them (:func:`flash_window_rule`, :func:`window_keep`). The
+  documented rule (``flash_attn_varlen_func``'s docstring, flash_attn_interface.py 1089 / 1372 / 1413 / 1408 at
+  v2.6.3 / v2.7.0 / v2.7.4.post1 / v2.8.3): query ``i`` of a segment attends keys ``[i + seqlen_k - seqlen_q -
+  window_size[0], i + seqlen_k - seqlen_q + window_size[1]]`` inclusive (aligned to each segment's bottom-right
+  corner), ``-1`` meaning infinite; "If the row of the mask is all zero, the output will be zero". What the code
+  does with the pair, in this order (flash_api.cpp, line numbers at v2.6.0 / v2.6.3 / v2.7.0 / v2.7.4.post1 /
+  v2.8.3):
+
+  1. ``mha_varlen_fwd``: ``if (max_seqlen_q == 1 && !alibi_slopes_.has_value()) { is_causal = false; }``
+     601 / 608 / 592 / 585 / 585 (the backward has no such line); then ``if (is_causal) { window_size_right =
+     0; }`` — causal forces right to 0 and keeps left — fwd 602 / 609 / 593 / 586 / 586, ``mha_varlen_bwd``
+     1048 / 1071 / 1025 / 1002 / 1002.
+  2. ``if (window_size_left >= max_seqlen_k) { window_size_left = -1; }`` and the same for right, with the
+     ``max_seqlen_k`` *argument*: fwd 623-624 / 630-631 / 615-616 / 608-609 / 608-609, bwd 1109-1110 /
+     1133-1134 / 1084-1085 / 1055-1056 / 1055-1056.
+  3. ``set_params_fprop`` (also run by ``set_params_dgrad``), with ``seqlen_k = max_seqlen_k``: ``is_causal =
+     window_size_left < 0 && window_size_right == 0`` (134 / 134 / 134 / 139 / 139); ``if (window_size_left < 0 &&
+     window_size_right >= 0) { window_size_left = seqlen_k; }`` (136 / 136 / 136 / 141 / 141); ``if
+     (window_size_left >= 0 && window_size_right < 0) { window_size_right = seqlen_k; }`` (137 / 137 / 137 / 142 /
+     142). So a negative value is infinite only when both are negative; otherwise it becomes ``max_seqlen_k``.
+  4. the kernel: ``Is_local = (window_size_left >= 0 || window_size_right >= 0) && !Is_causal``
+     (``csrc/flash_attn/src/flash_fwd_launch_template.h`` LOCAL_SWITCH, 67 / 67 / 67 / 70 / 70); a local row ``r``
+     of a segment with ``sq`` queries and ``sk`` keys (``block_info.h``: ``actual_seqlen_q/k`` from
+     ``cu_seqlens``) keeps the columns ``[max(0, r + sk - sq - left), min(sk, r + 1 + sk - sq + right))``
+     (``csrc/flash_attn/src/mask.h`` ``col_idx_limit_left/right``, 52-53 / 52-53 / 52-53 / 53-54 / 53-54); a causal
+     call is the same with left infinite and right 0 (``apply_mask_causal``); otherwise nothing is masked.
+  5. a row with no key left: output 0 and LSE ``+inf`` (``csrc/flash_attn/src/softmax.h``: ``lse = (sum == 0.f ||
+     sum != sum) ? INFINITY``, 179 at v2.6.3, 180 at v2.8.3; whole key-less row blocks exit early writing 0 and
+     ``gLSE(row) = INFINITY``, ``flash_fwd_kernel.h`` 130 / 122 / 122 / 125 / 125). In backward ``exp(s - LSE)``
+     is then 0: such a row contributes nothing.
+
+  Steps 2-3 are not the documented rule when ``window_size_right >= max_seqlen_k`` while ``0 <= window_size_left <
+  max_seqlen_k``: right becomes ``max_seqlen_k``, which masks keys of rows ``r < sq - max_seqlen_k - 1`` that the
+  documented rule keeps (a segment with more queries than ``max_seqlen_k + 1``). The stand-ins follow the code.
 
 torch's vendored copy, pytorch/pytorch ``aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp``
 (commit 03b7c19d), which ``aten::_flash_attention_forward/_backward`` call with ``cum_seq_q/k``:
@@ -60,6 +95,16 @@ torch's vendored copy, pytorch/pytorch ``aten/src/ATen/native/transformers/cuda/
 * [T-meta] ``torch/_meta_registrations.py`` ``meta__flash_attention_forward``: varlen results ``(attention,
   logsumexp [num_heads, total_q] fp32, seed, offset, debug_mask)``; ``meta__flash_attention_backward``:
   ``(grad_query, grad_key, grad_value)`` shaped like query, key, value.
+* [T-win] ``window_size_left/right`` (``SymInt?``, default None, in the installed schema): the aten wrapper maps None
+  to -1 and passes both with ``is_causal`` to ``mha_varlen_fwd/bwd`` (``_flash_attention_backward``,
+  ``aten/src/ATen/native/transformers/cuda/attention_backward.cu`` at pytorch commit 00afd8f2: ``non_null_window_left
+  = window_size_left.has_value() ? window_size_left.value() : -1``, and right alike; the forward wrapper in
+  ``attention.cu`` was not readable in the stored index and is assumed to do the same — with ``is_causal`` the
+  vendored ``mha_varlen_fwd`` forces right to 0 anyway). The vendored flash_api.cpp at 03b7c19d has steps 1-3 of
+  [F-win] verbatim (``mha_varlen_fwd``: ``max_seqlen_q == 1`` -> not causal, causal -> right 0, the
+  ``>= max_seqlen_k`` clamps; ``mha_varlen_bwd``: causal -> right 0, the clamps; ``set_params_fprop``: the same
+  three lines), and the same kernels. torch's own ``torch/nn/attention/varlen.py`` (installed 2.13) passes
+  ``window_size_left=window_size[0], window_size_right=window_size[1]`` to this op.
 """
 from __future__ import annotations
 
@@ -119,30 +164,68 @@ def _cu(name: str, cu: torch.Tensor, total: int, max_len: int, rule: str) -> lis
     return ends
 
 
-def _attention64(q, k, v, cu_q, cu_k, scale, causal):
-    """float64 ``(out [Tq, H, D], lse [H, Tq])`` per segment; causal aligned bottom-right [F-doc]."""
+def flash_window_rule(causal: bool, left: int, right: int, max_q: int, max_k: int, forward: bool) -> tuple:
+    """``(kind, left, right)`` as the kernel applies ``causal`` and the window pair [F-win] steps 1-4: ``kind`` is
+    ``"causal"``, ``"local"`` or ``"dense"``; ``max_q`` / ``max_k`` are the call's ``max_seqlen_q/k`` arguments."""
+    if forward and max_q == 1:  # step 1, mha_varlen_fwd only (no ALiBi here)
+        causal = False
+    if causal:
+        right = 0
+    if left >= max_k:  # step 2
+        left = -1
+    if right >= max_k:
+        right = -1
+    is_causal = left < 0 and right == 0  # step 3, set_params_fprop (seqlen_k = max_seqlen_k)
+    if left < 0 and right >= 0:
+        left = max_k
+    if left >= 0 and right < 0:
+        right = max_k
+    if is_causal:  # step 4
+        return "causal", -1, 0
+    if left >= 0 or right >= 0:
+        return "local", left, right
+    return "dense", -1, -1
+
+
+def window_keep(sq: int, sk: int, rule: tuple) -> torch.Tensor:
+    """bool ``[sq, sk]``: the keys each query row of one segment keeps under ``rule`` (:func:`flash_window_rule`),
+    ``mask.h``'s column limits with the segment's own lengths [F-win] step 4."""
+    kind, left, right = rule
+    r, c = torch.arange(sq)[:, None], torch.arange(sk)[None, :]
+    if kind == "dense":
+        return torch.ones(sq, sk, dtype=torch.bool)
+    keep = c < torch.clamp(r + 1 + sk - sq + right, max=sk)
+    if kind == "local":
+        keep &= c >= torch.clamp(r + sk - sq - left, min=0)
+    return keep
+
+
+def _attention64(q, k, v, cu_q, cu_k, scale, rule):
+    """float64 ``(out [Tq, H, D], lse [H, Tq])`` per segment under ``rule`` (:func:`flash_window_rule`; causal
+    aligned bottom-right [F-doc]); a row that keeps no key gets out 0 and LSE ``+inf`` [F-win] step 5."""
     tq, h, d = q.shape
     rep = h // k.shape[1]
     out = torch.zeros(tq, h, d, dtype=torch.float64)
-    lse = torch.full((h, tq), float("-inf"), dtype=torch.float64)
+    lse = torch.full((h, tq), float("inf"), dtype=torch.float64)
     for (qs, qe), (ks, ke) in zip(zip(cu_q, cu_q[1:]), zip(cu_k, cu_k[1:])):
         if qe == qs or ke == ks:
             continue
         qq = q[qs:qe].double()
         kk = k[ks:ke].double().repeat_interleave(rep, 1)
         vv = v[ks:ke].double().repeat_interleave(rep, 1)
-        s = torch.einsum("qhd,khd->hqk", qq, kk) * scale
-        if causal:
-            lq, lk = qe - qs, ke - ks
-            s = s.masked_fill(torch.arange(lk)[None, :] > torch.arange(lq)[:, None] + (lk - lq), float("-inf"))
-        lse[:, qs:qe] = torch.logsumexp(s, -1)
-        out[qs:qe] = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), vv)
+        keep = window_keep(qe - qs, ke - ks, rule)
+        s = (torch.einsum("qhd,khd->hqk", qq, kk) * scale).masked_fill(~keep, float("-inf"))
+        seen = keep.any(-1)  # [sq]
+        l_seg = torch.logsumexp(s, -1)
+        lse[:, qs:qe] = torch.where(seen, l_seg, torch.full_like(l_seg, float("inf")))
+        p = torch.exp(s - l_seg.unsqueeze(-1)).nan_to_num(0.0)  # a key-less row: exp(-inf - -inf) -> 0
+        out[qs:qe] = torch.einsum("hqk,khd->qhd", p, vv)
     return out, lse
 
 
-def _attention64_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal):
+def _attention64_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, rule):
     """float64 ``(dq, dk, dv)`` from the *given* ``out`` (the rowsum term) and ``lse`` ``[H, Tq]`` (the
-    probabilities), as the flash backward kernels use them."""
+    probabilities), as the flash backward kernels use them, under ``rule`` (:func:`flash_window_rule`)."""
     h = q.shape[1]
     hk = k.shape[1]
     rep = h // hk
@@ -155,11 +238,9 @@ def _attention64_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal):
         qq, do, oo = q[qs:qe].double(), dout[qs:qe].double(), out[qs:qe].double()
         kk = k[ks:ke].double().repeat_interleave(rep, 1)
         vv = v[ks:ke].double().repeat_interleave(rep, 1)
-        s = torch.einsum("qhd,khd->hqk", qq, kk) * scale
-        if causal:
-            lq, lk = qe - qs, ke - ks
-            s = s.masked_fill(torch.arange(lk)[None, :] > torch.arange(lq)[:, None] + (lk - lq), float("-inf"))
-        p = torch.exp(s - lse[:, qs:qe].double().unsqueeze(-1))
+        keep = window_keep(qe - qs, ke - ks, rule)
+        s = (torch.einsum("qhd,khd->hqk", qq, kk) * scale).masked_fill(~keep, float("-inf"))
+        p = torch.exp(s - lse[:, qs:qe].double().unsqueeze(-1))  # LSE +inf (a key-less row): 0
         dp = torch.einsum("qhd,khd->hqk", do, vv)
         ds = p * (dp - (do * oo).sum(-1).t().unsqueeze(-1)) * scale
         dq[qs:qe] = torch.einsum("hqk,khd->qhd", ds, kk)
@@ -211,13 +292,13 @@ def flash_attn_module(version: str) -> tuple[types.ModuleType, types.ModuleType]
             _check(d_og % 8 == 0, "query, key, value, and out_ must have a head_size that is a multiple of 8",
                    "F-hdim")
         _check(a["dropout_p"] == 0.0 and not a.get("return_softmax"), "the stand-in emulates no dropout", "stand-in")
-        window = (a["window_size_left"], a["window_size_right"]) if key >= (2, 7) else tuple(a["window_size"])
-        _check(tuple(window) == (-1, -1) and a.get("softcap", 0.0) == 0.0 and a.get("alibi_slopes") is None,
-               "the stand-in emulates no window, softcap or ALiBi", "stand-in")
+        _check(a.get("softcap", 0.0) == 0.0 and a.get("alibi_slopes") is None,
+               "the stand-in emulates no softcap or ALiBi", "stand-in")
         cu_q = _cu("cu_seqlens_q", a["cu_seqlens_q"], q.shape[0], a["max_seqlen_q"], "F-cu")
         cu_k = _cu("cu_seqlens_k", a["cu_seqlens_k"], k.shape[0], a["max_seqlen_k"], "F-cu")
         _check(len(cu_q) == len(cu_k), "cu_seqlens_q/k must have shape (batch_size + 1)", "F-cu")
-        out, lse = _attention64(q, k, v, cu_q, cu_k, a["softmax_scale"], a["causal"])
+        rule = flash_window_rule(bool(a["causal"]), *_flash_pair(a, key), a["max_seqlen_q"], a["max_seqlen_k"], True)
+        out, lse = _attention64(q, k, v, cu_q, cu_k, a["softmax_scale"], rule)
         out, lse = out.to(q.dtype), lse.float()
         if key >= (2, 7):
             return out, lse, torch.empty(0), torch.empty(2, dtype=torch.int64)
@@ -253,7 +334,8 @@ def flash_attn_module(version: str) -> tuple[types.ModuleType, types.ModuleType]
         _check(a["dropout_p"] == 0.0, "the stand-in emulates no dropout", "stand-in")
         cu_q = _cu("cu_seqlens_q", a["cu_seqlens_q"], q.shape[0], a["max_seqlen_q"], "F-cu")
         cu_k = _cu("cu_seqlens_k", a["cu_seqlens_k"], k.shape[0], a["max_seqlen_k"], "F-cu")
-        grads = _attention64_backward(dout, q, k, v, out, lse, cu_q, cu_k, a["softmax_scale"], a["causal"])
+        rule = flash_window_rule(bool(a["causal"]), *_flash_pair(a, key), a["max_seqlen_q"], a["max_seqlen_k"], False)
+        grads = _attention64_backward(dout, q, k, v, out, lse, cu_q, cu_k, a["softmax_scale"], rule)
         for dst, g in zip((dq, dk, dv), grads):
             dst.copy_(g.to(dst.dtype))
         return torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)  # softmax_d
@@ -264,6 +346,19 @@ def flash_attn_module(version: str) -> tuple[types.ModuleType, types.ModuleType]
     iface._flash_attn_varlen_forward, iface._flash_attn_varlen_backward = varlen_forward, varlen_backward
     pkg.flash_attn_interface = iface
     return pkg, iface
+
+
+def _flash_pair(a: dict, key: tuple[int, int]) -> tuple[int, int]:
+    """The ``(window_size_left, window_size_right)`` ints a flash_attn call was given: two parameters from v2.7, one
+    sequence indexed ``[0]``, ``[1]`` before (flash_attn_interface.py at each tag)."""
+    if key >= (2, 7):
+        pair = (a["window_size_left"], a["window_size_right"])
+    else:
+        w = a["window_size"]
+        pair = (w[0], w[1])
+    _check(all(isinstance(x, int) and not isinstance(x, bool) for x in pair), f"window sizes must be ints, got {pair}",
+           "F-win")
+    return pair
 
 
 def _signature(names) -> inspect.Signature:
@@ -283,6 +378,14 @@ def _schema_signature(op) -> inspect.Signature:
     return inspect.Signature(params)
 
 
+def _aten_pair(a: dict) -> tuple[int, int]:
+    """aten's ``window_size_left/right`` (None: -1, [T-win])."""
+    pair = tuple(-1 if a.get(n) is None else a[n] for n in ("window_size_left", "window_size_right"))
+    _check(all(isinstance(x, int) and not isinstance(x, bool) for x in pair), f"window sizes must be ints, got {pair}",
+           "T-win")
+    return pair
+
+
 def aten_flash_ops() -> tuple:
     """``(_flash_attention_forward, _flash_attention_backward)`` stand-ins bound to the installed torch's schemas."""
     fwd_sig = _schema_signature(torch.ops.aten._flash_attention_forward)
@@ -297,15 +400,15 @@ def aten_flash_ops() -> tuple:
         _check(d <= 256, "FlashAttention forward only supports head dimension at most 256", "T-fwd")
         _check(d % 8 == 0, "head_size must be a multiple of 8, this is ensured by padding!", "T-fwd")
         _check(a["dropout_p"] == 0.0 and not a["return_debug_mask"], "the stand-in emulates no dropout", "stand-in")
-        _check(a.get("window_size_left") is None and a.get("window_size_right") is None
-               and a.get("alibi_slopes") is None and a.get("seqused_k") is None,
-               "the stand-in emulates no window, ALiBi or seqused_k", "stand-in")
+        _check(a.get("alibi_slopes") is None and a.get("seqused_k") is None and a.get("block_table") is None,
+               "the stand-in emulates no ALiBi, seqused_k or block_table", "stand-in")
         _check(a["cum_seq_q"] is not None and a["cum_seq_k"] is not None, "varlen needs cum_seq_q/k", "T-meta")
         cu_q = _cu("cum_seq_q", a["cum_seq_q"], q.shape[0], a["max_q"], "T-fwd")
         cu_k = _cu("cum_seq_k", a["cum_seq_k"], k.shape[0], a["max_k"], "T-fwd")
         scale = a.get("scale")
         scale = d ** -0.5 if scale is None else scale
-        out, lse = _attention64(q, k, v, cu_q, cu_k, scale, a["is_causal"])
+        rule = flash_window_rule(bool(a["is_causal"]), *_aten_pair(a), a["max_q"], a["max_k"], True)
+        out, lse = _attention64(q, k, v, cu_q, cu_k, scale, rule)
         return (out.to(q.dtype), lse.float(), torch.empty(2, dtype=torch.int64), torch.empty(0),
                 torch.empty(0, dtype=q.dtype))
 
@@ -327,7 +430,8 @@ def aten_flash_ops() -> tuple:
         cu_k = _cu("cum_seq_k", a["cum_seq_k"], k.shape[0], a["max_k"], "T-bwd")
         scale = a.get("scale")
         scale = d ** -0.5 if scale is None else scale
-        grads = _attention64_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, a["is_causal"])
+        rule = flash_window_rule(bool(a["is_causal"]), *_aten_pair(a), a["max_q"], a["max_k"], False)
+        grads = _attention64_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, rule)
         return tuple(g.to(q.dtype) for g in grads)
 
     return forward, backward

@@ -3,8 +3,9 @@
 Calls every hypothesis test of ``tests/test_fuzz.py`` with its pytest parameters, exactly as pytest would under
 the profile (the default profile is derandomized, so these are the CI's cases), but with the rank pool, the
 kernels and the checks replaced by recorders. Prints, per test and CP size: cases drawn, the share of multi-rank
-cases whose plan exchanges KV (some document on two ring ranks), the Ulysses x ring splits drawn, and at CP 1
-the share of cases made only of single-token documents.
+cases whose plan exchanges KV (some document on two ring ranks; under the case's window, if any), the Ulysses x
+ring splits drawn, at CP 1 the share of cases made only of single-token documents, and the windows (none, 1, one
+ending inside the longest document, one at least as long as every document) and sinks drawn.
 """
 from __future__ import annotations
 
@@ -74,7 +75,21 @@ def _exchanges_kv(case, cp: int) -> bool:
     from .cases import case_layout
 
     layout = case_layout(case, cp)
-    return sum(build_plan(layout, case.comm).stats.kv_recv_tokens) > 0
+    return sum(build_plan(layout, case.comm, case.window).stats.kv_recv_tokens) > 0
+
+
+def window_kind(case) -> str:
+    """``none``, ``1``, ``inside`` (2 up to the longest document - 1: it ends inside a document) or ``>= docs``."""
+    if case.window is None:
+        return "none"
+    longest = max(b - a for a, b in zip(case.cu_seqlens, case.cu_seqlens[1:]))
+    return "1" if case.window == 1 else (">= docs" if case.window >= longest else "inside")
+
+
+def _windows_and_sinks(cases) -> str:
+    kinds = Counter(window_kind(c) for c in cases)
+    drawn = ", ".join(f"{k} {kinds[k]}" for k in ("none", "1", "inside", ">= docs"))
+    return f"windows {drawn}; sinks {sum(c.sinks for c in cases)}"
 
 
 def report(drawn: dict) -> str:
@@ -88,13 +103,13 @@ def report(drawn: dict) -> str:
         n = len(cases)
         if cp == 1:
             single = sum(all(b - a == 1 for a, b in zip(c.cu_seqlens, c.cu_seqlens[1:])) for c in cases)
-            lines.append(f"{label}: {n} cases, {single} only single-token documents")
+            lines.append(f"{label}: {n} cases, {single} only single-token documents; {_windows_and_sinks(cases)}")
             continue
         ring = Counter(f"{c.ulysses or 1}x{cp // (c.ulysses or 1)}" for c in cases)
         kv = sum(_exchanges_kv(c, cp) for c in cases)
         splits = ", ".join(f"{k}: {v}" for k, v in sorted(ring.items())) if any(c.ulysses for c in cases) else ""
         lines.append(f"{label}: {n} cases, {kv} exchange KV ({100 * kv / max(n, 1):.0f}%)"
-                     + (f"; splits {splits}" if splits else ""))
+                     + (f"; splits {splits}" if splits else "") + f"; {_windows_and_sinks(cases)}")
     return "\n".join(lines)
 
 

@@ -53,6 +53,8 @@ _WINDOW = ("tests/test_window.py::test_window_and_sinks_match_the_dense_referenc
            "tests/test_window.py::test_window_and_sinks_match_the_dense_reference[2]")
 _NPU_WINDOW = ("tests/test_window_npu.py::test_npu_window_and_sinks_match_the_dense_reference[1]",
                "tests/test_window_npu.py::test_npu_window_and_sinks_match_the_dense_reference[2]")
+_CUDA_WINDOW = ("tests/test_window_cuda.py::test_cuda_windows_and_sinks_through_the_standins[1]",
+                "tests/test_window_cuda.py::test_cuda_windows_and_sinks_through_the_standins[2]")
 
 #: the curated list: one mutant per promise
 MUTANTS: tuple[Mutant, ...] = (
@@ -175,6 +177,22 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("npu-window-mode", "NPU: a windowed call runs the band (sparse_mode=4), not right-down causal (3)",
            "ringattn/kernels/npu.py", '"sparse_mode": 4, "pre_tockens"', '"sparse_mode": 3, "pre_tockens"',
            _NPU_WINDOW),
+    Mutant("cuda-window-swap", "CUDA: the window pair reaches flash_attn as (left, right) (forward)",
+           "ringattn/kernels/cuda.py",
+           "    left, right = window if window is not None else (-1, -1)\n    common = (q, k, v,",
+           "    right, left = window if window is not None else (-1, -1)\n    common = (q, k, v,", _CUDA_WINDOW),
+    Mutant("cuda-window-swap-backward", "CUDA: the window pair reaches flash_attn as (left, right) (backward)",
+           "ringattn/kernels/cuda.py",
+           "    left, right = window if window is not None else (-1, -1)\n    common = (dout,",
+           "    right, left = window if window is not None else (-1, -1)\n    common = (dout,", _CUDA_WINDOW),
+    Mutant("cuda-window-swap-aten", "CUDA: the window pair reaches aten as window_size_left / window_size_right",
+           "ringattn/kernels/cuda.py",
+           '{"window_size_left": window[0], "window_size_right": window[1]}',
+           '{"window_size_left": window[1], "window_size_right": window[0]}', _CUDA_WINDOW),
+    Mutant("cuda-window-max-k", "CUDA: windowed calls pass max_seqlen_k >= every query segment (flash_api.cpp's "
+           "clamps then keep the documented window)", "ringattn/kernels/cuda.py",
+           "    return call.max_k if call.window is None else max(call.max_k, call.max_q)", "    return call.max_k",
+           ("tests/test_window_cuda.py::test_cuda_windows_and_sinks_through_the_standins[2]",)),
     Mutant("npu-segment-limit", "NPU: calls split at the operator's 1,024 segments", "ringattn/kernels/npu.py",
            "MAX_SEGMENTS = 1024", "MAX_SEGMENTS = 2048",
            ("tests/test_backends.py::test_npu_step_with_more_than_1024_segments_is_split_and_exact",)),

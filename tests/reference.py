@@ -23,6 +23,15 @@ def doc_causal_mask(cu_seqlens) -> torch.Tensor:
     return (ids[:, None] == ids[None, :]) & (pos[None, :] <= pos[:, None])
 
 
+def doc_window_mask(cu_seqlens, window: int | None) -> torch.Tensor:
+    """bool [S, S]: query i may attend key j of its document with ``i - window < j <= i`` (None: no window)."""
+    mask = doc_causal_mask(cu_seqlens)
+    if window is not None:
+        pos = torch.arange(mask.shape[0])
+        mask &= pos[None, :] > pos[:, None] - window
+    return mask
+
+
 def dense_attention(q, k, v, cu_seqlens, scale):
     """q [S, Hq, D], k/v [S, Hkv, D] (any dtype, computed in float64) -> out [S, Hq, D] float64."""
     q, k, v = q.double(), k.double(), v.double()

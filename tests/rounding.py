@@ -23,6 +23,14 @@ half-precision format at ``|x|``:
   partial carries ``rho`` times its absolute-value product (``P |v|``, ``|dS| |k|``, ...) on top of the rounding;
   plus ``1e-7`` absolute. For unit-scale inputs that is two orders of magnitude below a bf16 half ulp.
 
+With learned sinks (``sinks``, one logit per head, applied once after the merge in fp32: ``lse' = logaddexp(lse,
+s_h)``, ``out' = out exp(lse - lse')``) every statement above holds with ``lse'`` in place of ``lse``: the merged
+output is ``sum_c exp(lse_c - lse') round(o_c)``, the backward's probabilities are ``exp(S - lse')`` and its rowsum
+term reads the rounded ``out'``; ``out'`` is rounded once more even where one call covers the row (rescaled, its
+partial is no longer representable). The sink gradient ``-sum_i exp(s_h - lse'_i) rowsum(dout_i out'_i)`` (fp32, from
+the rounded ``out'``) is off by at most ``sum_i exp(s_h - lse'_i) (D_q + rho sum_d |dout out'|)``, ``D_q`` the
+rowsum error above.
+
 This is a bound, not an estimate, for the emulated kernels: each step above is a triangle inequality. A real
 device kernel has its own internal error on top (flash rounds P to bf16 before ``P @ V``), which this does not
 model: the GPU tests bound that with the same kernel's single-device error instead (tests/test_attention.py).
@@ -32,16 +40,18 @@ from __future__ import annotations
 import torch
 
 MANTISSA = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
+#: half the spacing of the subnormals (below the smallest normal the spacing stops shrinking: fp16's is 2^-24)
+SUBNORMAL_HALF = {torch.bfloat16: 2.0 ** -134, torch.float16: 2.0 ** -25, torch.float32: 2.0 ** -150}
 REL = 2.0 ** -17  # fp32 arithmetic slack, relative
 ABS = 1e-7
 
 
 def half_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Half the spacing of ``dtype`` at ``|x|`` (float64, elementwise; 0 at 0): the most that rounding a value of
-    that magnitude to ``dtype`` can move it."""
+    """Half the spacing of ``dtype`` at ``|x|`` (float64, elementwise; 0 at 0, never below half the subnormal
+    spacing): the most that rounding a value of that magnitude to ``dtype`` can move it."""
     x = x.abs()
     e = torch.floor(torch.log2(x.clamp_min(1e-300)))
-    return torch.where(x == 0, torch.zeros_like(x), torch.exp2(e - MANTISSA[dtype]))
+    return torch.where(x == 0, torch.zeros_like(x), torch.exp2(e - MANTISSA[dtype]).clamp_min(SUBNORMAL_HALF[dtype]))
 
 
 def varlen_call(cu_q, cu_k, causal: bool) -> list:
@@ -49,18 +59,27 @@ def varlen_call(cu_q, cu_k, causal: bool) -> list:
     return [(torch.arange(a, b), torch.arange(c, d), causal) for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:])]
 
 
-def device_bounds(q, k, v, dout, mask: torch.Tensor, calls, scale: float, dtype: torch.dtype):
+def device_bounds(q, k, v, dout, mask: torch.Tensor, calls, scale: float, dtype: torch.dtype, sinks=None,
+                  ulysses: int = 1):
     """Elementwise bounds ``(out, dq, dk, dv)`` (float64, shaped like the results) on ``|result - exact|`` of a
     device path whose kernel calls are ``calls`` (lists of segments ``(q rows, kv rows, causal)``, as
     ``plan_sim.kernel_calls`` gives them; together they cover ``mask`` once). ``q, k, v, dout`` are the inputs
-    (half-precision values), ``mask`` (bool ``[Tq, Tk]``) what each query attends. Each segment's partial is
-    rounded once (a query row is in one segment per call, so for out and dq that is one rounding per call)."""
+    (half-precision values), ``mask`` (bool ``[Tq, Tk]``) what each query attends (a sliding window's mask under a
+    window: each segment is bounded over the part of ``mask`` it covers). Each segment's partial is rounded once (a
+    query row is in one segment per call, so for out and dq that is one rounding per call). With ``sinks``
+    (``[Hq]``, the logits as the kernel path used them) the bounds are those of the sinked result, and a fifth
+    element bounds the sink gradient ``[Hq]`` (summed over every query row). With ``ulysses`` U > 1 (hybrid CP:
+    Ulysses rank g holds query heads ``[g Hq / U, (g + 1) Hq / U)``, the ring plan's calls run on every group) a KV
+    head shared by several groups (replicated, :func:`ringattn.plan.ulysses_heads`) gets one rounded dK/dV partial
+    per segment *and group*, summed in fp32 and rounded once."""
     q, k, v, dout = (x.double() for x in (q, k, v, dout))
     hq, hk = q.shape[1], k.shape[1]
     rep = hq // hk
     kx, vx = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # [T, Hq, D]
     s = (torch.einsum("ihd,jhd->hij", q, kx) * scale).masked_fill(~mask, float("-inf"))  # [Hq, Tq, Tk]
     lse = torch.logsumexp(s, -1)
+    if sinks is not None:  # lse' = logaddexp(lse, s_h): every probability below is the sinked one
+        lse = torch.logaddexp(lse, sinks.double()[:, None])
     p = torch.exp(s - lse.unsqueeze(-1))
     out = torch.einsum("hij,jhd->ihd", p, vx)
     # fp32 arithmetic: a relative error of each probability, from the fp32 scores and LSE it is computed from
@@ -88,7 +107,7 @@ def device_bounds(q, k, v, dout, mask: torch.Tensor, calls, scale: float, dtype:
         f[qi] += w * (half_ulp((o_g.abs() + noise) * (1 + REL), dtype) + noise)
         covers_q[qi] += 1
     f += ABS
-    several_q = (covers_q > 1).view(-1, 1, 1)
+    several_q = (covers_q > 1).view(-1, 1, 1) | (sinks is not None)  # a sinked out' is rounded again, always
     final_out = half_ulp((out.abs() + f) * (1 + REL), dtype)
     out_bound = f + torch.where(several_q, final_out, torch.zeros_like(f))
     # backward: the rowsum term reads the rounded output (|attention_in - out| <= f + final_out)
@@ -104,28 +123,46 @@ def device_bounds(q, k, v, dout, mask: torch.Tensor, calls, scale: float, dtype:
     def fold(x):  # [n, Hq, D] -> [n, Hk, D]: a KV head's gradient sums its query heads'
         return x.view(x.shape[0], hk, rep, x.shape[2]).sum(2)
 
+    group = torch.arange(hq) // (hq // ulysses)  # the Ulysses group of each query head
+    parts_of = torch.zeros(hk, ulysses, dtype=torch.long)  # query heads of KV head h in group g
+    for h in range(hq):
+        parts_of[h // rep, group[h]] += 1
+
+    def fold_groups(x):  # [n, Hq, D] -> [n, Hk, U, D]: one kernel partial per KV head and Ulysses group
+        y = torch.zeros(x.shape[0], hk, ulysses, x.shape[2], dtype=x.dtype)
+        for h in range(hq):
+            y[:, h // rep, group[h]] += x[:, h]
+        return y
+
     grads = (torch.einsum("hij,jhd->ihd", ds, kx), fold(torch.einsum("hij,ihd->jhd", ds, q)),
              fold(torch.einsum("hij,ihd->jhd", p, dout)))
     bounds = [torch.zeros_like(g) for g in grads]
-    covers = [covers_q, torch.zeros(k.shape[0], dtype=torch.long), torch.zeros(k.shape[0], dtype=torch.long)]
+    covers = [covers_q.view(-1, 1), torch.zeros(k.shape[0], hk, dtype=torch.long),
+              torch.zeros(k.shape[0], hk, dtype=torch.long)]  # partials per row (and KV head)
     for qi, ki, causal in segments:
         ds_g, keep = block(ds, qi, ki, causal)
         ds_g = ds_g * keep
         e_g = block(e_ds, qi, ki, causal)[0] * keep
         p_g = block(p, qi, ki, causal)[0] * keep
         pn_g = block(p_noise, qi, ki, causal)[0] * keep
-        parts = (torch.einsum("hij,jhd->ihd", ds_g, kx[ki]), fold(torch.einsum("hij,ihd->jhd", ds_g, q[qi])),
-                 fold(torch.einsum("hij,ihd->jhd", p_g, dout[qi])))
-        errs = (torch.einsum("hij,jhd->ihd", e_g, kx[ki].abs()), fold(torch.einsum("hij,ihd->jhd", e_g, q[qi].abs())),
-                fold(torch.einsum("hij,ihd->jhd", pn_g, dout[qi].abs())))
-        for i, rows in enumerate((qi, ki, ki)):
-            bounds[i][rows] += errs[i] + half_ulp((parts[i].abs() + errs[i]) * (1 + REL), dtype)
-            if i:
-                covers[i][rows] += 1
+        dq_part = torch.einsum("hij,jhd->ihd", ds_g, kx[ki])
+        dq_err = torch.einsum("hij,jhd->ihd", e_g, kx[ki].abs())
+        bounds[0][qi] += dq_err + half_ulp((dq_part.abs() + dq_err) * (1 + REL), dtype)
+        kv_parts = (fold_groups(torch.einsum("hij,ihd->jhd", ds_g, q[qi])),
+                    fold_groups(torch.einsum("hij,ihd->jhd", p_g, dout[qi])))
+        kv_errs = (fold_groups(torch.einsum("hij,ihd->jhd", e_g, q[qi].abs())),
+                   fold_groups(torch.einsum("hij,ihd->jhd", pn_g, dout[qi].abs())))
+        for i, part, err in zip((1, 2), kv_parts, kv_errs):
+            bounds[i][ki] += (err + half_ulp((part.abs() + err) * (1 + REL), dtype)).sum(2)
+            covers[i][ki] += (parts_of > 0).sum(1)
     result = [out_bound]
     for i in range(3):
-        several = (covers[i] > 1).view(-1, 1, 1)
+        several = (covers[i] > 1).unsqueeze(-1)
         total = bounds[i] + ABS
         final = half_ulp((grads[i].abs() + total) * (1 + REL), dtype)
         result.append(total + torch.where(several, final, torch.zeros_like(final)))
+    if sinks is not None:  # dsinks_h = -sum_i exp(s_h - lse'_i) rowsum(dout_i out'_i), out' read rounded
+        p_sink = torch.exp(sinks.double()[:, None] - lse)  # [H, Tq]
+        terms = (dout * out).abs().sum(-1).t() + d_q.t()  # |rowsum| and its error, [H, Tq]
+        result.append((p_sink * (d_q.t() + rho * terms)).sum(-1) + ABS)
     return tuple(result)

@@ -10,10 +10,10 @@ import torch
 
 from ringattn import build_plan
 
-from .cases import Case, assemble, case_layout, global_tensors, random_cu_seqlens, run_case, run_cases
+from .cases import Case, assemble, case_layout, case_sinks, global_tensors, random_cu_seqlens, run_case, run_cases
 from .dist import unwrap
 from .plan_sim import bf16_partials, kernel_calls
-from .reference import dense_with_grads, doc_causal_mask
+from .reference import dense_with_grads, doc_window_mask
 from .rounding import device_bounds
 
 COMMS = ("plain", "ring", "direct")
@@ -61,6 +61,48 @@ def single_device_bf16_errors(case: Case, q, k, v, dout, ref):
     return [(x.double() - r).abs().max().item() for x, r in zip(res, ref)]
 
 
+def sdpa_bf16_errors(case: Case, q, k, v, dout, ref):
+    """Error of a single-device bf16 kernel per document under the case's window and sinks: torch's
+    ``scaled_dot_product_attention`` (CPU) with a float mask (0 / -inf: the window) and, for sinks, one more key
+    of zeros whose mask entry is the head's sink logit (``case_sinks`` are exact in bf16) — the aten flash kernel
+    of :func:`single_device_bf16_errors` takes neither."""
+    scale = 1.0 / math.sqrt(case.d)
+    sinks = case_sinks(case) if case.sinks else None
+    res = [torch.empty_like(x) for x in (q, q, k, v)]
+    for a, b in zip(case.cu_seqlens, case.cu_seqlens[1:]):
+        n = b - a
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        keep = j <= i if case.window is None else (j <= i) & (j > i - case.window)
+        mask = torch.zeros(n, n).masked_fill(~keep, float("-inf")).expand(1, case.hq, n, n)
+        t = [x[a:b].transpose(0, 1).unsqueeze(0).detach().requires_grad_() for x in (q, k, v)]
+        kk, vv = t[1], t[2]
+        if sinks is not None:
+            zero = torch.zeros(1, case.hkv, 1, case.d, dtype=q.dtype)
+            kk, vv = torch.cat([kk, zero], 2), torch.cat([vv, zero], 2)
+            mask = torch.cat([mask, sinks.view(1, case.hq, 1, 1).expand(1, case.hq, n, 1)], -1)
+        o = torch.nn.functional.scaled_dot_product_attention(t[0], kk, vv, attn_mask=mask.to(q.dtype), scale=scale,
+                                                             enable_gqa=case.hq != case.hkv)
+        o.backward(dout[a:b].transpose(0, 1).unsqueeze(0))
+        for dst, src in zip(res, (o.detach(), t[0].grad, t[1].grad, t[2].grad)):
+            dst[a:b] = src[0].transpose(0, 1)
+    return [(x.double() - r).abs().max().item() for x, r in zip(res, ref)]
+
+
+def reference_with_grads(case: Case, q, k, v, dout) -> list:
+    """float64 ``[out, dq, dk, dv]`` (and ``dsinks`` with sinks) of ``case`` from its inputs: the dense
+    document-causal reference, or with a window or sinks ``window_reference`` of tests/test_window.py (autograd)."""
+    scale = 1.0 / math.sqrt(case.d)
+    if case.window is None and not case.sinks:
+        return list(dense_with_grads(q, k, v, dout, case.cu_seqlens, scale))
+    from .test_window import window_reference
+
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    sinks = case_sinks(case).double().requires_grad_() if case.sinks else None
+    out = window_reference(*leaves, case.cu_seqlens, scale, case.window, sinks)
+    out.backward(dout.double())
+    return [out.detach()] + [x.grad for x in leaves] + ([sinks.grad] if sinks is not None else [])
+
+
 @dataclass(frozen=True)
 class DeviceBaseline:
     """What bounds a half-precision result of a device path (see :func:`check_case`).
@@ -90,13 +132,14 @@ def device_baseline(case: Case, cp: int, single=None) -> DeviceBaseline | None:
     if case.dtype == "float32" or not device_path(case):
         return None
     layout = case_layout(case, cp)
-    plan = build_plan(layout, case.comm)
+    plan = build_plan(layout, case.comm, case.window)
     if single is not None:
         p_q, p_kv = bf16_partials(layout, plan)
         return DeviceBaseline(single=single, q_partials=p_q, kv_partials=p_kv)
     q, k, v, dout = global_tensors(case)
-    bounds = device_bounds(q, k, v, dout, doc_causal_mask(case.cu_seqlens), kernel_calls(layout, plan),
-                           1.0 / math.sqrt(case.d), getattr(torch, case.dtype))
+    bounds = device_bounds(q, k, v, dout, doc_window_mask(case.cu_seqlens, case.window), kernel_calls(layout, plan),
+                           1.0 / math.sqrt(case.d), getattr(torch, case.dtype),
+                           sinks=case_sinks(case) if case.sinks else None, ulysses=case.ulysses or 1)
     return DeviceBaseline(bounds=bounds)
 
 
@@ -106,7 +149,9 @@ def bf16_ulp(x: float) -> float:
 
 def check_case(case: Case, got, baseline: DeviceBaseline | None = None) -> None:
     """fp32: 1e-5 absolute. bf16 on the CPU backend: 2e-2 absolute and at most twice the single-device kernel's
-    error. Half precision on a device path: the error analysis of tests/rounding.py, elementwise.
+    error. Half precision on a device path: the error analysis of tests/rounding.py, elementwise. A case with a
+    window or sinks is compared with tests/test_window.py's ``window_reference`` (and its CP-summed ``dsinks``
+    too, ``got[4]``), its single-device bf16 kernel being :func:`sdpa_bf16_errors`'s.
 
     Two floors keep the CPU backend's bf16 bounds physical: no bf16 result can be closer than half a bf16
     ulp of its value, so the absolute bound is never below half an ulp of the largest reference value (it
@@ -125,9 +170,11 @@ def check_case(case: Case, got, baseline: DeviceBaseline | None = None) -> None:
     2e-2, or twice the same backend's single-device error.
     """
     q, k, v, dout = global_tensors(case)
-    ref = dense_with_grads(q, k, v, dout, case.cu_seqlens, 1.0 / math.sqrt(case.d))
-    names = ("out", "dq", "dk", "dv")
-    label = f"{case.name} [{case.comm}, {case.backend or 'cpu'}]"
+    ref = reference_with_grads(case, q, k, v, dout)
+    names = ("out", "dq", "dk", "dv") + (("dsinks",) if case.sinks else ())
+    extra = "".join([f", window {case.window}" if case.window is not None else "", ", sinks" if case.sinks else ""])
+    label = f"{case.name} [{case.comm}, {case.backend or 'cpu'}{extra}]"
+    assert len(got) == len(names), f"{label}: expected {names}, got {len(got)} results"
     for name, x in zip(names, got):
         assert not torch.isnan(x).any(), f"{label}: {name} has rows no rank produced"
     if case.dtype == "float32":
@@ -152,12 +199,17 @@ def check_case(case: Case, got, baseline: DeviceBaseline | None = None) -> None:
             assert err <= max(bound, 2 * base), (f"{label}: {name} max abs error {err:.3e} > {n:g} bf16 ulp {bound:.3e} "
                                                  f"and > 2x the same backend's single-device error {base:.3e}")
         return
-    base = single_device_bf16_errors(case, q, k, v, dout, ref)
+    windowed = case.window is not None or case.sinks
+    base = (sdpa_bf16_errors if windowed else single_device_bf16_errors)(case, q, k, v, dout, ref)
     for name, x, r, b in zip(names, got, ref, base):
         err = (x.double() - r).abs().max().item()
         bound = max(2e-2, bf16_ulp(r.abs().max().item()) / 2)
         assert err <= bound, f"{label}: {name} max abs error {err:.3e} > {bound:.3e}"
         assert err <= max(2 * b, 1e-5), f"{label}: {name} error {err:.3e} > 2x single-device bf16 {b:.3e}"
+    if case.sinks:  # fp32 sinks; no single-device bf16 kernel to compare with: the absolute bound only
+        err = (got[4] - ref[4]).abs().max().item()
+        bound = max(2e-2, bf16_ulp(ref[4].abs().max().item()) / 2)
+        assert err <= bound, f"{label}: dsinks max abs error {err:.3e} > {bound:.3e}"
 
 
 @pytest.mark.parametrize("backend", ["cpu", "npu", "npu-legacy", "npu-tnd"])

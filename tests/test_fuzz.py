@@ -6,7 +6,11 @@ share of a sample — so that under every strategy it lies on two ring ranks and
 zigzag chunk edge between two ranks. CP 1-4, micro-batches, GQA ratios, head dims, fp32/bf16, both targeted comm
 shapes and all layout strategies (zigzag, balanced, auto), on the CPU backend or the NPU backend over the emulated
 torch_npu generations; hybrid Ulysses x ring over every factorisation of CP 4 and 6, with head counts that split
-or replicate KV heads. ``python -m tests.fuzz_breadth`` counts what a profile draws (cases exchanging KV, splits).
+or replicate KV heads. Every case draws learned sinks (given or not); CPU cases (and NPU ones once
+``ringattn.kernels.npu.SUPPORTS_WINDOW`` is set) draw a sliding window too (:func:`windows`: None, 1, small, one
+ending inside the longest document, one at least as long as every document), checked against
+tests/test_window.py's ``window_reference``. ``python -m tests.fuzz_breadth`` counts what a profile draws (cases
+exchanging KV, splits, windows and sinks).
 
 Profiles (tests/conftest.py): ``default`` (CI, derandomized: the same cases on every run) and ``thorough``
 (``pytest tests/test_fuzz.py --hypothesis-profile thorough``: randomized, its seed printed in the header and the
@@ -22,6 +26,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+
+from ringattn.kernels import npu as _npu
 
 from .cases import Case, assemble, run_case, run_cases, splittable_heads
 from .dist import unwrap
@@ -77,6 +83,31 @@ def packed(draw, samples: int, sample_len: int, ring: int, chunk: int) -> tuple[
 
 
 @st.composite
+def windows(draw, cu: tuple[int, ...]):
+    """A sliding window for documents ``cu``: None, 1, a small one (2-4), one that ends inside the longest document
+    (so it cuts chunks mid-document), or one at least as long as every document. The kind is drawn first, the one
+    that cuts documents listed first: hypothesis draws the first element of a choice most often."""
+    longest = max(b - a for a, b in zip(cu, cu[1:]))
+    kinds = (["mid"] if longest > 2 else []) + ["none", "one", "long", "small"]
+    kind = draw(st.sampled_from(kinds))
+    if kind == "none":
+        return None
+    if kind == "one":
+        return 1
+    if kind == "small":
+        return draw(st.integers(2, 4))
+    if kind == "mid":
+        return draw(st.integers(2, longest - 1))
+    return longest + draw(st.integers(0, 3))
+
+
+def window_backend(backend: str | None) -> bool:
+    """Whether the fuzz may draw a window for ``backend`` (a test backend name; None: CPU): the CPU backend, and the
+    NPU backend once it says it honours windows (``SUPPORTS_WINDOW``, coming with its window support)."""
+    return backend is None or (backend.startswith("npu") and getattr(_npu, "SUPPORTS_WINDOW", False))
+
+
+@st.composite
 def cases(draw, cp: int) -> Case:
     chunk = draw(st.integers(1, 6))
     samples = draw(st.integers(1, 2))
@@ -94,6 +125,7 @@ def cases(draw, cp: int) -> Case:
         d=draw(st.sampled_from([16, 64, 128])), dtype=dtype,
         seed=draw(st.integers(0, 2**16)), comm=draw(st.sampled_from(["ring", "direct"])),
         strategy=strategy, chunks_per_rank=per_rank, backend=backend,
+        window=draw(windows(cu)) if window_backend(backend) else None, sinks=draw(st.sampled_from([True, False])),
     )
 
 
@@ -126,6 +158,7 @@ def hybrid_cases(draw, u: int, r: int) -> Case:
         name=f"fuzz hybrid {u}x{r}", cu_seqlens=cu, sample_len=s, hq=hq, hkv=hkv, d=draw(st.sampled_from([16, 64])),
         dtype=draw(st.sampled_from(["float32", "bfloat16"])), seed=draw(st.integers(0, 2**16)),
         comm=draw(st.sampled_from(["ring", "direct"])), strategy=strategy, chunks_per_rank=per_rank, ulysses=u,
+        window=draw(windows(cu)), sinks=draw(st.sampled_from([True, False])),
     )
 
 

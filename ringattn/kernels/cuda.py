@@ -31,6 +31,11 @@ query ``i`` of a segment sees keys ``[i + sk - sq - left, i + sk - sq + right]``
 ``window_size_left`` / ``window_size_right`` to ``aten._flash_attention_forward/_backward`` (added to the
 aten schema by pytorch#126061). The planner trims every windowed segment so that each query row sees at
 least one key (a fully masked row would return LSE +inf) and ``left >= 0``.
+The pair is not passed through untouched: ``mha_varlen_fwd/bwd`` set a side ``>= max_seqlen_k`` to -1 and
+``set_params_fprop`` then turns a negative side back into ``max_seqlen_k`` unless both are negative
+(flash_api.cpp at v2.6.0-v2.8.3, and torch's vendored copy). A read of ``sk`` keys by ``sq > max_seqlen_k + 1``
+queries has ``right = q_end - k_end >= sq``; clamped to ``max_seqlen_k`` it masks keys of the top rows. So windowed
+calls pass ``max_seqlen_k = max(max_k, max_q)`` (:func:`flash_max_k`): every clamp then keeps the documented mask.
 cuDNN varlen (``aten._cudnn_attention_forward`` with ``cum_seq_q/k``) is faster on Hopper but is not
 offered until its backward is shown to work on a GPU.
 """
@@ -111,6 +116,15 @@ def flash_backward_args(version, dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k
     return common + ((left, right), 0.0, None, deterministic, None)
 
 
+def flash_max_k(call) -> int:
+    """``max_seqlen_k`` to pass for ``call``: its longest key segment, or under a window at least its longest query
+    segment too (``M >= sq`` for every segment makes flash's clamps exact: a side ``>= M`` either drops out or
+    becomes ``M``, and row ``r`` then keeps every column ``< min(sk, r + 1 + sk - sq + M) = sk``; a left side ``>= M
+    >= sk`` masks nothing either). A larger ``max_seqlen_k`` is allowed: it bounds the segments, and the kernels take
+    each segment's length from ``cu_seqlens_k``."""
+    return call.max_k if call.window is None else max(call.max_k, call.max_q)
+
+
 def _aten_window(window) -> dict:
     """aten's window keywords for ``window`` (none without one, so older schemas keep working)."""
     return {} if window is None else {"window_size_left": window[0], "window_size_right": window[1]}
@@ -160,12 +174,13 @@ def forward(q, k, v, call, scale):
     api = flash_attn_api()
     if api is not None:
         version, fwd, _ = api
-        res = fwd(*flash_forward_args(version, q, k, v, cq, ck, call.max_q, call.max_k, scale, call.causal,
+        res = fwd(*flash_forward_args(version, q, k, v, cq, ck, call.max_q, flash_max_k(call), scale, call.causal,
                                       call.window))
         out, lse = res[0], flash_forward_lse(version, res)
     else:
-        out, lse = torch.ops.aten._flash_attention_forward(q, k, v, cq, ck, call.max_q, call.max_k, 0.0, call.causal,
-                                                           False, scale=scale, **_aten_window(call.window))[:2]
+        out, lse = torch.ops.aten._flash_attention_forward(q, k, v, cq, ck, call.max_q, flash_max_k(call), 0.0,
+                                                           call.causal, False, scale=scale,
+                                                           **_aten_window(call.window))[:2]
     return out[..., :d], lse.t()
 
 
@@ -180,11 +195,11 @@ def backward(dout, q, k, v, out, lse, call, scale):
     if api is not None:
         version, _, bwd = api
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        bwd(*flash_backward_args(version, dout, q, k, v, out, lse_ht, dq, dk, dv, cq, ck, call.max_q, call.max_k,
-                                 scale, call.causal, window=call.window))
+        bwd(*flash_backward_args(version, dout, q, k, v, out, lse_ht, dq, dk, dv, cq, ck, call.max_q,
+                                 flash_max_k(call), scale, call.causal, window=call.window))
     else:
         rng, unused = _no_rng(q.device)
         dq, dk, dv = torch.ops.aten._flash_attention_backward(dout, q, k, v, out, lse_ht, cq, ck, call.max_q,
-                                                              call.max_k, 0.0, call.causal, rng, unused, scale=scale,
-                                                              **_aten_window(call.window))
+                                                              flash_max_k(call), 0.0, call.causal, rng, unused,
+                                                              scale=scale, **_aten_window(call.window))
     return dq[..., :d], dk[..., :d], dv[..., :d]
