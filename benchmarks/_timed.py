@@ -1,5 +1,6 @@
 """Shared pieces of the torchrun benchmarks (comm.py, hybrid.py, cost_check.py): the workload and model
 arguments, this rank's random q/k/v, and interleaved timed rounds of forward+backward."""
+
 from __future__ import annotations
 
 import argparse

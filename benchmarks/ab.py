@@ -10,6 +10,7 @@ the busiest-rank forward+backward time per workload and CP size, for ``planning`
 rank-plan time per workload, CP size and strategy. Both run with ``--threads`` intra-op threads (default 1:
 on a shared machine a descheduled OpenMP thread stalls a whole parallel region, which swamps any difference).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,10 +61,20 @@ PARSERS = {"kernels": (parse_kernels, "busiest-rank fwd+bwd ms"), "planning": (p
 
 
 def run(tree: Path, script: str, args: list[str], threads: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "RINGATTN_WORKLOADS": str(ROOT / "ringattn" / "data" / "workloads")}  # older revisions kept them elsewhere
-    out = subprocess.run([sys.executable, str(tree / "benchmarks" / f"{script}.py"), *args], env=env, check=True,
-                         capture_output=True, text=True).stdout
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tree),
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "RINGATTN_WORKLOADS": str(ROOT / "ringattn" / "data" / "workloads"),
+    }  # older revisions kept them elsewhere
+    out = subprocess.run(
+        [sys.executable, str(tree / "benchmarks" / f"{script}.py"), *args],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return PARSERS[script][0](out)
 
 
@@ -76,7 +87,7 @@ def main() -> None:
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     a = p.parse_args(argv[:split])
-    kargs = argv[split + 1:]
+    kargs = argv[split + 1 :]
     with tempfile.TemporaryDirectory() as tmp:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", a.rev], check=True, capture_output=True).stdout
         tar_path = Path(tmp) / "rev.tar"
@@ -88,8 +99,10 @@ def main() -> None:
         for _ in range(a.rounds):
             results["rev"].append(run(old_tree, a.script, kargs, a.threads))
             results["tree"].append(run(ROOT, a.script, kargs, a.threads))
-    print(f"benchmarks/{a.script}.py {' '.join(kargs)}: {PARSERS[a.script][1]}, median of {a.rounds} alternating "
-          f"rounds, {a.threads} thread(s); ratio = working tree / {a.rev}")
+    print(
+        f"benchmarks/{a.script}.py {' '.join(kargs)}: {PARSERS[a.script][1]}, median of {a.rounds} alternating "
+        f"rounds, {a.threads} thread(s); ratio = working tree / {a.rev}"
+    )
     print(f"{'workload':<26} {'strategy':<9} {'CP':>3} {a.rev[:10] + ' ms':>14} {'tree ms':>10} {'ratio':>6}")
     keys = sorted({k for r in results["tree"] for k in r} & {k for r in results["rev"] for k in r})
     ratios = []

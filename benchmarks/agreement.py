@@ -6,6 +6,7 @@ For each size, alternates forward calls with ``validate=True`` (one all-gather e
 and ``validate=False`` (agreed once per layout), and prints the median time of both, the
 difference per call in microseconds and their ratio.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -15,6 +15,7 @@ that order; pairs it predicts within ``--tie`` (``~``) are not judged.
 Use the attention shape and dtype the profile was calibrated with (the defaults match
 ``--calibrate`` on CPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,9 @@ def main() -> None:
     add_run_args(p, sample_len=8192, rounds=7)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--comm", default="direct")
-    p.add_argument("--tie", type=float, default=0.01,
-                   help="predicted times within this fraction are a tie (not judged)")
+    p.add_argument(
+        "--tie", type=float, default=0.01, help="predicted times within this fraction are a tie (not judged)"
+    )
     args = p.parse_args()
     dist.init_process_group("gloo")
     rank, cp = dist.get_rank(), dist.get_world_size()
@@ -61,16 +63,22 @@ def main() -> None:
     model = CostModel(load_profile(args.profile), args.heads, args.kv_heads, args.head_dim, dtype)
     if rank == 0:
         prof = model.profile
-        print(f"CP={cp} gloo, Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}, comm={args.comm}, "
-              f"sample_len={args.sample_len}, {args.rounds} rounds; profile {prof.name}: {prof.flops / 1e12:.4g} TFLOP/s, "
-              f"{prof.p2p_bandwidth / 1e9:.4g} GB/s, latency {prof.latency * 1e3:.3g} ms/step")
+        print(
+            f"CP={cp} gloo, Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}, comm={args.comm}, "
+            f"sample_len={args.sample_len}, {args.rounds} rounds; profile {prof.name}: {prof.flops / 1e12:.4g} TFLOP/s, "
+            f"{prof.p2p_bandwidth / 1e9:.4g} GB/s, latency {prof.latency * 1e3:.3g} ms/step"
+        )
         print(f"{'workload':<26} {'strategy':<22} {'predicted ms':>12} {'measured ms':>11} {'pred/meas':>9}")
     matches = 0
     names = args.workloads.split(",")
     for name in names:
         wl, cu = rescaled(name, args.sample_len)
-        layouts = {s: DocLayout.from_cu_seqlens(cu, cp, sample_len=args.sample_len, strategy=s,
-                                                cost=model if s == "auto" else None) for s in STRATEGIES}
+        layouts = {
+            s: DocLayout.from_cu_seqlens(
+                cu, cp, sample_len=args.sample_len, strategy=s, cost=model if s == "auto" else None
+            )
+            for s in STRATEGIES
+        }
         # identical layouts are one entry: "auto=balanced" when auto chose balanced's pieces
         entries: dict[str, DocLayout] = {}
         for s, layout in layouts.items():
@@ -83,20 +91,25 @@ def main() -> None:
         runs = {}
         for s, layout in entries.items():
             qkv = local_qkv(layout.local_tokens(rank), args.heads, args.kv_heads, args.head_dim, g, dtype)
-            runs[s] = lambda qkv=qkv, layout=layout: ringattn.ring_eod_attention(
-                *qkv, layout, comm=args.comm).float().sum().backward()
+            runs[s] = lambda qkv=qkv, layout=layout: (
+                ringattn.ring_eod_attention(*qkv, layout, comm=args.comm).float().sum().backward()
+            )
         times = timed_rounds(runs, args.rounds)
         if rank == 0:
             pred = {s: model.predict(entries[s], args.comm).step_s for s in entries}
             meas = {s: min(times[s]) for s in entries}
             for s in entries:
                 label = s.replace("auto", f"auto: {layouts['auto'].auto_choice}")
-                print(f"{wl['name']:<26} {label:<22} {pred[s] * 1e3:>12.1f} {meas[s] * 1e3:>11.1f} "
-                      f"{pred[s] / meas[s]:>9.2f}")
+                print(
+                    f"{wl['name']:<26} {label:<22} {pred[s] * 1e3:>12.1f} {meas[s] * 1e3:>11.1f} "
+                    f"{pred[s] / meas[s]:>9.2f}"
+                )
             ok = consistent(pred, meas, args.tie)
             matches += ok
-            print(f"{'':<26} predicted: {order(pred, args.tie)}; measured: {order(meas)} -> "
-                  f"{'match' if ok else 'MISMATCH'}")
+            print(
+                f"{'':<26} predicted: {order(pred, args.tie)}; measured: {order(meas)} -> "
+                f"{'match' if ok else 'MISMATCH'}"
+            )
     if rank == 0:
         print(f"orderings matched on {matches} of {len(names)} workloads")
     dist.destroy_process_group()

@@ -11,6 +11,7 @@ rank receives (all-to-all and ring KV, forward and backward, from :meth:`DocLayo
 On a CPU with gloo the time is mostly compute; run it on the target cluster for the
 communication share.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,20 +44,25 @@ def main() -> None:
             continue
         splits.append((u, ringattn.new_cp_groups(u)))  # collective: same order on every rank
     if rank == 0:
-        print(f"CP={cp} ({args.backend}), Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} fp32, "
-              f"sample_len={args.sample_len}, {args.strategy}, {args.rounds} rounds; time = busiest rank's fwd+bwd "
-              f"median; MiB = max per rank received, all-to-all + ring KV, forward + backward")
+        print(
+            f"CP={cp} ({args.backend}), Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} fp32, "
+            f"sample_len={args.sample_len}, {args.strategy}, {args.rounds} rounds; time = busiest rank's fwd+bwd "
+            f"median; MiB = max per rank received, all-to-all + ring KV, forward + backward"
+        )
         print(f"{'workload':<26} {'U x R':>6} {'a2a MiB':>8} {'ring MiB':>8} {'total MiB':>9} {'ms':>8} {'vs ring':>7}")
     for name in args.workloads.split(","):
         wl, cu = rescaled(name, args.sample_len)
         layouts, runs = {}, {}
         for u, groups in splits:
-            layout = layouts[u] = DocLayout.from_cu_seqlens(cu, cp, sample_len=args.sample_len,
-                                                            strategy=args.strategy, ulysses_size=u)
-            qkv = local_qkv(layout.local_tokens(rank), args.heads, args.kv_heads, args.head_dim,
-                            torch.Generator().manual_seed(rank))
-            runs[u] = lambda qkv=qkv, layout=layout, groups=groups: ringattn.ring_eod_attention(
-                *qkv, layout, groups, comm=args.comm).sum().backward()
+            layout = layouts[u] = DocLayout.from_cu_seqlens(
+                cu, cp, sample_len=args.sample_len, strategy=args.strategy, ulysses_size=u
+            )
+            qkv = local_qkv(
+                layout.local_tokens(rank), args.heads, args.kv_heads, args.head_dim, torch.Generator().manual_seed(rank)
+            )
+            runs[u] = lambda qkv=qkv, layout=layout, groups=groups: (
+                ringattn.ring_eod_attention(*qkv, layout, groups, comm=args.comm).sum().backward()
+            )
         times_of = timed_rounds(runs, args.rounds)
         if rank == 0:
             base = statistics.median(times_of[splits[0][0]])
@@ -65,8 +71,10 @@ def main() -> None:
                 a2a = max(a + b for a, b in zip(st.a2a_fwd_bytes, st.a2a_bwd_bytes)) / 2**20
                 ring = max(a + b for a, b in zip(st.ring_fwd_bytes, st.ring_bwd_bytes)) / 2**20
                 med = statistics.median(times_of[u])
-                print(f"{wl['name']:<26} {f'{u}x{cp // u}':>6} {a2a:>8.2f} {ring:>8.2f} {max(st.total_bytes) / 2**20:>9.2f} "
-                      f"{med * 1e3:>8.1f} {med / base:>7.3f}")
+                print(
+                    f"{wl['name']:<26} {f'{u}x{cp // u}':>6} {a2a:>8.2f} {ring:>8.2f} {max(st.total_bytes) / 2**20:>9.2f} "
+                    f"{med * 1e3:>8.1f} {med / base:>7.3f}"
+                )
     dist.destroy_process_group()
 
 

@@ -11,6 +11,7 @@ valid factorisation and strategy (what ``python -m ringattn.plan --compare`` lis
 busiest rank's compute / ring exchange / all-to-all milliseconds of the best split. These are
 model predictions from exact counts (deterministic for a profile), not measurements.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,11 +45,15 @@ def main() -> None:
     args = p.parse_args()
     model = CostModel(load_profile(args.profile), args.heads, args.kv_heads, args.head_dim, args.dtype)
     prof = model.profile
-    print(f"profile {prof.name}: {prof.flops / 1e12:g} TFLOP/s, P2P {prof.p2p_bandwidth / 1e9:g} GB/s, all-to-all "
-          f"{prof.all_to_all_bandwidth / 1e9:g} GB/s, node size {prof.node_size or '-'}; Hq={args.heads} "
-          f"Hkv={args.kv_heads} D={args.head_dim} {args.dtype}, comm={args.comm}")
-    print("| workload | CP | ring only (best of zigzag/balanced/auto) | 8 x CP/8 (best strategy) | best U x R | "
-          "best: compute / ring / all-to-all ms |")
+    print(
+        f"profile {prof.name}: {prof.flops / 1e12:g} TFLOP/s, P2P {prof.p2p_bandwidth / 1e9:g} GB/s, all-to-all "
+        f"{prof.all_to_all_bandwidth / 1e9:g} GB/s, node size {prof.node_size or '-'}; Hq={args.heads} "
+        f"Hkv={args.kv_heads} D={args.head_dim} {args.dtype}, comm={args.comm}"
+    )
+    print(
+        "| workload | CP | ring only (best of zigzag/balanced/auto) | 8 x CP/8 (best strategy) | best U x R | "
+        "best: compute / ring / all-to-all ms |"
+    )
     print("|---|---:|---|---|---|---|")
     for name in args.workloads.split(","):
         wl = load_workload(name)
@@ -57,8 +62,10 @@ def main() -> None:
             ring, node, top = best(rows, 1), best(rows, 8), best(rows)
             cell = lambda r: f"{r[4].efficiency:.3f} ({label(r)})" if r else "not valid"  # noqa: E731
             b = top[4].busiest
-            print(f"| {wl['name']} | {cp} | {cell(ring)} | {cell(node)} | {cell(top)} | "
-                  f"{top[4].compute_s[b] * 1e3:.2f} / {top[4].comm_s[b] * 1e3:.2f} / {top[4].a2a_s[b] * 1e3:.2f} |")
+            print(
+                f"| {wl['name']} | {cp} | {cell(ring)} | {cell(node)} | {cell(top)} | "
+                f"{top[4].compute_s[b] * 1e3:.2f} / {top[4].comm_s[b] * 1e3:.2f} / {top[4].a2a_s[b] * 1e3:.2f} |"
+            )
 
 
 if __name__ == "__main__":

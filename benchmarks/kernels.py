@@ -13,6 +13,7 @@ time over the whole pack divided by CP, their ratio (1.0 = perfect split), and u
 uses the default cost model, or ``--profile``. On CPU the workloads are rescaled
 (``--sample-len``) and heads/dims default small.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,19 @@ def rank_runner(rp, heads, kv_heads, dim, dtype, device, kernel, scale):
         dq = torch.zeros(n, heads, dim, dtype=torch.float32, device=device)
         for sx, src in zip(ex.steps, srcs):
             if sx.calls:
-                backward_step(sx, dout, q, src, o, lse, dq, torch.zeros(src.shape, dtype=torch.float32, device=device),
-                              kernel, scale)
+                backward_step(
+                    sx,
+                    dout,
+                    q,
+                    src,
+                    o,
+                    lse,
+                    dq,
+                    torch.zeros(src.shape, dtype=torch.float32, device=device),
+                    kernel,
+                    scale,
+                )
+
     return run
 
 
@@ -82,7 +94,9 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--comm", default="direct")
     p.add_argument("--strategy", default="zigzag", help="layout strategies, comma-separated (zigzag, balanced, auto)")
-    p.add_argument("--profile", default=None, help="cost model hardware for auto (preset or JSON; default model if unset)")
+    p.add_argument(
+        "--profile", default=None, help="cost model hardware for auto (preset or JSON; default model if unset)"
+    )
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -95,13 +109,17 @@ def main() -> None:
     kernel = get_backend(device.type, args.backend)
     # auto: the default model, or --profile with this run's attention shape
     cost = CostModel(load_profile(args.profile), heads, kv_heads, dim, dtype) if args.profile else None
-    scale = dim ** -0.5
+    scale = dim**-0.5
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     strategies = args.strategy.split(",")
-    print(f"device {name}, backend {kernel.__name__.rsplit('.', 1)[-1]}, Hq={heads} Hkv={kv_heads} D={dim} "
-          f"{args.dtype}, comm={args.comm}, best of {args.repeat}")
-    print(f"{'workload':<26} {'strategy':<20} {'tokens':>7} {'CP':>3} {'busiest ms':>10} {'single/CP ms':>12} "
-          f"{'ratio':>6} {'imbal':>6} {'TFLOP/s busiest':>15} {'TFLOP/s single':>14}")
+    print(
+        f"device {name}, backend {kernel.__name__.rsplit('.', 1)[-1]}, Hq={heads} Hkv={kv_heads} D={dim} "
+        f"{args.dtype}, comm={args.comm}, best of {args.repeat}"
+    )
+    print(
+        f"{'workload':<26} {'strategy':<20} {'tokens':>7} {'CP':>3} {'busiest ms':>10} {'single/CP ms':>12} "
+        f"{'ratio':>6} {'imbal':>6} {'TFLOP/s busiest':>15} {'TFLOP/s single':>14}"
+    )
     for wname in args.workloads.split(","):
         wl = load_workload(wname)
         cu, slen = wl["cu_seqlens"], wl["sample_len"]
@@ -121,10 +139,14 @@ def main() -> None:
         work_total = sum((b - a) * (b - a + 1) // 2 for a, b in zip(cu, cu[1:]))
         flops = lambda work: 3.5 * 4 * work * heads * dim  # noqa: E731
         for cp in (int(x) for x in args.cp.split(",")):
-            layouts = {st: DocLayout.from_cu_seqlens(cu, cp, sample_len=slen, strategy=st, cost=cost) for st in strategies}
+            layouts = {
+                st: DocLayout.from_cu_seqlens(cu, cp, sample_len=slen, strategy=st, cost=cost) for st in strategies
+            }
             plans = {st: build_plan(layouts[st], args.comm) for st in strategies}
-            runners = {st: [rank_runner(rp, heads, kv_heads, dim, dtype, device, kernel, scale) for rp in plans[st].ranks]
-                       for st in strategies}
+            runners = {
+                st: [rank_runner(rp, heads, kv_heads, dim, dtype, device, kernel, scale) for rp in plans[st].ranks]
+                for st in strategies
+            }
             # interleaved: every repeat times every strategy's ranks, so load drift hits them alike
             times = {st: [float("inf")] * cp for st in strategies}
             for _ in range(args.repeat):
@@ -136,10 +158,13 @@ def main() -> None:
                 busiest = max(range(cp), key=lambda r: times[st][r])
                 t_busy = times[st][busiest]
                 label = f"auto: {layouts[st].auto_choice}" if st == "auto" else st
-                print(f"{wl['name']:<26} {label:<20} {total:>7} {cp:>3} {t_busy * 1e3:>10.2f} "
-                      f"{t_single / cp * 1e3:>12.2f} {t_busy / (t_single / cp):>6.2f} {plan.stats.imbalance:>6.2f} "
-                      f"{flops(plan.stats.work[busiest]) / t_busy / 1e12:>15.3f} "
-                      f"{flops(work_total) / t_single / 1e12:>14.3f}", flush=True)
+                print(
+                    f"{wl['name']:<26} {label:<20} {total:>7} {cp:>3} {t_busy * 1e3:>10.2f} "
+                    f"{t_single / cp * 1e3:>12.2f} {t_busy / (t_single / cp):>6.2f} {plan.stats.imbalance:>6.2f} "
+                    f"{flops(plan.stats.work[busiest]) / t_busy / 1e12:>15.3f} "
+                    f"{flops(work_total) / t_single / 1e12:>14.3f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ profile's model), the candidate auto chose, and checks the targets: auto >= 0.95
 zigzag and balanced under either profile. These are model predictions, exact for a given
 profile (deterministic counts), not measurements.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,15 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args()
-    profiles = {"450 GB/s": HardwareProfile(400e12, 450e9, name="fast"),
-                "50 GB/s": HardwareProfile(400e12, 50e9, name="slow")}
+    profiles = {
+        "450 GB/s": HardwareProfile(400e12, 450e9, name="fast"),
+        "50 GB/s": HardwareProfile(400e12, 50e9, name="slow"),
+    }
     models = {k: CostModel(v, args.heads, args.kv_heads, args.head_dim, args.dtype) for k, v in profiles.items()}
-    print(f"predicted efficiency, Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}, 400 TFLOP/s, "
-          f"comm=direct")
+    print(
+        f"predicted efficiency, Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}, 400 TFLOP/s, "
+        f"comm=direct"
+    )
     head = " | ".join(f"{'zigzag':>6} {'balanced':>8} {'auto':>6} {'auto chose':<14}" for _ in models)
     print(f"{'':<26} {'':>3} | " + " | ".join(f"{k:^38}" for k in models))
     print(f"{'workload':<26} {'CP':>3} | {head} | targets")
@@ -44,8 +49,9 @@ def main() -> None:
             zz = DocLayout.from_cu_seqlens(wl["cu_seqlens"], cp, sample_len=wl["sample_len"])
             bal = DocLayout.from_cu_seqlens(wl["cu_seqlens"], cp, sample_len=wl["sample_len"], strategy="balanced")
             for key, model in models.items():
-                auto = DocLayout.from_cu_seqlens(wl["cu_seqlens"], cp, sample_len=wl["sample_len"], strategy="auto",
-                                                 cost=model)
+                auto = DocLayout.from_cu_seqlens(
+                    wl["cu_seqlens"], cp, sample_len=wl["sample_len"], strategy="auto", cost=model
+                )
                 e = [model.predict(x).efficiency for x in (zz, bal, auto)]
                 ok &= e[2] >= max(e[0], e[1]) - 0.01
                 if key == "450 GB/s":

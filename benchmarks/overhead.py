@@ -21,6 +21,7 @@ With ``--device cuda --backend cuda`` the real kernels run and the table adds th
 host time (CUDA events); ``torch.cuda.set_sync_debug_mode("error")`` then proves the warm call never
 synchronises the device. CP > 1 runs that many gloo processes (on one GPU: host staging).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,8 +91,19 @@ def sample_cu(num_docs: int, sample_len: int, seed: int = 0) -> list[int]:
     return [0] + cuts + [sample_len]
 
 
-def measure_rank(rank: int, cp: int, cu, sample_len: int, backend: str, device: str, heads: int, dim: int,
-                 repeat: int, group=None, ulysses: int = 1) -> dict:
+def measure_rank(
+    rank: int,
+    cp: int,
+    cu,
+    sample_len: int,
+    backend: str,
+    device: str,
+    heads: int,
+    dim: int,
+    repeat: int,
+    group=None,
+    ulysses: int = 1,
+) -> dict:
     """Op counts and host times of one rank (``group`` None for CP 1; a ``CPGroups`` when ``ulysses > 1``)."""
     if backend == "null":
         register_null_kernel()
@@ -109,8 +121,9 @@ def measure_rank(rank: int, cp: int, cu, sample_len: int, backend: str, device: 
 
     # warm up the process group and allocator on another layout of the same shape, then time the first call
     # on this one (planning, agreement, index tensors: once per new batch in training)
-    other = ringattn.DocLayout.from_cu_seqlens(sample_cu(len(cu) - 1, sample_len, seed=1), cp, sample_len=sample_len,
-                                               ulysses_size=ulysses)
+    other = ringattn.DocLayout.from_cu_seqlens(
+        sample_cu(len(cu) - 1, sample_len, seed=1), cp, sample_len=sample_len, ulysses_size=ulysses
+    )
     for _ in range(3):
         step(other)
     sync()
@@ -149,9 +162,17 @@ def measure_rank(rank: int, cp: int, cu, sample_len: int, backend: str, device: 
         if host < best:
             best, best_kernel = host, kernel
     steps = len(ringattn.rank_plan(layout, rank).steps)  # a hybrid layout's rank plan is its ring rank's
-    return {"rank": rank, "ops": counter.total, "steps": steps, "syncing": counter.syncing(), "host_s": best,
-            "device_s": best_kernel, "first_call_s": first, "sync_checked": strict,
-            "top_ops": counter.counts.most_common(8)}
+    return {
+        "rank": rank,
+        "ops": counter.total,
+        "steps": steps,
+        "syncing": counter.syncing(),
+        "host_s": best,
+        "device_s": best_kernel,
+        "first_call_s": first,
+        "sync_checked": strict,
+        "top_ops": counter.counts.most_common(8),
+    }
 
 
 def _worker(rank, cp, port, out_dir, args):
@@ -159,21 +180,42 @@ def _worker(rank, cp, port, out_dir, args):
     device = args["device"]
     if device == "cuda":
         torch.cuda.set_device(0)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cp,
-                            timeout=timedelta(seconds=300))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cp, timeout=timedelta(seconds=300)
+    )
     try:
         u = args["ulysses"]
         group = ringattn.new_cp_groups(u) if u > 1 else dist.group.WORLD
-        res = measure_rank(rank, cp, args["cu"], args["sample_len"], args["backend"], device, args["heads"],
-                           args["dim"], args["repeat"], group=group, ulysses=u)
+        res = measure_rank(
+            rank,
+            cp,
+            args["cu"],
+            args["sample_len"],
+            args["backend"],
+            device,
+            args["heads"],
+            args["dim"],
+            args["repeat"],
+            group=group,
+            ulysses=u,
+        )
         with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
             json.dump(res, f)
     finally:
         dist.destroy_process_group()
 
 
-def measure(cp: int, num_docs: int, sample_len: int, backend: str = "null", device: str = "cpu", heads: int = 1,
-            dim: int = 8, repeat: int = 5, ulysses: int = 1) -> list[dict]:
+def measure(
+    cp: int,
+    num_docs: int,
+    sample_len: int,
+    backend: str = "null",
+    device: str = "cpu",
+    heads: int = 1,
+    dim: int = 8,
+    repeat: int = 5,
+    ulysses: int = 1,
+) -> list[dict]:
     """Per-rank results of one configuration (spawns ``cp`` gloo processes for CP > 1)."""
     cu = sample_cu(num_docs, sample_len)
     if cp == 1:
@@ -183,8 +225,16 @@ def measure(cp: int, num_docs: int, sample_len: int, backend: str = "null", devi
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = {"cu": cu, "sample_len": sample_len, "backend": backend, "device": device, "heads": heads, "dim": dim,
-            "repeat": repeat, "ulysses": ulysses}
+    args = {
+        "cu": cu,
+        "sample_len": sample_len,
+        "backend": backend,
+        "device": device,
+        "heads": heads,
+        "dim": dim,
+        "repeat": repeat,
+        "ulysses": ulysses,
+    }
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(_worker, args=(cp, port, out_dir, args), nprocs=cp, start_method="spawn")
         results = []
@@ -210,17 +260,25 @@ def main() -> None:
     null = args.backend == "null"
     heads = args.heads or (1 if null else 32)
     dim = args.head_dim or (8 if null else 128)
-    print(f"backend {args.backend} on {args.device}, sample_len {args.sample_len}, heads {heads}"
-          f"{' (U under Ulysses x ring)' if null and args.ulysses != '1' else ''}, head_dim {dim}; "
-          f"aten ops and host time per forward+backward (warm call), max over ranks")
-    header = (f"{'CP':>7} {'docs':>5} {'steps':>5} {'ops/rank':>8} {'target':>7} {'sync ops':>8} {'host ms':>8} "
-              f"{'1st call ms':>11}")
+    print(
+        f"backend {args.backend} on {args.device}, sample_len {args.sample_len}, heads {heads}"
+        f"{' (U under Ulysses x ring)' if null and args.ulysses != '1' else ''}, head_dim {dim}; "
+        f"aten ops and host time per forward+backward (warm call), max over ranks"
+    )
+    header = (
+        f"{'CP':>7} {'docs':>5} {'steps':>5} {'ops/rank':>8} {'target':>7} {'sync ops':>8} {'host ms':>8} "
+        f"{'1st call ms':>11}"
+    )
     if not null:
         header += f" {'device ms':>9}"
     print(header)
     rows = []
-    splits = [(cp, u) for cp in (int(x) for x in args.cp.split(","))
-              for u in (int(x) for x in args.ulysses.split(",")) if cp % u == 0 and (u == 1 or cp > 1)]
+    splits = [
+        (cp, u)
+        for cp in (int(x) for x in args.cp.split(","))
+        for u in (int(x) for x in args.ulysses.split(","))
+        if cp % u == 0 and (u == 1 or cp > 1)
+    ]
     for cp, u in splits:
         h = max(heads, u) if null else heads
         for docs in (int(x) for x in args.docs.split(",")):
@@ -229,8 +287,10 @@ def main() -> None:
             steps = max(r["steps"] for r in res)
             syncing = sum(sum(r["syncing"].values()) for r in res)
             label = f"{cp}" if u == 1 else f"{cp} ({u}x{cp // u})"
-            line = (f"{label:>7} {docs:>5} {steps:>5} {worst['ops']:>8} {100 + 150 * steps:>7} {syncing:>8} "
-                    f"{max(r['host_s'] for r in res) * 1e3:>8.2f} {max(r['first_call_s'] for r in res) * 1e3:>11.1f}")
+            line = (
+                f"{label:>7} {docs:>5} {steps:>5} {worst['ops']:>8} {100 + 150 * steps:>7} {syncing:>8} "
+                f"{max(r['host_s'] for r in res) * 1e3:>8.2f} {max(r['first_call_s'] for r in res) * 1e3:>11.1f}"
+            )
             if not null:
                 line += f" {max(r['device_s'] for r in res) * 1e3:>9.2f}"
             print(line, flush=True)

@@ -43,6 +43,7 @@ reduce-scatters full-length dK/dV), ``_ContextParallel.sdpa_input_fn`` / ``_sdpa
 ``test/distributed/tensor/test_attention.py`` (``CPFlexAttentionTest._test_cp_flex_attention``,
 ``RingAttentionTest._ring_attention_sdpa``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,12 +75,14 @@ def torch_cp_api():
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.parallel import parallelize_module
+
         api.update(init_device_mesh=init_device_mesh, parallelize_module=parallelize_module)
     except ImportError as exc:
         missing["flex"].append(f"DeviceMesh/parallelize_module ({exc})")
         missing["sdpa"].append(f"DeviceMesh/parallelize_module ({exc})")
     try:
         from torch.nn.attention import flex_attention as fa
+
         api.update(flex_attention=fa.flex_attention, create_block_mask=fa.create_block_mask)
     except ImportError as exc:
         missing["flex"].append(f"torch.nn.attention.flex_attention ({exc})")
@@ -89,11 +92,22 @@ def torch_cp_api():
         cp = None
         for kind in missing:
             missing[kind].append(f"torch.distributed.tensor.experimental._attention ({exc})")
-    names = {"flex": ("_ContextParallel", "_context_parallel_shard"),
-             "sdpa": ("_ContextParallel", "_context_parallel_shard", "_enable_context_parallel_dispatcher",
-                      "_disable_context_parallel_dispatcher", "_HeadTailLoadBalancer", "_cp_options")}
-    balancers = {"headtail": "_HeadTailLoadBalancer", "perdoc": "_PerDocumentHeadTailLoadBalancer",
-                 "ptrr": "_PTRRLoadBalancer"}
+    names = {
+        "flex": ("_ContextParallel", "_context_parallel_shard"),
+        "sdpa": (
+            "_ContextParallel",
+            "_context_parallel_shard",
+            "_enable_context_parallel_dispatcher",
+            "_disable_context_parallel_dispatcher",
+            "_HeadTailLoadBalancer",
+            "_cp_options",
+        ),
+    }
+    balancers = {
+        "headtail": "_HeadTailLoadBalancer",
+        "perdoc": "_PerDocumentHeadTailLoadBalancer",
+        "ptrr": "_PTRRLoadBalancer",
+    }
     if cp is not None:
         for kind, wanted in names.items():
             missing[kind] += [f"_attention.{n}" for n in wanted if not hasattr(cp, n)]
@@ -135,12 +149,12 @@ def reference(q, k, v, dout, cu, scale, docs) -> tuple:
             causal = torch.arange(c0, c1, device=q.device)[:, None] >= torch.arange(c1, device=q.device)[None, :]
             p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
             o = torch.einsum("hij,jhd->ihd", p, vd[:c1])
-            out[a + c0:a + c1] = o
+            out[a + c0 : a + c1] = o
             dvr[:c1] += torch.einsum("hij,ihd->jhd", p, dod[c0:c1])
             dp = torch.einsum("ihd,jhd->hij", dod[c0:c1], vd[:c1])
             delta = (dod[c0:c1] * o).sum(-1).transpose(0, 1).unsqueeze(-1)
             ds = p * (dp - delta)
-            dq[a + c0:a + c1] = torch.einsum("hij,jhd->ihd", ds, kd[:c1]) * scale
+            dq[a + c0 : a + c1] = torch.einsum("hij,jhd->ihd", ds, kd[:c1]) * scale
             dkr[:c1] += torch.einsum("hij,ihd->jhd", ds, qd[c0:c1]) * scale
         dk[a:b] = dkr.view(n, hkv, rep, d).sum(2)
         dv[a:b] = dvr.view(n, hkv, rep, d).sum(2)
@@ -206,16 +220,16 @@ class Outcome:
     """What a peer gave on one batch (every number already agreed over the ranks)."""
 
     peer: str
-    refused: str = ""                      # why it did not run at all
-    bwd_refused: str = ""                  # why it has no forward+backward
-    errors: dict = field(default_factory=dict)   # out/dq/dk/dv -> largest abs error over all ranks
-    coverage: str = ""                     # "" when every row of the batch came from exactly one rank
+    refused: str = ""  # why it did not run at all
+    bwd_refused: str = ""  # why it has no forward+backward
+    errors: dict = field(default_factory=dict)  # out/dq/dk/dv -> largest abs error over all ranks
+    coverage: str = ""  # "" when every row of the batch came from exactly one rank
     kv_tokens: list = field(default_factory=list)  # per rank, one forward
-    kv_expected: list | None = None        # ringattn: layout.stats().kv_recv_tokens
-    fwd_bytes: int = 0                     # the busiest rank's, forward
-    bwd_bytes: int = 0                     # backward (KV again + dK/dV partials)
-    setup_s: float = float("nan")          # median per-batch setup, slowest rank
-    warmup_s: float = float("nan")         # first setup + first forward + first forward+backward, slowest rank
+    kv_expected: list | None = None  # ringattn: layout.stats().kv_recv_tokens
+    fwd_bytes: int = 0  # the busiest rank's, forward
+    bwd_bytes: int = 0  # backward (KV again + dK/dV partials)
+    setup_s: float = float("nan")  # median per-batch setup, slowest rank
+    warmup_s: float = float("nan")  # first setup + first forward + first forward+backward, slowest rank
     fwd: list = field(default_factory=list)
     fwdbwd: list = field(default_factory=list)
 
@@ -262,8 +276,10 @@ def explain(exc: BaseException) -> str:
         while tb.tb_next is not None:
             tb = tb.tb_next
         where = f"{os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_frame.f_code.co_name}"
-        rules = {"_generate_indices_for_batch": "every document's length % (2*CP) == 0",
-                 "_generate_indices": "sequence length % (2*CP) == 0"}
+        rules = {
+            "_generate_indices_for_batch": "every document's length % (2*CP) == 0",
+            "_generate_indices": "sequence length % (2*CP) == 0",
+        }
         rule = rules.get(tb.tb_frame.f_code.co_name, "")
         text = f"{text} (no message; raised in torch's {where}{': it requires ' + rule if rule else ''})"
     return " ".join(text.split())[:600]
@@ -276,15 +292,24 @@ class RingPeer:
     def __init__(self, strategy: str, args):
         self.name = f"ringattn {strategy}"
         self.strategy = strategy
-        self.needs = (f"sample_len % {DocLayout.required_multiple(dist.get_world_size(), strategy=strategy)} == 0 "
-                      f"(DocLayout.required_multiple; pad to it otherwise); public API; no compile")
+        self.needs = (
+            f"sample_len % {DocLayout.required_multiple(dist.get_world_size(), strategy=strategy)} == 0 "
+            f"(DocLayout.required_multiple; pad to it otherwise); public API; no compile"
+        )
 
     def setup(self, batch: Batch):
         layout = DocLayout.from_cu_seqlens(batch.cu, batch.cp, sample_len=batch.S, strategy=self.strategy)
         rank_plan(layout, batch.rank)  # this rank's plan, cached on the layout for its calls
         rows = layout.local_indices(batch.rank, batch.q.device)
-        return dict(layout=layout, rows=rows, kv_rows=rows,
-                    q=batch.q[rows], k=batch.k[rows], v=batch.v[rows], dout=batch.dout[rows])
+        return dict(
+            layout=layout,
+            rows=rows,
+            kv_rows=rows,
+            q=batch.q[rows],
+            k=batch.k[rows],
+            v=batch.v[rows],
+            dout=batch.dout[rows],
+        )
 
     def forward(self, st, batch: Batch):
         return ringattn.ring_eod_attention(st["q"], st["k"], st["v"], st["layout"], softmax_scale=batch.scale)
@@ -323,14 +348,24 @@ class FlexPeer:
         self.name = f"torch flex {balancer}"
         self.balancer, self.api = balancer, api
         cp = dist.get_world_size()
-        rule = {"none": "", "headtail": f"; S % {2 * cp} == 0", "perdoc": f"; every document % {2 * cp} == 0",
-                "ptrr": f"; (S/128) % {cp} == 0"}[balancer]
-        self.needs = (f"S % {TORCH_BLOCK * cp} == 0 (128*CP; pad otherwise){rule}; private: _ContextParallel(FLEX), "
-                      f"_context_parallel_shard" + ("" if balancer == "none" else ", a _LoadBalancer")
-                      + "; a BlockMask of the whole batch on every rank; "
-                      + ("create_block_mask and flex_attention compiled" if compile_flex else
-                         "create_block_mask and flex_attention eager (torch compiles its CP BlockMask anyway)")
-                      + "; no backward on CPU")
+        rule = {
+            "none": "",
+            "headtail": f"; S % {2 * cp} == 0",
+            "perdoc": f"; every document % {2 * cp} == 0",
+            "ptrr": f"; (S/128) % {cp} == 0",
+        }[balancer]
+        self.needs = (
+            f"S % {TORCH_BLOCK * cp} == 0 (128*CP; pad otherwise){rule}; private: _ContextParallel(FLEX), "
+            f"_context_parallel_shard"
+            + ("" if balancer == "none" else ", a _LoadBalancer")
+            + "; a BlockMask of the whole batch on every rank; "
+            + (
+                "create_block_mask and flex_attention compiled"
+                if compile_flex
+                else "create_block_mask and flex_attention eager (torch compiles its CP BlockMask anyway)"
+            )
+            + "; no backward on CPU"
+        )
         flex = api["flex_attention"]
 
         # Two entry points with their own code objects: when a compiled call raises (on CPU, flex refuses any input
@@ -342,12 +377,16 @@ class FlexPeer:
         def flex_train(q, k, v, **kw):
             return flex(q, k, v, **kw)
 
-        self.flex_infer, self.flex_train = ((torch.compile(f, dynamic=False) for f in (flex_infer, flex_train))
-                                            if compile_flex else (flex, flex))
+        self.flex_infer, self.flex_train = (
+            (torch.compile(f, dynamic=False) for f in (flex_infer, flex_train)) if compile_flex else (flex, flex)
+        )
         if not compile_flex:  # chosen on purpose (the header says so): not worth a warning per call
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        self.block_mask = (torch.compile(api["create_block_mask"], dynamic=False, fullgraph=True) if compile_flex
-                           else api["create_block_mask"])
+        self.block_mask = (
+            torch.compile(api["create_block_mask"], dynamic=False, fullgraph=True)
+            if compile_flex
+            else api["create_block_mask"]
+        )
         self.mesh = None
         self.seen_kv = []
 
@@ -361,11 +400,14 @@ class FlexPeer:
 
             self.mesh = self.api["init_device_mesh"](device.type, (dist.get_world_size(),))
             self.module = self.api["parallelize_module"](
-                Flex(), self.mesh, self.api["_ContextParallel"](
-                    seq_dim=2, attention_type=self.api["_ContextParallel"].AttentionType.FLEX))
+                Flex(),
+                self.mesh,
+                self.api["_ContextParallel"](seq_dim=2, attention_type=self.api["_ContextParallel"].AttentionType.FLEX),
+            )
             # after torch's pre-hook (flex_input_fn): the all-gathered K seen by the kernel
-            self.module.register_forward_pre_hook(lambda mod, args, kw: self.seen_kv.append(args[1].shape[2]),
-                                                  with_kwargs=True)
+            self.module.register_forward_pre_hook(
+                lambda mod, args, kw: self.seen_kv.append(args[1].shape[2]), with_kwargs=True
+            )
         return self.module
 
     def setup(self, batch: Batch):
@@ -384,22 +426,32 @@ class FlexPeer:
             lb = self.api["_PerDocumentHeadTailLoadBalancer"](batch.doc_lengths(), batch.cp, dev)
         elif self.balancer == "ptrr":
             lb = self.api["_PTRRLoadBalancer"](block_mask, batch.cp)
-        bhsd = [x.view(B, S, x.shape[1], x.shape[2]).transpose(1, 2).contiguous()
-                for x in (batch.q, batch.k, batch.v, batch.dout)]
-        *shards, cp_mask = self.api["_context_parallel_shard"](self.mesh, bhsd[:3] + [block_mask], [2] * 4,
-                                                               load_balancer=lb)
+        bhsd = [
+            x.view(B, S, x.shape[1], x.shape[2]).transpose(1, 2).contiguous()
+            for x in (batch.q, batch.k, batch.v, batch.dout)
+        ]
+        *shards, cp_mask = self.api["_context_parallel_shard"](
+            self.mesh, bhsd[:3] + [block_mask], [2] * 4, load_balancer=lb
+        )
         (dout,) = self.api["_context_parallel_shard"](self.mesh, bhsd[3:], [2], load_balancer=lb)
         # which global rows this rank holds: torch rearranges by lb._generate_indices(), then takes block `rank`
         order = lb._generate_indices() if lb is not None else torch.arange(S, device=dev)[None]
         n = S // batch.cp
-        local = order[:, batch.rank * n:(batch.rank + 1) * n].to(dev).long().expand(B, n)
+        local = order[:, batch.rank * n : (batch.rank + 1) * n].to(dev).long().expand(B, n)
         rows = (local + torch.arange(B, device=dev)[:, None] * S).reshape(-1)
-        return dict(q=shards[0], k=shards[1], v=shards[2], dout=dout, mask=cp_mask, rows=rows, kv_rows=rows,
-                    module=module)
+        return dict(
+            q=shards[0], k=shards[1], v=shards[2], dout=dout, mask=cp_mask, rows=rows, kv_rows=rows, module=module
+        )
 
     def forward(self, st, batch: Batch):
-        return st["module"](st["q"], st["k"], st["v"], block_mask=st["mask"], scale=batch.scale,
-                            enable_gqa=batch.q.shape[1] != batch.k.shape[1])
+        return st["module"](
+            st["q"],
+            st["k"],
+            st["v"],
+            block_mask=st["mask"],
+            scale=batch.scale,
+            enable_gqa=batch.q.shape[1] != batch.k.shape[1],
+        )
 
     @staticmethod
     def layout_out(x):
@@ -428,10 +480,12 @@ class SdpaPeer:
 
     def __init__(self, api: dict, args):
         self.api = api
-        self.needs = ("no document mask (attn_bias refused): runs is_causal=True only where every sample is one "
-                      "document; K/V repeated to Hq heads by this script; private: _ContextParallel(SDPA), "
-                      "_context_parallel_shard, _enable_context_parallel_dispatcher; CUDA kernels only "
-                      "(no CPU sharding rule)")
+        self.needs = (
+            "no document mask (attn_bias refused): runs is_causal=True only where every sample is one "
+            "document; K/V repeated to Hq heads by this script; private: _ContextParallel(SDPA), "
+            "_context_parallel_shard, _enable_context_parallel_dispatcher; CUDA kernels only "
+            "(no CPU sharding rule)"
+        )
         self.mesh = None
 
     def close(self) -> None:
@@ -443,22 +497,28 @@ class SdpaPeer:
         if self.mesh is None:
             # DTensor's SDPA ops go to the CP ring from here on, backward included (no other peer uses DTensor)
             self.api["_enable_context_parallel_dispatcher"]()
+
             class Sdpa(torch.nn.Module):
                 def forward(self, q, k, v, **kw):
                     return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
 
             self.mesh = self.api["init_device_mesh"](dev.type, (batch.cp,))
-            self.module = self.api["parallelize_module"](Sdpa(), self.mesh, self.api["_ContextParallel"](
-                seq_dim=2, attention_type=self.api["_ContextParallel"].AttentionType.SDPA))
+            self.module = self.api["parallelize_module"](
+                Sdpa(),
+                self.mesh,
+                self.api["_ContextParallel"](seq_dim=2, attention_type=self.api["_ContextParallel"].AttentionType.SDPA),
+            )
         causal = len(batch.cu) - 1 == B  # one document per sample: the causal mask is the document mask
         rep = batch.q.shape[1] // batch.k.shape[1]
-        bhsd = [x.view(B, S, x.shape[1], x.shape[2]).transpose(1, 2).contiguous() for x in
-                (batch.q, batch.k, batch.v, batch.dout)]
+        bhsd = [
+            x.view(B, S, x.shape[1], x.shape[2]).transpose(1, 2).contiguous()
+            for x in (batch.q, batch.k, batch.v, batch.dout)
+        ]
         lb = self.api["_HeadTailLoadBalancer"](S, batch.cp, dev) if causal else None  # lb needs is_causal
         shards = self.api["_context_parallel_shard"](self.mesh, bhsd, [2] * 4, load_balancer=lb)
         order = lb._generate_indices() if lb is not None else torch.arange(S, device=dev)[None]
         n = S // batch.cp
-        local = order[:, batch.rank * n:(batch.rank + 1) * n].to(dev).long().expand(B, n)
+        local = order[:, batch.rank * n : (batch.rank + 1) * n].to(dev).long().expand(B, n)
         rows = (local + torch.arange(B, device=dev)[:, None] * S).reshape(-1)
         kw = dict(scale=batch.scale)
         if causal:
@@ -468,8 +528,17 @@ class SdpaPeer:
             qd = doc.gather(1, local)
             pos = torch.arange(S, device=dev)
             kw["attn_mask"] = ((qd[:, :, None] == doc[:, None, :]) & (local[:, :, None] >= pos[None, None, :]))[:, None]
-        return dict(q=shards[0], k=shards[1], v=shards[2], dout=shards[3], rows=rows, kv_rows=rows, kw=kw, rep=rep,
-                    balanced=lb is not None)
+        return dict(
+            q=shards[0],
+            k=shards[1],
+            v=shards[2],
+            dout=shards[3],
+            rows=rows,
+            kv_rows=rows,
+            kw=kw,
+            rep=rep,
+            balanced=lb is not None,
+        )
 
     def forward(self, st, batch: Batch):
         # _context_parallel_shard sets the global _cp_options.enable_load_balance from its load_balancer argument,
@@ -540,9 +609,11 @@ def run_peer(peer, batch: Batch, ref, setup_reps: int) -> tuple[Outcome, dict]:
     # exactness: every global row from exactly one rank, largest abs error against the reference
     results = {"out": (peer.layout_out(out), st["rows"])}
     if "fwdbwd" in runs:
-        results.update(dq=(peer.layout_out(leaves["q"].grad), st["rows"]),
-                       dk=(peer.layout_out(leaves["k"].grad), st["kv_rows"]),
-                       dv=(peer.layout_out(leaves["v"].grad), st["kv_rows"]))
+        results.update(
+            dq=(peer.layout_out(leaves["q"].grad), st["rows"]),
+            dk=(peer.layout_out(leaves["k"].grad), st["kv_rows"]),
+            dv=(peer.layout_out(leaves["v"].grad), st["kv_rows"]),
+        )
     errs = torch.full((4,), -1.0, dtype=torch.float64)  # -1: no such result
     cover = torch.zeros(batch.T, dtype=torch.int64, device=dev)
     cover.index_add_(0, st["rows"], torch.ones_like(st["rows"]))
@@ -570,7 +641,7 @@ def make_batch(name: str, args, rank: int, cp: int, device, dtype) -> Batch:
     g = torch.Generator().manual_seed(1234)  # the same global tensors on every rank
     mk = lambda h: torch.randn(T, h, args.head_dim, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     q, k, v, dout = mk(args.heads), mk(args.kv_heads), mk(args.kv_heads), mk(args.heads)
-    return Batch(wl["name"], cu, T // args.sample_len, args.sample_len, q, k, v, dout, args.head_dim ** -0.5, rank, cp)
+    return Batch(wl["name"], cu, T // args.sample_len, args.sample_len, q, k, v, dout, args.head_dim**-0.5, rank, cp)
 
 
 def build_peers(args, api, missing, cp):
@@ -589,9 +660,14 @@ def build_peers(args, api, missing, cp):
             # _sdpa_handler's call_maps (_context_parallel/_attention.py) map only the CUDA kernels (flash, efficient,
             # cudnn); aten._scaled_dot_product_flash_attention_for_cpu goes to DTensor's generic sharding propagation,
             # which on torch 2.13 was still decomposing after 100 s at CP 2 on a 512-token sample (not waited for)
-            skipped.append((SdpaPeer.name, "CPU: torch's CP SDPA handler maps only the CUDA attention kernels "
-                                           "(_sdpa_handler); on CPU the op falls to DTensor's generic sharding "
-                                           "propagation, which did not finish in 100 s on torch 2.13"))
+            skipped.append(
+                (
+                    SdpaPeer.name,
+                    "CPU: torch's CP SDPA handler maps only the CUDA attention kernels "
+                    "(_sdpa_handler); on CPU the op falls to DTensor's generic sharding "
+                    "propagation, which did not finish in 100 s on torch 2.13",
+                )
+            )
         elif missing["sdpa"]:
             skipped.append((SdpaPeer.name, f"this torch ({torch.__version__}) lacks {', '.join(missing['sdpa'])}"))
         else:
@@ -613,35 +689,42 @@ def run(argv=None, out=sys.stdout) -> dict:
     api, missing = torch_cp_api()
     peers, skipped = build_peers(args, api, missing, cp)
     say = (lambda *a: print(*a, file=out, flush=True)) if rank == 0 else (lambda *a: None)
-    say(f"CP={cp} ({dist.get_backend()}, {device.type}), torch {torch.__version__}, Hq={args.heads} "
+    say(
+        f"CP={cp} ({dist.get_backend()}, {device.type}), torch {torch.__version__}, Hq={args.heads} "
         f"Hkv={args.kv_heads} "
         f"D={args.head_dim} {args.dtype}, sample_len={args.sample_len}, {args.rounds} rounds, {args.threads} thread(s) "
-        f"per rank, flex {'compiled' if args.flex_compile else 'eager'}")
+        f"per rank, flex {'compiled' if args.flex_compile else 'eager'}"
+    )
     say("What each needs from the user:")
     for p in peers:
         say(f"  {p.name:<20} {p.needs}")
     for name, why in skipped:
         say(f"  {name:<20} skipped: {why}")
     base = peers[0].name
-    say(f"err: largest |x - float64 reference| over all ranks ('-': no such result); ms: median of the slowest rank; "
+    say(
+        f"err: largest |x - float64 reference| over all ranks ('-': no such result); ms: median of the slowest rank; "
         f"x: ratio to {base} in the same rounds; warm-up: first setup + first calls (compile), slowest rank; "
         f"KV tok: tokens each rank received in one forward; MiB: busiest rank, forward / backward (ringattn: "
         f"layout.cp_stats, exact; torch flex: forward from the all-gathered K/V, backward the (CP-1)/CP share of "
         f"full-length dK/dV a reduce-scatter brings - gloo runs it as an all-reduce, which moves more); setup: "
-        f"median per-batch setup, slowest rank")
+        f"median per-batch setup, slowest rank"
+    )
     results = {}
     for wname in args.workloads.split(","):
         batch = make_batch(wname, args, rank, cp, device, dtype)
-        (ref, t_ref) = slowest(lambda: distributed_reference(batch.q, batch.k, batch.v, batch.dout, batch.cu,
-                                                             batch.scale, rank, cp), device)
+        (ref, t_ref) = slowest(
+            lambda: distributed_reference(batch.q, batch.k, batch.v, batch.dout, batch.cu, batch.scale, rank, cp),
+            device,
+        )
         say(f"\n{batch.name}: {batch.B} x {batch.S} tokens, {len(batch.cu) - 1} documents (reference {t_ref:.1f} s)")
         outcomes, runs = [], {}
         for peer in peers:
             oc, fns = run_peer(peer, batch, ref, args.setup_reps)
             outcomes.append(oc)
             runs.update({(peer.name, kind): fn for kind, fn in fns.items()})
-        timed = timed_rounds({key: (lambda fn=fn: (fn(), sync(device))) for key, fn in runs.items()}, args.rounds,
-                             warm=False)
+        timed = timed_rounds(
+            {key: (lambda fn=fn: (fn(), sync(device))) for key, fn in runs.items()}, args.rounds, warm=False
+        )
         for oc in outcomes:
             oc.fwd, oc.fwdbwd = timed.get((oc.peer, "fwd"), []), timed.get((oc.peer, "fwdbwd"), [])
         results[batch.name] = outcomes
@@ -662,8 +745,10 @@ def print_table(outcomes: list[Outcome], batch: Batch, out) -> None:
     med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
     base = outcomes[0]
     bf, bb = med(base.fwd), med(base.fwdbwd)
-    p(f"{'peer':<20} {'out':>7} {'dq':>7} {'dk':>7} {'dv':>7} {'fwd ms':>8} {'x':>5} {'f+b ms':>8} {'x':>5} "
-      f"{'warm-up s':>9} {'setup ms':>8} {'MiB f/b':>11}  KV tok per rank")
+    p(
+        f"{'peer':<20} {'out':>7} {'dq':>7} {'dk':>7} {'dv':>7} {'fwd ms':>8} {'x':>5} {'f+b ms':>8} {'x':>5} "
+        f"{'warm-up s':>9} {'setup ms':>8} {'MiB f/b':>11}  KV tok per rank"
+    )
     notes = []
     for oc in outcomes:
         if oc.refused:
@@ -675,9 +760,11 @@ def print_table(outcomes: list[Outcome], batch: Batch, out) -> None:
         kv = "/".join(str(t) for t in oc.kv_tokens)
         if oc.kv_expected is not None:
             kv += " (= plan)" if list(oc.kv_tokens) == list(oc.kv_expected) else f" (plan: {oc.kv_expected}!)"
-        p(f"{oc.peer:<20} {fmt_err(oc, 'out'):>7} {fmt_err(oc, 'dq'):>7} {fmt_err(oc, 'dk'):>7} {fmt_err(oc, 'dv'):>7} "
-          f"{ms(f)} {ratio(f, bf)} {ms(fb)} {ratio(fb, bb)} {oc.warmup_s:9.2f} {oc.setup_s * 1e3:8.1f} "
-          f"{oc.fwd_bytes / 2**20:5.2f}/{oc.bwd_bytes / 2**20:5.2f}  {kv}")
+        p(
+            f"{oc.peer:<20} {fmt_err(oc, 'out'):>7} {fmt_err(oc, 'dq'):>7} {fmt_err(oc, 'dk'):>7} {fmt_err(oc, 'dv'):>7} "
+            f"{ms(f)} {ratio(f, bf)} {ms(fb)} {ratio(fb, bb)} {oc.warmup_s:9.2f} {oc.setup_s * 1e3:8.1f} "
+            f"{oc.fwd_bytes / 2**20:5.2f}/{oc.bwd_bytes / 2**20:5.2f}  {kv}"
+        )
         if oc.coverage:
             notes.append(f"  {oc.peer}: NOT EXACT - {oc.coverage}")
         if oc.bwd_refused:
@@ -690,13 +777,23 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(p, sample_len=4096, rounds=5)
     p.set_defaults(heads=4, kv_heads=2, head_dim=64)
-    p.add_argument("--strategies", default=",".join(STRATEGIES), help="ringattn layout strategies; the first is the "
-                   "base of the time ratios")
-    p.add_argument("--balancers", default="headtail,perdoc,ptrr",
-                   help=f"torch flex CP load balancers, from {','.join(BALANCERS)} ('' for none of them)")
+    p.add_argument(
+        "--strategies",
+        default=",".join(STRATEGIES),
+        help="ringattn layout strategies; the first is the base of the time ratios",
+    )
+    p.add_argument(
+        "--balancers",
+        default="headtail,perdoc,ptrr",
+        help=f"torch flex CP load balancers, from {','.join(BALANCERS)} ('' for none of them)",
+    )
     p.add_argument("--no-sdpa", dest="sdpa", action="store_false", help="leave out torch's SDPA ring")
-    p.add_argument("--no-flex-compile", dest="flex_compile", action="store_false",
-                   help="run flex_attention eagerly (its unfused path: it materialises the scores)")
+    p.add_argument(
+        "--no-flex-compile",
+        dest="flex_compile",
+        action="store_false",
+        help="run flex_attention eagerly (its unfused path: it materialises the scores)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")

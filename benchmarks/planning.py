@@ -22,6 +22,7 @@ whole process's (model, optimizer, framework objects); ``gc.freeze()`` after set
 ``--reference`` also times the original all-pairs planner (tests/plan_reference.py), which
 built every rank's plan on every call, side by side.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,19 +74,26 @@ def main() -> None:
     p.add_argument("--comm", default="direct")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--reference", action="store_true", help="also time the original all-pairs planner")
-    p.add_argument("--gc-freeze", action="store_true",
-                   help="gc.freeze() after the imports, as a training process would after setup")
+    p.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() after the imports, as a training process would after setup",
+    )
     args = p.parse_args()
     pauses = GCPauses()
     reference_plan = None
     if args.reference:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         from tests.plan_reference import reference_plan
-    print(f"{args.samples} x {args.sample_len} tokens, comm={args.comm}; layout + rank_plan of one rank, fresh layout "
-          f"each time; ranks first/middle/last x {args.repeat}")
-    print(f"{'workload':<26} {'docs':>4} {'CP':>3} {'strategy':<20} {'median ms':>9} {'worst ms':>8} "
-          f"{'full GCs':>8} {'worst ms w/o GC':>15} {'all ranks ms':>12}"
-          + (f" {'all-pairs ms':>12} {'speed-up':>8}" if args.reference else ""))
+    print(
+        f"{args.samples} x {args.sample_len} tokens, comm={args.comm}; layout + rank_plan of one rank, fresh layout "
+        f"each time; ranks first/middle/last x {args.repeat}"
+    )
+    print(
+        f"{'workload':<26} {'docs':>4} {'CP':>3} {'strategy':<20} {'median ms':>9} {'worst ms':>8} "
+        f"{'full GCs':>8} {'worst ms w/o GC':>15} {'all ranks ms':>12}"
+        + (f" {'all-pairs ms':>12} {'speed-up':>8}" if args.reference else "")
+    )
     for strategy in args.strategies.split(","):  # warm-up: auto imports the cost model and solver on first use
         rank_plan(DocLayout.from_cu_seqlens([0, 64], 4, strategy=strategy), 0, args.comm)
     if args.gc_freeze:
@@ -111,8 +119,10 @@ def main() -> None:
                 build_plan(layout, args.comm)
                 all_ranks = time.perf_counter() - t0
                 label = f"auto: {layout.auto_choice}" if strategy == "auto" else strategy
-                line = (f"{wl['name']:<26} {len(cu) - 1:>4} {cp:>3} {label:<20} {statistics.median(times) * 1e3:>9.1f} "
-                        f"{max(times) * 1e3:>8.1f} {full:>8} {max(net) * 1e3:>15.1f} {all_ranks * 1e3:>12.1f}")
+                line = (
+                    f"{wl['name']:<26} {len(cu) - 1:>4} {cp:>3} {label:<20} {statistics.median(times) * 1e3:>9.1f} "
+                    f"{max(times) * 1e3:>8.1f} {full:>8} {max(net) * 1e3:>15.1f} {all_ranks * 1e3:>12.1f}"
+                )
                 if reference_plan is not None:
                     fresh = DocLayout.from_cu_seqlens(cu, cp, sample_len=args.sample_len, strategy=strategy)
                     t0 = time.perf_counter()

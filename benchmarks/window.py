@@ -8,6 +8,7 @@ received by a rank in forward, in tokens and in MiB for Hkv=8, D=128, bf16 (4 Ki
 and as a fraction of full document-causal attention; and the exchange steps. Same numbers as
 ``python -m ringattn.inspect --workload NAME --cp N --window W`` prints in its ``window`` line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,14 @@ def main() -> None:
     a = p.parse_args()
     cps = [int(x) for x in a.cp.split(",")]
     windows = [int(x) for x in a.windows.split(",")]
-    print(f"strategy {a.strategy}, comm {a.comm}; work: busiest rank's unmasked entries (M); KV: largest forward "
-          f"receive of a rank (tokens, MiB at Hkv=8 D=128 bf16); ratio = window / full")
-    print(f"{'workload':<26} {'CP':>3} {'window':>6} {'work M':>9} {'ratio':>6} {'KV tokens':>10} {'KV MiB':>7} "
-          f"{'ratio':>6} {'steps':>5}")
+    print(
+        f"strategy {a.strategy}, comm {a.comm}; work: busiest rank's unmasked entries (M); KV: largest forward "
+        f"receive of a rank (tokens, MiB at Hkv=8 D=128 bf16); ratio = window / full"
+    )
+    print(
+        f"{'workload':<26} {'CP':>3} {'window':>6} {'work M':>9} {'ratio':>6} {'KV tokens':>10} {'KV MiB':>7} "
+        f"{'ratio':>6} {'steps':>5}"
+    )
     for name in workload_names():
         wl = load_workload(name)
         for cp in cps:
@@ -40,9 +45,11 @@ def main() -> None:
             rows = [(None, full)] + [(w, build_plan(layout, a.comm, w).stats) for w in windows]
             for w, st in rows:
                 kv = max(st.kv_recv_tokens)
-                print(f"{name:<26} {cp:>3} {w or 'full':>6} {max(st.work) / 1e6:>9.1f} "
-                      f"{max(st.work) / max(full.work):>6.3f} {kv:>10} {kv * KV_BYTES / 2 ** 20:>7.1f} "
-                      f"{(kv / max(full.kv_recv_tokens) if max(full.kv_recv_tokens) else 1.0):>6.3f} {st.num_steps:>5}")
+                print(
+                    f"{name:<26} {cp:>3} {w or 'full':>6} {max(st.work) / 1e6:>9.1f} "
+                    f"{max(st.work) / max(full.work):>6.3f} {kv:>10} {kv * KV_BYTES / 2**20:>7.1f} "
+                    f"{(kv / max(full.kv_recv_tokens) if max(full.kv_recv_tokens) else 1.0):>6.3f} {st.num_steps:>5}"
+                )
 
 
 if __name__ == "__main__":

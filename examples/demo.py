@@ -10,6 +10,7 @@ torch, and prints a per-rank table of tokens, work, skipped block pairs and KV t
 non-zero on a mismatch. ``--ulysses U`` runs hybrid context parallelism: CP = U Ulysses x CP/U
 ring ranks (4 ranks, ``--ulysses 2``: 2 x 2), with groups from ``ringattn.new_cp_groups``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,14 @@ def reference(q, k, v, dout, cu_seqlens, scale):
     q, k, v = (x.detach().double().requires_grad_() for x in (q, k, v))
     outs = []
     for a, b in zip(cu_seqlens, cu_seqlens[1:]):
-        o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
-                                           is_causal=True, scale=scale, enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1),
+            k[a:b].transpose(0, 1),
+            v[a:b].transpose(0, 1),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        )
         outs.append(o.transpose(0, 1))
     out = torch.cat(outs)
     out.backward(dout.double())
@@ -74,8 +81,11 @@ def main() -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--comm", default=None, choices=["plain", "ring", "direct"])
     p.add_argument("--strategy", default="zigzag", choices=list(STRATEGIES))
-    p.add_argument("--profile", default=None,
-                   help="with --strategy auto: cost model hardware (preset or profile JSON; default model if unset)")
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="with --strategy auto: cost model hardware (preset or profile JSON; default model if unset)",
+    )
     p.add_argument("--ulysses", type=int, default=1, help="Ulysses size U: CP = U x ring (default 1: pure ring)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=1, help="untimed forward+backward runs before the timed one")
@@ -95,7 +105,11 @@ def main() -> int:
         title = f"seeded random batch ({args.samples} x {args.sample_len} tokens)"
     tokens = packed_tokens(cu, args.sample_len, 32000, gen)
     meta = eod_metadata(tokens, EOD)  # documents and reset position ids, as Megatron defines them
-    cost = CostModel(load_profile(args.profile), args.heads, args.kv_heads, args.head_dim, args.dtype) if args.profile else None
+    cost = (
+        CostModel(load_profile(args.profile), args.heads, args.kv_heads, args.head_dim, args.dtype)
+        if args.profile
+        else None
+    )
     layout = DocLayout.from_tokens(tokens, EOD, cp, strategy=args.strategy, ulysses_size=args.ulysses, cost=cost)
     groups = ringattn.new_cp_groups(args.ulysses) if args.ulysses > 1 else None  # collective, every rank
     assert list(layout.cu_seqlens) == meta.cu_seqlens.tolist()
@@ -121,9 +135,11 @@ def main() -> int:
     out.backward(dout[idx])
     t2 = time.perf_counter()
 
-    scale = args.head_dim ** -0.5
+    scale = args.head_dim**-0.5
     ref = reference(q, k, v, dout, list(layout.cu_seqlens), scale)
-    errs = torch.tensor([(x.double() - r[idx]).abs().max().item() for x, r in zip((out, ql.grad, kl.grad, vl.grad), ref)])
+    errs = torch.tensor(
+        [(x.double() - r[idx]).abs().max().item() for x, r in zip((out, ql.grad, kl.grad, vl.grad), ref)]
+    )
     dist.all_reduce(errs, op=dist.ReduceOp.MAX)
     times = torch.tensor([t1 - t0, t2 - t1])
     all_times = [torch.zeros(2) for _ in range(cp)]
@@ -134,36 +150,53 @@ def main() -> int:
     if rank == 0 and args.ulysses > 1:
         comm = args.comm or ringattn.attention.DEFAULT_COMM
         cs = layout.cp_stats(args.heads, args.kv_heads, args.head_dim, q.element_size(), comm)
-        print(f"ringattn demo: {title}, {layout.num_docs} documents, CP={cp} = {args.ulysses} Ulysses x "
-              f"{layout.ring_size} ring, {args.strategy}, comm={comm}, Hq={args.heads} Hkv={args.kv_heads} "
-              f"D={args.head_dim} {args.dtype}")
-        print(f"{'rank':>4} {'ring':>4} {'uly':>3} {'tokens':>7} {'a2a KiB':>9} {'ring KV KiB':>11} {'fwd ms':>7} "
-              f"{'bwd ms':>7}   (KiB received, forward)")
+        print(
+            f"ringattn demo: {title}, {layout.num_docs} documents, CP={cp} = {args.ulysses} Ulysses x "
+            f"{layout.ring_size} ring, {args.strategy}, comm={comm}, Hq={args.heads} Hkv={args.kv_heads} "
+            f"D={args.head_dim} {args.dtype}"
+        )
+        print(
+            f"{'rank':>4} {'ring':>4} {'uly':>3} {'tokens':>7} {'a2a KiB':>9} {'ring KV KiB':>11} {'fwd ms':>7} "
+            f"{'bwd ms':>7}   (KiB received, forward)"
+        )
         for r in range(cp):
             rr, uu = layout.split(r)
-            print(f"{r:>4} {rr:>4} {uu:>3} {cs.tokens[r]:>7} {cs.a2a_fwd_bytes[r] / 1024:>9.1f} "
-                  f"{cs.ring_fwd_bytes[r] / 1024:>11.1f} {all_times[r][0] * 1e3:>7.1f} {all_times[r][1] * 1e3:>7.1f}")
-        print(f"ring work imbalance (max/mean) {cs.imbalance:.3f}; ring exchange steps {cs.num_steps}; "
-              "one all-to-all in and one out, forward and backward")
+            print(
+                f"{r:>4} {rr:>4} {uu:>3} {cs.tokens[r]:>7} {cs.a2a_fwd_bytes[r] / 1024:>9.1f} "
+                f"{cs.ring_fwd_bytes[r] / 1024:>11.1f} {all_times[r][0] * 1e3:>7.1f} {all_times[r][1] * 1e3:>7.1f}"
+            )
+        print(
+            f"ring work imbalance (max/mean) {cs.imbalance:.3f}; ring exchange steps {cs.num_steps}; "
+            "one all-to-all in and one out, forward and backward"
+        )
     elif rank == 0:
         comm = args.comm or ringattn.attention.DEFAULT_COMM
         st = build_plan(layout, comm).stats
         kv_row = 2 * args.kv_heads * args.head_dim * q.element_size()
         strategy = f"auto ({layout.auto_choice})" if args.strategy == "auto" else args.strategy
-        print(f"ringattn demo: {title}, {layout.num_docs} documents, CP={cp}, {strategy}, comm={comm}, "
-              f"Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}")
-        print(f"{'rank':>4} {'tokens':>7} {'work':>10} {'work/mean':>9} {'pairs':>6} {'skipped':>7} "
-              f"{'KV recv tok':>11} {'KV recv KiB':>11} {'steps':>5} {'fwd ms':>7} {'bwd ms':>7}")
+        print(
+            f"ringattn demo: {title}, {layout.num_docs} documents, CP={cp}, {strategy}, comm={comm}, "
+            f"Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}"
+        )
+        print(
+            f"{'rank':>4} {'tokens':>7} {'work':>10} {'work/mean':>9} {'pairs':>6} {'skipped':>7} "
+            f"{'KV recv tok':>11} {'KV recv KiB':>11} {'steps':>5} {'fwd ms':>7} {'bwd ms':>7}"
+        )
         mean = st.total_work / cp
         for r in range(cp):
             steps = sum(1 for n in st.kv_recv_per_step[r] if n)
-            print(f"{r:>4} {st.tokens[r]:>7} {st.work[r]:>10} {st.work[r] / mean:>9.3f} {st.pairs_computed[r]:>6} "
-                  f"{st.pairs_skipped[r]:>7} {st.kv_recv_tokens[r]:>11} {st.kv_recv_tokens[r] * kv_row / 1024:>11.1f} "
-                  f"{steps:>5} {all_times[r][0] * 1e3:>7.1f} {all_times[r][1] * 1e3:>7.1f}")
+            print(
+                f"{r:>4} {st.tokens[r]:>7} {st.work[r]:>10} {st.work[r] / mean:>9.3f} {st.pairs_computed[r]:>6} "
+                f"{st.pairs_skipped[r]:>7} {st.kv_recv_tokens[r]:>11} {st.kv_recv_tokens[r] * kv_row / 1024:>11.1f} "
+                f"{steps:>5} {all_times[r][0] * 1e3:>7.1f} {all_times[r][1] * 1e3:>7.1f}"
+            )
         print(f"work imbalance (max/mean) {st.imbalance:.3f}; exchange steps {st.num_steps}")
     if rank == 0:
-        print("max abs error vs float64 reference: " + ", ".join(
-            f"{n} {e:.2e}" for n, e in zip(("out", "dq", "dk", "dv"), errs.tolist())) + f" (tolerance {tol:g})")
+        print(
+            "max abs error vs float64 reference: "
+            + ", ".join(f"{n} {e:.2e}" for n, e in zip(("out", "dq", "dk", "dv"), errs.tolist()))
+            + f" (tolerance {tol:g})"
+        )
         print("OK" if ok else "MISMATCH")
     dist.destroy_process_group()
     return 0 if ok else 1

@@ -23,6 +23,7 @@ True
 >>> len(memo)
 0
 """
+
 from __future__ import annotations
 
 import weakref

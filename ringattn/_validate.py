@@ -12,6 +12,7 @@ ValueError: cp_size: expected a positive int, got True
 >>> one_of("comm", "ring", ("plain", "ring", "direct"))
 'ring'
 """
+
 from __future__ import annotations
 
 import math

@@ -19,6 +19,7 @@ not in the object.
 ...                    {"comm": "pass the same comm= on every rank"}))
 ranks disagree on comm (ranks [0, 1]: 'direct'; ranks [2]: 'ring'): pass the same comm= on every rank
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -72,8 +73,13 @@ def disagreement(facts: Mapping[int, Mapping[str, Any]], remedies: Mapping[str, 
     return "ranks disagree on " + " | ".join(parts)
 
 
-def agree(group: dist.ProcessGroup, verdict: str | None, facts: Mapping[str, Any], device: torch.device,
-          remedies: Mapping[str, str] | None = None) -> None:
+def agree(
+    group: dist.ProcessGroup,
+    verdict: str | None,
+    facts: Mapping[str, Any],
+    device: torch.device,
+    remedies: Mapping[str, str] | None = None,
+) -> None:
     """Raise the same ``ValueError`` on every rank of ``group`` unless all are fine and agree on ``facts``.
 
     verdict: this rank's local validation error (None if fine). facts: ``field -> value`` that must be
@@ -81,8 +87,9 @@ def agree(group: dist.ProcessGroup, verdict: str | None, facts: Mapping[str, Any
     when that field differs. device: where the collective's tensor lives (:func:`agreement_device`).
     """
     size = dist.get_world_size(group)
-    mine = torch.tensor([0 if verdict is None else 1, signature(tuple(facts.items()))], dtype=torch.int64,
-                        device=device)
+    mine = torch.tensor(
+        [0 if verdict is None else 1, signature(tuple(facts.items()))], dtype=torch.int64, device=device
+    )
     gathered = [torch.empty_like(mine) for _ in range(size)]
     dist.all_gather(gathered, mine, group=group)
     rows = torch.stack(gathered).cpu().tolist()
@@ -97,8 +104,15 @@ def agree(group: dist.ProcessGroup, verdict: str | None, facts: Mapping[str, Any
     raise ValueError("ringattn: input rejected on every rank before communication: " + " | ".join(problems))
 
 
-def agree_once(owner: object, group: dist.ProcessGroup, verdict: str | None, facts: Mapping[str, Any],
-               device: torch.device, remedies: Mapping[str, str] | None = None, always: bool = False) -> bool:
+def agree_once(
+    owner: object,
+    group: dist.ProcessGroup,
+    verdict: str | None,
+    facts: Mapping[str, Any],
+    device: torch.device,
+    remedies: Mapping[str, str] | None = None,
+    always: bool = False,
+) -> bool:
     """:func:`agree` on the first call for ``(owner, group, facts)``, and on every call with ``always``.
 
     Returns True when these facts were agreed for ``owner`` and ``group`` on an earlier call and

@@ -1,4 +1,5 @@
 """The autograd function, the functional API and the ``RingEoDAttention`` module."""
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ __all__ = ["ring_eod_attention", "RingEoDAttention", "DEFAULT_COMM", "check_inpu
 #: what to do when the CP ranks disagree on one of the facts attention agrees on (see ringattn.agreement)
 AGREEMENT_REMEDIES = {
     "layout": "every CP rank must build the layout from the same batch with the same arguments (give every CP rank "
-              "the same batch: shard the data loader over data-parallel ranks only)",
+    "the same batch: shard the data loader over data-parallel ranks only)",
     "q heads/dim": "every CP rank must run the same layer (same num_heads and head_dim)",
     "k/v heads/dim": "every CP rank must run the same layer (same num_key_value_heads and head_dim)",
     "dtype": "q, k, v must have the same dtype on every CP rank (same precision / autocast settings)",
@@ -55,17 +56,24 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocL
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name}: expected a tensor, got {type(x).__name__}")
         if x.dim() != 3:
-            raise ValueError(f"{name}: expected shape [tokens, heads, head_dim], got {tuple(x.shape)}; pass this "
-                             "rank's tokens flattened (THD), e.g. x.reshape(-1, heads, head_dim)")
+            raise ValueError(
+                f"{name}: expected shape [tokens, heads, head_dim], got {tuple(x.shape)}; pass this "
+                "rank's tokens flattened (THD), e.g. x.reshape(-1, heads, head_dim)"
+            )
         if not x.dtype.is_floating_point:
-            raise ValueError(f"{name}: expected a floating dtype, got {x.dtype}; pass the projected q/k/v "
-                             "(fp32, fp16 or bf16)")
+            raise ValueError(
+                f"{name}: expected a floating dtype, got {x.dtype}; pass the projected q/k/v (fp32, fp16 or bf16)"
+            )
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"dtype: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them to one "
-                         "dtype (under autocast, run attention in its dtype)")
+        raise ValueError(
+            f"dtype: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them to one "
+            "dtype (under autocast, run attention in its dtype)"
+        )
     if not (q.device == k.device == v.device):
-        raise ValueError(f"device: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; move them "
-                         "to this rank's device")
+        raise ValueError(
+            f"device: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; move them "
+            "to this rank's device"
+        )
     n = layout.local_tokens(rank)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.shape[0] != n:
@@ -74,13 +82,17 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocL
                 "every per-token tensor with layout.local_indices(rank) of the same layout on every rank"
             )
     if k.shape != v.shape:
-        raise ValueError(f"k/v: expected equal shapes, got {tuple(k.shape)} and {tuple(v.shape)}; pass k and v of "
-                         "the same layer (same KV heads and head dim)")
+        raise ValueError(
+            f"k/v: expected equal shapes, got {tuple(k.shape)} and {tuple(v.shape)}; pass k and v of "
+            "the same layer (same KV heads and head dim)"
+        )
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"head_dim: q has {q.shape[2]}, k/v have {k.shape[2]}; q, k and v need one head dim")
     if q.shape[1] % k.shape[1]:
-        raise ValueError(f"heads: q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]}); GQA shares "
-                         "each KV head among Hq / Hkv query heads")
+        raise ValueError(
+            f"heads: q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]}); GQA shares "
+            "each KV head among Hq / Hkv query heads"
+        )
 
 
 class _RingEoDFunction(torch.autograd.Function):
@@ -113,11 +125,15 @@ def _check_groups(layout: DocLayout, groups: CPGroups | None) -> None:
     """The Ulysses x ring split of the groups must be the layout's."""
     u = groups.ulysses_size if groups is not None else 1
     if layout.ulysses_size > 1 and groups is None:
-        raise ValueError(f"group: layout.ulysses_size={layout.ulysses_size} needs the Ulysses and ring groups; pass "
-                         f"group=ringattn.new_cp_groups({layout.ulysses_size}, cp_group)")
+        raise ValueError(
+            f"group: layout.ulysses_size={layout.ulysses_size} needs the Ulysses and ring groups; pass "
+            f"group=ringattn.new_cp_groups({layout.ulysses_size}, cp_group)"
+        )
     if u != layout.ulysses_size:
-        raise ValueError(f"group: the groups split CP as ulysses_size={u} x ring_size={groups.ring_size}, but the layout "
-                         f"has ulysses_size={layout.ulysses_size} (build both with the same ulysses_size)")
+        raise ValueError(
+            f"group: the groups split CP as ulysses_size={u} x ring_size={groups.ring_size}, but the layout "
+            f"has ulysses_size={layout.ulysses_size} (build both with the same ulysses_size)"
+        )
 
 
 class _UlyssesRingFunction(torch.autograd.Function):
@@ -190,17 +206,22 @@ def _local_verdict(q, k, v, layout, rank: int, size: int, scale, comm, backend, 
     try:
         kernel = get_backend(q.device.type if isinstance(q, torch.Tensor) else "cpu", backend)
         if layout.cp_size != size:
-            raise ValueError(f"group: expected {layout.cp_size} ranks (layout.cp_size), got a group of size {size}; "
-                             "pass the CP group the layout was built for (or build it with cp_size=the group's size)")
+            raise ValueError(
+                f"group: expected {layout.cp_size} ranks (layout.cp_size), got a group of size {size}; "
+                "pass the CP group the layout was built for (or build it with cp_size=the group's size)"
+            )
         _check_groups(layout, groups)
         one_of("comm", comm, COMM_SHAPES)
         if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"softmax_scale: expected a positive finite float, got {scale!r}; pass None for "
-                             "head_dim ** -0.5")
+            raise ValueError(
+                f"softmax_scale: expected a positive finite float, got {scale!r}; pass None for head_dim ** -0.5"
+            )
         check_inputs(q, k, v, layout, rank)
         if effective_window(layout, window) is not None and not getattr(kernel, "SUPPORTS_WINDOW", False):
-            raise ValueError(f"window: the {kernel.__name__.rsplit('.', 1)[-1]} backend has no sliding-window "
-                             "support; use backend='math' (portable) or another backend")
+            raise ValueError(
+                f"window: the {kernel.__name__.rsplit('.', 1)[-1]} backend has no sliding-window "
+                "support; use backend='math' (portable) or another backend"
+            )
         if sinks is not None:
             _check_sinks(sinks, q)
         kq, kk = q, k
@@ -307,16 +328,26 @@ def ring_eod_attention(
     agreed_before = False
     if group is not None:  # agreement over the whole CP group, before any all-to-all or P2P
         split = (groups.ulysses_size, groups.ring_size) if groups is not None else (1, size)
-        facts = {"layout": f"{layout!r} {layout.fingerprint:#x}", "q heads/dim": _heads_and_dim(q),
-                 "k/v heads/dim": _heads_and_dim(k), "dtype": str(getattr(q, "dtype", None)), "softmax_scale": scale,
-                 "comm": comm, "ulysses x ring": f"{split[0]}x{split[1]}", "window": window,
-                 "sinks": "given" if sinks is not None else "none"}
-        agreed_before = agree_once(layout, group, verdict, facts, agreement_device(group, q), AGREEMENT_REMEDIES,
-                                   always=validate)
+        facts = {
+            "layout": f"{layout!r} {layout.fingerprint:#x}",
+            "q heads/dim": _heads_and_dim(q),
+            "k/v heads/dim": _heads_and_dim(k),
+            "dtype": str(getattr(q, "dtype", None)),
+            "softmax_scale": scale,
+            "comm": comm,
+            "ulysses x ring": f"{split[0]}x{split[1]}",
+            "window": window,
+            "sinks": "given" if sinks is not None else "none",
+        }
+        agreed_before = agree_once(
+            layout, group, verdict, facts, agreement_device(group, q), AGREEMENT_REMEDIES, always=validate
+        )
     if verdict is not None:
         if agreed_before:
-            verdict += (" (found on this rank only: this layout was agreed on an earlier call, so the other ranks go on "
-                        "and time out waiting for this one; validate=True makes every rank raise this error)")
+            verdict += (
+                " (found on this rank only: this layout was agreed on an earlier call, so the other ranks go on "
+                "and time out waiting for this one; validate=True makes every rank raise this error)"
+            )
         raise ValueError(verdict)
     plan = rank_plan(layout, rank, comm, window)  # hybrid: the ring plan of this rank's ring rank
     if layout.ulysses_size == 1:
@@ -335,21 +366,49 @@ class RingEoDAttention(nn.Module):
     ``group``: a CP process group or the :class:`~ringattn.CPGroups` of a hybrid split. ``window``: the
     layer's sliding window (a ``forward(window=...)`` keyword overrides it for one call)."""
 
-    def __init__(self, softmax_scale: float | None = None, group: dist.ProcessGroup | CPGroups | None = None, *,
-                 window: int | None = None, comm: str | None = None, backend: str | None = None,
-                 validate: bool = False) -> None:
+    def __init__(
+        self,
+        softmax_scale: float | None = None,
+        group: dist.ProcessGroup | CPGroups | None = None,
+        *,
+        window: int | None = None,
+        comm: str | None = None,
+        backend: str | None = None,
+        validate: bool = False,
+    ) -> None:
         super().__init__()
         self.softmax_scale, self.group, self.comm, self.backend = softmax_scale, group, comm, backend
         self.window, self.validate = window, validate
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocLayout, *,
-                window: int | None = _MODULE_WINDOW, sinks: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[assignment]
-        return ring_eod_attention(q, k, v, layout, self.group, self.softmax_scale,
-                                  window=self.window if window is _MODULE_WINDOW else window, sinks=sinks,
-                                  comm=self.comm, backend=self.backend, validate=self.validate)
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layout: DocLayout,
+        *,
+        window: int | None = _MODULE_WINDOW,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # type: ignore[assignment]
+        return ring_eod_attention(
+            q,
+            k,
+            v,
+            layout,
+            self.group,
+            self.softmax_scale,
+            window=self.window if window is _MODULE_WINDOW else window,
+            sinks=sinks,
+            comm=self.comm,
+            backend=self.backend,
+            validate=self.validate,
+        )
 
     def extra_repr(self) -> str:
-        split = (f", ulysses_size={self.group.ulysses_size}, ring_size={self.group.ring_size}"
-                 if isinstance(self.group, CPGroups) else "")
+        split = (
+            f", ulysses_size={self.group.ulysses_size}, ring_size={self.group.ring_size}"
+            if isinstance(self.group, CPGroups)
+            else ""
+        )
         window = f", window={self.window}" if self.window is not None else ""
         return f"softmax_scale={self.softmax_scale}, comm={self.comm or DEFAULT_COMM!r}{window}{split}"

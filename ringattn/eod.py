@@ -12,6 +12,7 @@ reset_position_ids, reset_attention_mask, eod_mask_loss)``:
 ``cu_seqlens`` is *global* over the flattened micro-batch ``[b * s]``: it starts at 0, is
 strictly increasing and ends at ``b * s``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -38,11 +39,14 @@ class EodMetadata:
 
 def _check_tokens(tokens: torch.Tensor) -> None:
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
-        raise ValueError(f"tokens: expected a 2-D tensor [batch, seq], got {getattr(tokens, 'shape', type(tokens))}; "
-                         "pass the token ids of the micro-batch (tokens.unsqueeze(0) for a single sample)")
+        raise ValueError(
+            f"tokens: expected a 2-D tensor [batch, seq], got {getattr(tokens, 'shape', type(tokens))}; "
+            "pass the token ids of the micro-batch (tokens.unsqueeze(0) for a single sample)"
+        )
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-        raise ValueError(f"tokens: expected an integer tensor, got dtype {tokens.dtype}; pass token ids, not "
-                         "embeddings or a mask")
+        raise ValueError(
+            f"tokens: expected an integer tensor, got dtype {tokens.dtype}; pass token ids, not embeddings or a mask"
+        )
     if tokens.shape[1] == 0:
         raise ValueError("tokens: sequence length must be positive; pass a non-empty batch")
 

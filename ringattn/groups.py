@@ -10,6 +10,7 @@ the order of megatron-core's hierarchical CP groups (``create_hierarchical_group
 level first) and of MindSpeed's hybrid CP. Groups are created explicitly, once, by
 :func:`new_cp_groups` and passed to attention; nothing is created lazily or kept globally.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,8 +49,9 @@ class CPGroups:
         return (c,) + divmod(c, self.ulysses_size)
 
     @classmethod
-    def from_groups(cls, cp: dist.ProcessGroup, ulysses: dist.ProcessGroup | None,
-                    ring: dist.ProcessGroup | None) -> CPGroups:
+    def from_groups(
+        cls, cp: dist.ProcessGroup, ulysses: dist.ProcessGroup | None, ring: dist.ProcessGroup | None
+    ) -> CPGroups:
         """Wrap existing groups (e.g. megatron-core's hierarchical CP groups), checking their layout.
 
         Collective over ``cp``: every rank all-gathers the global ranks of its groups, so every
@@ -63,8 +65,10 @@ class CPGroups:
         dist.all_gather_object(seen, mine, group=cp)
         problem = _check_order(dist.get_process_group_ranks(cp), seen)
         if problem:
-            raise ValueError(f"groups: {problem}; pass the groups ringattn.new_cp_groups(U, cp_group) builds, or "
-                             "megatron's hierarchical CP groups (Ulysses inner, ring outer)")
+            raise ValueError(
+                f"groups: {problem}; pass the groups ringattn.new_cp_groups(U, cp_group) builds, or "
+                "megatron's hierarchical CP groups (Ulysses inner, ring outer)"
+            )
         u, r = len(seen[0][0]), len(seen[0][1])
         return cls(cp, ulysses if u > 1 else None, ring if r > 1 else None, u, r)
 
@@ -80,9 +84,11 @@ def _check_order(cp_ranks: list[int], seen: list) -> str | None:
         want_u = tuple(cp_ranks[rr * u + j] for j in range(u))
         want_r = tuple(cp_ranks[j * u + uu] for j in range(r))
         if tuple(uly) != want_u or tuple(ring) != want_r:
-            return (f"CP rank {c} (global rank {cp_ranks[c]}) has Ulysses group {list(uly)} and ring group "
-                    f"{list(ring)}; expected {list(want_u)} and {list(want_r)} "
-                    f"(cp_rank = ring_rank * {u} + ulysses_rank, Ulysses groups of consecutive CP ranks)")
+            return (
+                f"CP rank {c} (global rank {cp_ranks[c]}) has Ulysses group {list(uly)} and ring group "
+                f"{list(ring)}; expected {list(want_u)} and {list(want_r)} "
+                f"(cp_rank = ring_rank * {u} + ulysses_rank, Ulysses groups of consecutive CP ranks)"
+            )
     return None
 
 
@@ -111,16 +117,20 @@ def new_cp_groups(ulysses_size: int, group: dist.ProcessGroup | None = None) -> 
     (``new_cp_groups(8, my_cp_group)``); all processes still call it together.
     """
     if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("new_cp_groups: torch.distributed is not initialised; call dist.init_process_group first "
-                         "(e.g. under torchrun)")
+        raise ValueError(
+            "new_cp_groups: torch.distributed is not initialised; call dist.init_process_group first "
+            "(e.g. under torchrun)"
+        )
     cp_group = dist.group.WORLD if group is None else group
     mine = (ulysses_size, tuple(dist.get_process_group_ranks(cp_group)))
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     problem = _check_request(every)
     if problem:
-        raise ValueError(f"new_cp_groups: {problem}; every process calls new_cp_groups with the same ulysses_size, a "
-                         "divisor of its CP group's size, each with its own CP group (disjoint, ranks ascending)")
+        raise ValueError(
+            f"new_cp_groups: {problem}; every process calls new_cp_groups with the same ulysses_size, a "
+            "divisor of its CP group's size, each with its own CP group (disjoint, ranks ascending)"
+        )
     u = ulysses_size
     me = dist.get_rank()
     ulysses = ring = None
@@ -157,8 +167,10 @@ def _check_request(every: list) -> str | None:
     owner: dict[int, tuple] = {}
     for ranks in groups:
         if list(ranks) != sorted(ranks):  # new_group orders a subgroup by global rank
-            return (f"the CP group's global ranks {list(ranks)} are not ascending in CP rank order, so its subgroups "
-                    "could not follow cp_rank = ring_rank * ulysses_size + ulysses_rank")
+            return (
+                f"the CP group's global ranks {list(ranks)} are not ascending in CP rank order, so its subgroups "
+                "could not follow cp_rank = ring_rank * ulysses_size + ulysses_rank"
+            )
         if len(ranks) % u:
             return f"ulysses_size={u} does not divide the CP group size {len(ranks)} (ranks {list(ranks)})"
         for x in ranks:
@@ -190,26 +202,34 @@ def resolve_group(group: dist.ProcessGroup | CPGroups | None, cp_size: int | Non
     if isinstance(group, CPGroups):
         groups, group = group, group.cp
         if not isinstance(group, dist.ProcessGroup):
-            raise ValueError(f"group: the CPGroups' cp group must be a torch.distributed ProcessGroup, got "
-                             f"{type(group).__name__}; build it with ringattn.new_cp_groups(U, cp_group)")
+            raise ValueError(
+                f"group: the CPGroups' cp group must be a torch.distributed ProcessGroup, got "
+                f"{type(group).__name__}; build it with ringattn.new_cp_groups(U, cp_group)"
+            )
     elif group is None:
         if not (dist.is_available() and dist.is_initialized()):
             if cp_size not in (None, 1):
-                raise ValueError(f"group: layout.cp_size={cp_size} needs an initialised process group, but "
-                                 "torch.distributed is not initialised (call dist.init_process_group, e.g. under torchrun)")
+                raise ValueError(
+                    f"group: layout.cp_size={cp_size} needs an initialised process group, but "
+                    "torch.distributed is not initialised (call dist.init_process_group, e.g. under torchrun)"
+                )
             return ResolvedGroup(None, None, 0, 1)
         if cp_size == 1:
             return ResolvedGroup(None, None, 0, 1)
         group = dist.group.WORLD
     if not isinstance(group, dist.ProcessGroup):
-        raise ValueError(f"group: expected a torch.distributed ProcessGroup, a ringattn.CPGroups or None, got "
-                         f"{type(group).__name__}; pass the CP process group, ringattn.new_cp_groups(U, cp_group) for "
-                         "Ulysses x ring, or None for the world group")
+        raise ValueError(
+            f"group: expected a torch.distributed ProcessGroup, a ringattn.CPGroups or None, got "
+            f"{type(group).__name__}; pass the CP process group, ringattn.new_cp_groups(U, cp_group) for "
+            "Ulysses x ring, or None for the world group"
+        )
     size = dist.get_world_size(group)
     if groups is not None and groups.cp_size != size:
-        raise ValueError(f"group: the CPGroups split {groups.cp_size} ranks (ulysses_size={groups.ulysses_size} x "
-                         f"ring_size={groups.ring_size}) but its cp group has {size}; build it with "
-                         "ringattn.new_cp_groups(U, cp_group) over this CP group")
+        raise ValueError(
+            f"group: the CPGroups split {groups.cp_size} ranks (ulysses_size={groups.ulysses_size} x "
+            f"ring_size={groups.ring_size}) but its cp group has {size}; build it with "
+            "ringattn.new_cp_groups(U, cp_group) over this CP group"
+        )
     if size == 1:
         return ResolvedGroup(None, None, 0, 1)
     return ResolvedGroup(group, groups, dist.get_rank(group), size)

@@ -33,6 +33,7 @@ ring ranks; each ring rank's local tokens (its pieces' concatenation) are split 
 equal contiguous parts, part ``u`` held by Ulysses rank ``u``. Attention gathers a ring
 rank's tokens with an all-to-all over heads and runs the ring plan of :attr:`DocLayout.ring_layout`.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -59,8 +60,10 @@ def _check_split(cp_size, ulysses_size) -> int:
     positive_int("cp_size", cp_size, " (the number of ranks in the CP group)")
     positive_int("ulysses_size", ulysses_size, " (1 for a pure ring)")
     if cp_size % ulysses_size:
-        raise ValueError(f"ulysses_size: expected a divisor of cp_size={cp_size}, got {ulysses_size}; build the layout "
-                         "with the Ulysses size of your CP groups (ringattn.new_cp_groups(U) with U dividing cp_size)")
+        raise ValueError(
+            f"ulysses_size: expected a divisor of cp_size={cp_size}, got {ulysses_size}; build the layout "
+            "with the Ulysses size of your CP groups (ringattn.new_cp_groups(U) with U dividing cp_size)"
+        )
     return cp_size // ulysses_size
 
 
@@ -75,9 +78,15 @@ def _sample_len_rules(strategy: Strategy, ring: int, ulysses_size: int, num_samp
     if u > 1:
         # each ring rank's tokens (num_samples * sample_len / R, an integer once the first rule holds) split into U
         # equal parts: with R | s, U | n*s/R  <=>  (R*U / gcd(U, n)) | s
-        rules.append(Rule(ring * u // math.gcd(u, num_samples), lambda s: (
-            f"ulysses_size: each ring rank's {num_samples * s // ring} tokens (total {num_samples * s} / ring_size "
-            f"{ring}) must split into ulysses_size={u} equal parts")))
+        rules.append(
+            Rule(
+                ring * u // math.gcd(u, num_samples),
+                lambda s: (
+                    f"ulysses_size: each ring rank's {num_samples * s // ring} tokens (total {num_samples * s} / ring_size "
+                    f"{ring}) must split into ulysses_size={u} equal parts"
+                ),
+            )
+        )
     return rules
 
 
@@ -190,11 +199,15 @@ class DocLayout:
         chosen = resolve(strategy, chunks_per_rank, cost)
         cu = as_int_list(cu_seqlens)
         if len(cu) < 2:
-            raise ValueError(f"cu_seqlens: expected at least 2 entries, got {cu}; pass the document boundaries from 0 "
-                             "to the token count, e.g. [0, 5, 16] for documents of 5 and 11 tokens")
+            raise ValueError(
+                f"cu_seqlens: expected at least 2 entries, got {cu}; pass the document boundaries from 0 "
+                "to the token count, e.g. [0, 5, 16] for documents of 5 and 11 tokens"
+            )
         if cu[0] != 0:
-            raise ValueError(f"cu_seqlens: expected to start at 0, got {cu[0]}; pass the document boundaries from 0 "
-                             "to the token count (cumulative document lengths with a leading 0)")
+            raise ValueError(
+                f"cu_seqlens: expected to start at 0, got {cu[0]}; pass the document boundaries from 0 "
+                "to the token count (cumulative document lengths with a leading 0)"
+            )
         for i in range(1, len(cu)):
             if cu[i] <= cu[i - 1]:
                 raise ValueError(
@@ -214,9 +227,11 @@ class DocLayout:
         for modulus, message in rules:
             if sample_len % modulus:
                 need = math.lcm(*(m for m, _ in rules))
-                raise ValueError(f"{message(sample_len)}; pad every sample to a multiple of {need} (DocLayout."
-                                 f"required_multiple({cp_size}, strategy={chosen.name!r}, ulysses_size={ulysses_size}, "
-                                 f"num_samples={total // sample_len}) = {need}; shard_batch pads to it by itself)")
+                raise ValueError(
+                    f"{message(sample_len)}; pad every sample to a multiple of {need} (DocLayout."
+                    f"required_multiple({cp_size}, strategy={chosen.name!r}, ulysses_size={ulysses_size}, "
+                    f"num_samples={total // sample_len}) = {need}; shard_batch pads to it by itself)"
+                )
         bounds = set(cu)
         missing = [b for b in range(sample_len, total, sample_len) if b not in bounds]
         if missing:
@@ -232,17 +247,38 @@ class DocLayout:
         return cls(tuple(cu), cp_size, sample_len, chosen.name, dealt.pieces, ulysses_size, dealt.choice)
 
     @classmethod
-    def from_tokens(cls, tokens: torch.Tensor, eod_id: int, cp_size: int, *, strategy: str | Strategy = "zigzag",
-                    chunks_per_rank: int | None = None, ulysses_size: int = 1,
-                    cost: CostModel | None = None) -> DocLayout:
+    def from_tokens(
+        cls,
+        tokens: torch.Tensor,
+        eod_id: int,
+        cp_size: int,
+        *,
+        strategy: str | Strategy = "zigzag",
+        chunks_per_rank: int | None = None,
+        ulysses_size: int = 1,
+        cost: CostModel | None = None,
+    ) -> DocLayout:
         """Layout of ``tokens [b, s]`` whose documents end with ``eod_id`` (see :mod:`ringattn.eod`)."""
         cu = cu_seqlens_from_tokens(tokens, eod_id)
-        return cls.from_cu_seqlens(cu, cp_size, sample_len=int(tokens.shape[1]), strategy=strategy,
-                                   chunks_per_rank=chunks_per_rank, ulysses_size=ulysses_size, cost=cost)
+        return cls.from_cu_seqlens(
+            cu,
+            cp_size,
+            sample_len=int(tokens.shape[1]),
+            strategy=strategy,
+            chunks_per_rank=chunks_per_rank,
+            ulysses_size=ulysses_size,
+            cost=cost,
+        )
 
     @staticmethod
-    def required_multiple(cp_size: int, *, strategy: str | Strategy = "zigzag", chunks_per_rank: int | None = None,
-                          ulysses_size: int = 1, num_samples: int = 1) -> int:
+    def required_multiple(
+        cp_size: int,
+        *,
+        strategy: str | Strategy = "zigzag",
+        chunks_per_rank: int | None = None,
+        ulysses_size: int = 1,
+        num_samples: int = 1,
+    ) -> int:
         """The sample lengths :meth:`from_cu_seqlens` accepts with these arguments are exactly the
         positive multiples of this number (pad samples up to one).
 
@@ -270,8 +306,9 @@ class DocLayout:
     @cached_property
     def fingerprint(self) -> int:
         """62-bit hash of the layout's metadata, identical on every rank that built the same layout."""
-        return signature((self.cu_seqlens, self.cp_size, self.sample_len, self.strategy, self.pieces,
-                          self.ulysses_size))
+        return signature(
+            (self.cu_seqlens, self.cp_size, self.sample_len, self.strategy, self.pieces, self.ulysses_size)
+        )
 
     @property
     def ring_size(self) -> int:
@@ -285,8 +322,9 @@ class DocLayout:
         so its plans are planned once too."""
         if self.ulysses_size == 1:
             return self
-        return DocLayout(self.cu_seqlens, self.ring_size, self.sample_len, self.strategy, self.pieces,
-                         auto_choice=self.auto_choice)
+        return DocLayout(
+            self.cu_seqlens, self.ring_size, self.sample_len, self.strategy, self.pieces, auto_choice=self.auto_choice
+        )
 
     def split(self, rank: int) -> tuple[int, int]:
         """``(ring_rank, ulysses_rank)`` of CP rank ``rank`` (``rank = ring_rank * ulysses_size + ulysses_rank``)."""
@@ -358,8 +396,16 @@ class DocLayout:
         share of the heads); :meth:`cp_stats` gives bytes per CP rank, all-to-alls included."""
         return build_plan(self.ring_layout, comm or DEFAULT_COMM, window).stats
 
-    def cp_stats(self, heads: int, kv_heads: int, head_dim: int, itemsize: int = 2, comm: str | None = None,
-                 node_size: int | None = None, window: int | None = None) -> CPStats:
+    def cp_stats(
+        self,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        itemsize: int = 2,
+        comm: str | None = None,
+        node_size: int | None = None,
+        window: int | None = None,
+    ) -> CPStats:
         """Per CP rank all-to-all bytes and ring KV bytes, forward and backward
         (:class:`ringattn.plan.CPStats`) for ``heads`` query heads, ``kv_heads`` KV heads of
         ``head_dim`` elements of ``itemsize`` bytes (2: bf16/fp16); with ``node_size`` (CP
@@ -368,8 +414,10 @@ class DocLayout:
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.cp_size:
-            raise ValueError(f"rank: expected 0 <= rank < cp_size={self.cp_size}, got {rank}; pass this process's rank "
-                             "in the CP group (dist.get_rank(cp_group))")
+            raise ValueError(
+                f"rank: expected 0 <= rank < cp_size={self.cp_size}, got {rank}; pass this process's rank "
+                "in the CP group (dist.get_rank(cp_group))"
+            )
 
     def __repr__(self) -> str:  # the full tuples are long; keep the repr readable
         hybrid = f", ulysses_size={self.ulysses_size}, ring_size={self.ring_size}" if self.ulysses_size > 1 else ""

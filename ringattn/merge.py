@@ -1,4 +1,5 @@
 """Log-sum-exp merge of partial attention results, in fp32."""
+
 from __future__ import annotations
 
 import torch
@@ -6,8 +7,9 @@ import torch
 __all__ = ["merge"]
 
 
-def merge(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor,
-          lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge(
+    out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge a partial result into an accumulator; returns ``(out, lse)`` (fp32).
 
     out_acc: fp32 ``[n, H, D]``; lse_acc: fp32 ``[n, H]`` (finite); out: ``[n, H, D]`` any float

@@ -15,6 +15,7 @@ neither needs the class itself).
 >>> merge_adjacent([(4, 8), (0, 4), (12, 16)], sample_len=16)
 ((0, 8), (12, 16))
 """
+
 from __future__ import annotations
 
 import bisect
@@ -23,8 +24,16 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Range", "PieceLayout", "as_int_list", "doc_segments", "work_prefix", "chunk_works", "merge_adjacent",
-           "pieces_work"]
+__all__ = [
+    "Range",
+    "PieceLayout",
+    "as_int_list",
+    "doc_segments",
+    "work_prefix",
+    "chunk_works",
+    "merge_adjacent",
+    "pieces_work",
+]
 
 Range = tuple[int, int]
 

@@ -1,4 +1,5 @@
 """Former home of the ``auto`` solver, now :mod:`ringattn.sharding.auto`; kept so that existing imports work."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

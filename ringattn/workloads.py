@@ -4,6 +4,7 @@ The workloads ship inside the package (``ringattn/data/workloads/*.json``, packa
 :mod:`importlib.resources`), so the inspector and the benchmarks find them in any installation;
 ``RINGATTN_WORKLOADS`` points elsewhere (a directory of the same JSON files).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,15 +28,19 @@ def load_workload(path_or_name: str) -> dict:
     if not p.exists():
         p = WORKLOAD_DIR / f"{path_or_name}.json"
     if not p.exists():
-        raise ValueError(f"workload: no file {path_or_name!r} and no standard workload of that name "
-                         f"(known: {workload_names()}); pass one of those names or a JSON file with sample_len and "
-                         "cu_seqlens")
+        raise ValueError(
+            f"workload: no file {path_or_name!r} and no standard workload of that name "
+            f"(known: {workload_names()}); pass one of those names or a JSON file with sample_len and "
+            "cu_seqlens"
+        )
     with open(p) as f:
         data = json.load(f)
     for key in ("sample_len", "cu_seqlens"):
         if key not in data:
-            raise ValueError(f"workload {p}: missing key {key!r}; a workload JSON holds sample_len and cu_seqlens "
-                             "(global document boundaries from 0)")
+            raise ValueError(
+                f"workload {p}: missing key {key!r}; a workload JSON holds sample_len and cu_seqlens "
+                "(global document boundaries from 0)"
+            )
     data.setdefault("name", p.stem)
     return data
 

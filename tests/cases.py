@@ -1,4 +1,5 @@
 """Attention cases run by the multi-rank tests (the same code runs on every rank)."""
+
 from __future__ import annotations
 
 import random
@@ -31,8 +32,9 @@ class Case:
     sinks: bool = False  # learned sink logits per query head (case_sinks), their gradient returned too
 
 
-def random_cu_seqlens(rng: random.Random, sample_len: int, num_samples: int = 1, p_single: float = 0.2,
-                      max_doc: int | None = None) -> tuple[int, ...]:
+def random_cu_seqlens(
+    rng: random.Random, sample_len: int, num_samples: int = 1, p_single: float = 0.2, max_doc: int | None = None
+) -> tuple[int, ...]:
     """Random documents per sample, with single-token documents mixed in."""
     max_doc = max_doc or sample_len
     cu = [0]
@@ -80,8 +82,12 @@ def case_sinks(case: Case) -> torch.Tensor:
 
 
 #: test backend names that run the NPU backend on an emulated torch_npu generation (tests/npu_emulation.py)
-NPU_GENERATIONS = {"npu": "current", "npu-legacy": "legacy", "npu-old-cann": "layout-kwarg-old-cann",
-                   "npu-tnd": "tnd-without-update"}
+NPU_GENERATIONS = {
+    "npu": "current",
+    "npu-legacy": "legacy",
+    "npu-old-cann": "layout-kwarg-old-cann",
+    "npu-tnd": "tnd-without-update",
+}
 
 #: test backend names that run the CUDA backend on CPU tensors through a stand-in of flash_attn (that version)
 #: or, for None, of torch's aten flash ops (tests/flash_standin.py)
@@ -121,8 +127,14 @@ def run_case(rank: int, cp: int, case: Case):
 
 def case_layout(case: Case, cp: int) -> DocLayout:
     """The layout ``case`` runs on at CP size ``cp``."""
-    return DocLayout.from_cu_seqlens(case.cu_seqlens, cp, sample_len=case.sample_len, strategy=case.strategy,
-                                     chunks_per_rank=case.chunks_per_rank, ulysses_size=case.ulysses or 1)
+    return DocLayout.from_cu_seqlens(
+        case.cu_seqlens,
+        cp,
+        sample_len=case.sample_len,
+        strategy=case.strategy,
+        chunks_per_rank=case.chunks_per_rank,
+        ulysses_size=case.ulysses or 1,
+    )
 
 
 def _run_case(rank: int, cp: int, case: Case, backend):
@@ -132,8 +144,9 @@ def _run_case(rank: int, cp: int, case: Case, backend):
     q, k, v, dout = global_tensors(case)
     q, k, v = (x[idx].clone().requires_grad_() for x in (q, k, v))
     sinks = case_sinks(case).to(q.device).requires_grad_() if case.sinks else None
-    out = ringattn.ring_eod_attention(q, k, v, layout, group, comm=case.comm, backend=backend, window=case.window,
-                                      sinks=sinks)
+    out = ringattn.ring_eod_attention(
+        q, k, v, layout, group, comm=case.comm, backend=backend, window=case.window, sinks=sinks
+    )
     out.backward(dout[idx])
     if sinks is not None:  # this rank's partial of the sink gradient (the CP sum is the single-device one)
         return idx, out.detach(), q.grad, k.grad, v.grad, sinks.grad

@@ -9,6 +9,7 @@ per Ulysses x ring split):
   ``--hypothesis-profile thorough --hypothesis-seed=N`` draws the same cases again. A failure also prints its
   ``@reproduce_failure`` blob and is saved in hypothesis' example database (``.hypothesis/``) for the next run.
 """
+
 from __future__ import annotations
 
 import random
@@ -17,26 +18,30 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
-settings.register_profile("default", max_examples=40, deadline=None, derandomize=True,
-                          suppress_health_check=_SLOW_OK)
-settings.register_profile("thorough", max_examples=200, deadline=None, derandomize=False, print_blob=True,
-                          suppress_health_check=_SLOW_OK)
+settings.register_profile("default", max_examples=40, deadline=None, derandomize=True, suppress_health_check=_SLOW_OK)
+settings.register_profile(
+    "thorough", max_examples=200, deadline=None, derandomize=False, print_blob=True, suppress_health_check=_SLOW_OK
+)
 settings.load_profile("default")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     """Give a randomized thorough run a seed of its own, before hypothesis' plugin reads the option."""
-    if config.getoption("--hypothesis-profile", None) == "thorough" and config.getoption("--hypothesis-seed",
-                                                                                         None) is None:
+    if (
+        config.getoption("--hypothesis-profile", None) == "thorough"
+        and config.getoption("--hypothesis-seed", None) is None
+    ):
         config.option.hypothesis_seed = str(random.SystemRandom().randrange(2**32))
 
 
 def _seed_line(config) -> str | None:
     seed = config.getoption("--hypothesis-seed", None)
     if config.getoption("--hypothesis-profile", None) == "thorough" and seed is not None:
-        return (f"hypothesis seed {seed}: rerun with --hypothesis-profile thorough --hypothesis-seed={seed} "
-                f"to draw the same cases")
+        return (
+            f"hypothesis seed {seed}: rerun with --hypothesis-profile thorough --hypothesis-seed={seed} "
+            f"to draw the same cases"
+        )
     return None
 
 

@@ -3,6 +3,7 @@
 ``run_ranks(cp, fn, payload)`` starts ``cp`` processes, each calls ``fn(rank, cp, payload)``
 inside an initialised gloo world group, and returns the per-rank results (picklable).
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,15 @@ def _entry(rank, cp, port, fn, payload, out_dir, timeout_s):
         dist.destroy_process_group()
 
 
-def run_ranks(cp: int, fn, payload=None, timeout_s: float = 60.0, tolerate_exit: bool = False,
-              kill_after_s: float | None = None, hung_ranks: tuple[int, ...] = ()):
+def run_ranks(
+    cp: int,
+    fn,
+    payload=None,
+    timeout_s: float = 60.0,
+    tolerate_exit: bool = False,
+    kill_after_s: float | None = None,
+    hung_ranks: tuple[int, ...] = (),
+):
     """Per-rank ``("ok", result)`` or ``("error", message)`` of ``fn`` run on ``cp`` gloo ranks.
 
     ``timeout_s`` is the process group's timeout. With ``tolerate_exit`` a rank that died
@@ -51,7 +59,10 @@ def run_ranks(cp: int, fn, payload=None, timeout_s: float = 60.0, tolerate_exit:
     """
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
-            _entry, args=(cp, _free_port(), fn, payload, out_dir, timeout_s), nprocs=cp, join=False,
+            _entry,
+            args=(cp, _free_port(), fn, payload, out_dir, timeout_s),
+            nprocs=cp,
+            join=False,
             start_method="spawn",
         )
         if tolerate_exit:
@@ -117,8 +128,10 @@ class RankPool:
         self.inboxes = [ctx.Queue() for _ in range(cp)]
         self.outbox = ctx.Queue()
         port = _free_port()
-        self.procs = [ctx.Process(target=_pool_entry, args=(r, cp, port, self.inboxes[r], self.outbox, timeout_s),
-                                  daemon=True) for r in range(cp)]
+        self.procs = [
+            ctx.Process(target=_pool_entry, args=(r, cp, port, self.inboxes[r], self.outbox, timeout_s), daemon=True)
+            for r in range(cp)
+        ]
         for p in self.procs:
             p.start()
 

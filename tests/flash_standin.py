@@ -106,6 +106,7 @@ torch's vendored copy, pytorch/pytorch ``aten/src/ATen/native/transformers/cuda/
   three lines), and the same kernels. torch's own ``torch/nn/attention/varlen.py`` (installed 2.13) passes
   ``window_size_left=window_size[0], window_size_right=window_size[1]`` to this op.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -120,23 +121,37 @@ HALF = (torch.float16, torch.bfloat16)
 # from flash_attn/flash_attn_interface.py of Dao-AILab/flash-attention at each tag named here: v2.6.0 (no
 # defaults), v2.6.3 (defaults; leftpad_k from v2.6.1, seqused_k from v2.6.2), v2.7.0 (custom ops; window_size split
 # in two), v2.7.4.post1 and v2.8.3 (zero_tensors, added in v2.7.3 by PR #1433).
-_FA_FWD_260 = ("q k v cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p softmax_scale causal window_size "
-               "softcap alibi_slopes return_softmax block_table").split()
-_FA_FWD_263 = ("q k v cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p softmax_scale causal "
-               "window_size= softcap= alibi_slopes= return_softmax= block_table= leftpad_k= seqused_k=").split()
-_FA_FWD_270 = ("q k v cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p softmax_scale causal "
-               "window_size_left= window_size_right= softcap= alibi_slopes= return_softmax= block_table= leftpad_k= "
-               "seqused_k=").split()
+_FA_FWD_260 = (
+    "q k v cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p softmax_scale causal window_size "
+    "softcap alibi_slopes return_softmax block_table"
+).split()
+_FA_FWD_263 = (
+    "q k v cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p softmax_scale causal "
+    "window_size= softcap= alibi_slopes= return_softmax= block_table= leftpad_k= seqused_k="
+).split()
+_FA_FWD_270 = (
+    "q k v cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p softmax_scale causal "
+    "window_size_left= window_size_right= softcap= alibi_slopes= return_softmax= block_table= leftpad_k= "
+    "seqused_k="
+).split()
 _FA_FWD_273 = _FA_FWD_270 + ["zero_tensors="]
-_FA_BWD_26 = ("dout q k v out softmax_lse dq dk dv cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p "
-              "softmax_scale causal window_size softcap alibi_slopes deterministic rng_state=").split()
-_FA_BWD_270 = ("dout q k v out softmax_lse dq dk dv cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p "
-               "softmax_scale causal window_size_left window_size_right softcap alibi_slopes deterministic "
-               "rng_state=").split()
+_FA_BWD_26 = (
+    "dout q k v out softmax_lse dq dk dv cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p "
+    "softmax_scale causal window_size softcap alibi_slopes deterministic rng_state="
+).split()
+_FA_BWD_270 = (
+    "dout q k v out softmax_lse dq dk dv cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p "
+    "softmax_scale causal window_size_left window_size_right softcap alibi_slopes deterministic "
+    "rng_state="
+).split()
 _FA_BWD_273 = _FA_BWD_270 + ["zero_tensors="]
-FLASH_ATTN_SIGNATURES = {"2.6.0": (_FA_FWD_260, _FA_BWD_26), "2.6.3": (_FA_FWD_263, _FA_BWD_26),
-                         "2.7.0": (_FA_FWD_270, _FA_BWD_270), "2.7.4.post1": (_FA_FWD_273, _FA_BWD_273),
-                         "2.8.3": (_FA_FWD_273, _FA_BWD_273)}
+FLASH_ATTN_SIGNATURES = {
+    "2.6.0": (_FA_FWD_260, _FA_BWD_26),
+    "2.6.3": (_FA_FWD_263, _FA_BWD_26),
+    "2.7.0": (_FA_FWD_270, _FA_BWD_270),
+    "2.7.4.post1": (_FA_FWD_273, _FA_BWD_273),
+    "2.8.3": (_FA_FWD_273, _FA_BWD_273),
+}
 
 
 class FlashError(RuntimeError):
@@ -157,10 +172,16 @@ def _cu(name: str, cu: torch.Tensor, total: int, max_len: int, rule: str) -> lis
     _check(isinstance(cu, torch.Tensor) and cu.dtype == torch.int32, f"{name} must have dtype int32", rule)
     _check(cu.is_contiguous() and cu.dim() == 1, f"{name} must be a contiguous 1-D tensor", rule)
     ends = cu.tolist()
-    _check(ends[0] == 0 and all(a <= b for a, b in zip(ends, ends[1:])) and ends[-1] <= total,
-           f"{name} must rise from 0 to at most {total}, got {ends}", rule)
-    _check(max(b - a for a, b in zip(ends, ends[1:])) <= max_len,
-           f"max_seqlen {max_len} is below the longest segment of {name} {ends}", "F-doc")
+    _check(
+        ends[0] == 0 and all(a <= b for a, b in zip(ends, ends[1:])) and ends[-1] <= total,
+        f"{name} must rise from 0 to at most {total}, got {ends}",
+        rule,
+    )
+    _check(
+        max(b - a for a, b in zip(ends, ends[1:])) <= max_len,
+        f"max_seqlen {max_len} is below the longest segment of {name} {ends}",
+        "F-doc",
+    )
     return ends
 
 
@@ -253,10 +274,14 @@ def _attention64_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, rule):
 def _check_qkv(q, k, v, rule_dtype, rule_heads):
     _check(q.dtype in HALF, "FlashAttention only support fp16 and bf16 data type", rule_dtype)
     _check(k.dtype == q.dtype and v.dtype == q.dtype, "query and key/value must have the same dtype", rule_dtype)
-    _check(q.dim() == 3 and k.dim() == 3 and k.shape == v.shape and k.shape[2] == q.shape[2],
-           "q [total_q, H, D], k/v [total_k, Hk, D] (CHECK_SHAPE)", rule_heads)
-    _check(q.shape[1] % k.shape[1] == 0, "Number of heads in key/value must divide number of heads in query",
-           rule_heads)
+    _check(
+        q.dim() == 3 and k.dim() == 3 and k.shape == v.shape and k.shape[2] == q.shape[2],
+        "q [total_q, H, D], k/v [total_k, Hk, D] (CHECK_SHAPE)",
+        rule_heads,
+    )
+    _check(
+        q.shape[1] % k.shape[1] == 0, "Number of heads in key/value must divide number of heads in query", rule_heads
+    )
 
 
 def _check_stride(names_tensors, rule):
@@ -289,11 +314,13 @@ def flash_attn_module(version: str) -> tuple[types.ModuleType, types.ModuleType]
         d_og = q.shape[2]
         _check(d_og <= 256, "FlashAttention forward only supports head dimension at most 256", "F-hdim")
         if not pads_forward:
-            _check(d_og % 8 == 0, "query, key, value, and out_ must have a head_size that is a multiple of 8",
-                   "F-hdim")
+            _check(d_og % 8 == 0, "query, key, value, and out_ must have a head_size that is a multiple of 8", "F-hdim")
         _check(a["dropout_p"] == 0.0 and not a.get("return_softmax"), "the stand-in emulates no dropout", "stand-in")
-        _check(a.get("softcap", 0.0) == 0.0 and a.get("alibi_slopes") is None,
-               "the stand-in emulates no softcap or ALiBi", "stand-in")
+        _check(
+            a.get("softcap", 0.0) == 0.0 and a.get("alibi_slopes") is None,
+            "the stand-in emulates no softcap or ALiBi",
+            "stand-in",
+        )
         cu_q = _cu("cu_seqlens_q", a["cu_seqlens_q"], q.shape[0], a["max_seqlen_q"], "F-cu")
         cu_k = _cu("cu_seqlens_k", a["cu_seqlens_k"], k.shape[0], a["max_seqlen_k"], "F-cu")
         _check(len(cu_q) == len(cu_k), "cu_seqlens_q/k must have shape (batch_size + 1)", "F-cu")
@@ -310,8 +337,7 @@ def flash_attn_module(version: str) -> tuple[types.ModuleType, types.ModuleType]
         dout, q, k, v, out = (_maybe_contiguous(a[n]) for n in ("dout", "q", "k", "v", "out"))
         dq, dk, dv, lse = a["dq"], a["dk"], a["dv"], a["softmax_lse"]
         _check_qkv(q, k, v, "F-dtype", "F-heads")
-        _check(out.dtype == q.dtype and dout.dtype == q.dtype, "query and out/dout must have the same dtype",
-               "F-dtype")
+        _check(out.dtype == q.dtype and dout.dtype == q.dtype, "query and out/dout must have the same dtype", "F-dtype")
         _check_stride((("q", q), ("k", k), ("v", v), ("out", out), ("dout", dout)), "F-stride")
         d = q.shape[2]
         _check(d % 8 == 0, "head_size should be a multiple of 8", "F-hdim")
@@ -328,9 +354,12 @@ def flash_attn_module(version: str) -> tuple[types.ModuleType, types.ModuleType]
             _check(g is not None and g.dtype == q.dtype, f"{name} must have the same dtype as q", "F-heads")
             _check(g.stride(-1) == 1, f"{name} must have contiguous last dimension", "F-stride")
             _check(g.shape == like.shape, f"{name} must be shaped like {name[1]}", "F-heads")
-        _check(lse.dtype == torch.float32 and lse.shape == (q.shape[1], q.shape[0]) and lse.is_contiguous(),
-               f"softmax_lse must be a contiguous fp32 h x total_q tensor, got {tuple(lse.shape)} "
-               f"{lse.dtype} contiguous={lse.is_contiguous()}", "F-lse")
+        _check(
+            lse.dtype == torch.float32 and lse.shape == (q.shape[1], q.shape[0]) and lse.is_contiguous(),
+            f"softmax_lse must be a contiguous fp32 h x total_q tensor, got {tuple(lse.shape)} "
+            f"{lse.dtype} contiguous={lse.is_contiguous()}",
+            "F-lse",
+        )
         _check(a["dropout_p"] == 0.0, "the stand-in emulates no dropout", "stand-in")
         cu_q = _cu("cu_seqlens_q", a["cu_seqlens_q"], q.shape[0], a["max_seqlen_q"], "F-cu")
         cu_k = _cu("cu_seqlens_k", a["cu_seqlens_k"], k.shape[0], a["max_seqlen_k"], "F-cu")
@@ -356,16 +385,26 @@ def _flash_pair(a: dict, key: tuple[int, int]) -> tuple[int, int]:
     else:
         w = a["window_size"]
         pair = (w[0], w[1])
-    _check(all(isinstance(x, int) and not isinstance(x, bool) for x in pair), f"window sizes must be ints, got {pair}",
-           "F-win")
+    _check(
+        all(isinstance(x, int) and not isinstance(x, bool) for x in pair),
+        f"window sizes must be ints, got {pair}",
+        "F-win",
+    )
     return pair
 
 
 def _signature(names) -> inspect.Signature:
     """Positional-or-keyword parameters; a trailing ``=`` marks one with a default (None here)."""
-    return inspect.Signature([inspect.Parameter(n.rstrip("="), inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                default=None if n.endswith("=") else inspect.Parameter.empty)
-                              for n in names])
+    return inspect.Signature(
+        [
+            inspect.Parameter(
+                n.rstrip("="),
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=None if n.endswith("=") else inspect.Parameter.empty,
+            )
+            for n in names
+        ]
+    )
 
 
 def _schema_signature(op) -> inspect.Signature:
@@ -381,8 +420,11 @@ def _schema_signature(op) -> inspect.Signature:
 def _aten_pair(a: dict) -> tuple[int, int]:
     """aten's ``window_size_left/right`` (None: -1, [T-win])."""
     pair = tuple(-1 if a.get(n) is None else a[n] for n in ("window_size_left", "window_size_right"))
-    _check(all(isinstance(x, int) and not isinstance(x, bool) for x in pair), f"window sizes must be ints, got {pair}",
-           "T-win")
+    _check(
+        all(isinstance(x, int) and not isinstance(x, bool) for x in pair),
+        f"window sizes must be ints, got {pair}",
+        "T-win",
+    )
     return pair
 
 
@@ -400,17 +442,25 @@ def aten_flash_ops() -> tuple:
         _check(d <= 256, "FlashAttention forward only supports head dimension at most 256", "T-fwd")
         _check(d % 8 == 0, "head_size must be a multiple of 8, this is ensured by padding!", "T-fwd")
         _check(a["dropout_p"] == 0.0 and not a["return_debug_mask"], "the stand-in emulates no dropout", "stand-in")
-        _check(a.get("alibi_slopes") is None and a.get("seqused_k") is None and a.get("block_table") is None,
-               "the stand-in emulates no ALiBi, seqused_k or block_table", "stand-in")
+        _check(
+            a.get("alibi_slopes") is None and a.get("seqused_k") is None and a.get("block_table") is None,
+            "the stand-in emulates no ALiBi, seqused_k or block_table",
+            "stand-in",
+        )
         _check(a["cum_seq_q"] is not None and a["cum_seq_k"] is not None, "varlen needs cum_seq_q/k", "T-meta")
         cu_q = _cu("cum_seq_q", a["cum_seq_q"], q.shape[0], a["max_q"], "T-fwd")
         cu_k = _cu("cum_seq_k", a["cum_seq_k"], k.shape[0], a["max_k"], "T-fwd")
         scale = a.get("scale")
-        scale = d ** -0.5 if scale is None else scale
+        scale = d**-0.5 if scale is None else scale
         rule = flash_window_rule(bool(a["is_causal"]), *_aten_pair(a), a["max_q"], a["max_k"], True)
         out, lse = _attention64(q, k, v, cu_q, cu_k, scale, rule)
-        return (out.to(q.dtype), lse.float(), torch.empty(2, dtype=torch.int64), torch.empty(0),
-                torch.empty(0, dtype=q.dtype))
+        return (
+            out.to(q.dtype),
+            lse.float(),
+            torch.empty(2, dtype=torch.int64),
+            torch.empty(0),
+            torch.empty(0, dtype=q.dtype),
+        )
 
     def backward(*args, **kwargs):
         a = bwd_sig.bind(*args, **kwargs).arguments
@@ -423,13 +473,16 @@ def aten_flash_ops() -> tuple:
         _check(dout.shape[2] % 8 == 0, "head_size_og should be a multiple of 8, this is ensured by padding!", "T-bwd")
         _check(d <= 256, "FlashAttention backward only supports head dimension at most 256", "T-bwd")
         _check(out.shape == q.shape and dout.shape == q.shape, "out/grad_out must be shaped like query", "T-bwd")
-        _check(lse.dtype == torch.float32 and lse.shape == (q.shape[1], q.shape[0]) and lse.is_contiguous(),
-               f"logsumexp must be a contiguous fp32 [num_heads, total_q] tensor, got {tuple(lse.shape)}", "T-bwd")
+        _check(
+            lse.dtype == torch.float32 and lse.shape == (q.shape[1], q.shape[0]) and lse.is_contiguous(),
+            f"logsumexp must be a contiguous fp32 [num_heads, total_q] tensor, got {tuple(lse.shape)}",
+            "T-bwd",
+        )
         _check(a["dropout_p"] == 0.0, "the stand-in emulates no dropout", "stand-in")
         cu_q = _cu("cum_seq_q", a["cum_seq_q"], q.shape[0], a["max_q"], "T-bwd")
         cu_k = _cu("cum_seq_k", a["cum_seq_k"], k.shape[0], a["max_k"], "T-bwd")
         scale = a.get("scale")
-        scale = d ** -0.5 if scale is None else scale
+        scale = d**-0.5 if scale is None else scale
         rule = flash_window_rule(bool(a["is_causal"]), *_aten_pair(a), a["max_q"], a["max_k"], False)
         grads = _attention64_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, rule)
         return tuple(g.to(q.dtype) for g in grads)
@@ -447,7 +500,9 @@ def installed(version: str | None):
 
     missing = object()
     saved = {name: sys.modules.get(name, missing) for name in ("flash_attn", "flash_attn.flash_attn_interface")}
-    saved_ops = {name: getattr(torch.ops.aten, name) for name in ("_flash_attention_forward", "_flash_attention_backward")}
+    saved_ops = {
+        name: getattr(torch.ops.aten, name) for name in ("_flash_attention_forward", "_flash_attention_backward")
+    }
     try:
         if version is None:
             sys.modules["flash_attn"] = None  # `import flash_attn` raises ImportError

@@ -7,6 +7,7 @@ cases whose plan exchanges KV (some document on two ring ranks; under the case's
 ring splits drawn, at CP 1 the share of cases made only of single-token documents, and the windows (none, 1, one
 ending inside the longest document, one at least as long as every document) and sinks drawn.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ def drawn_cases(profile: str = "default") -> dict:
     from hypothesis import settings
 
     from . import conftest  # noqa: F401 - registers the profiles
+
     settings.load_profile(profile)
     from . import test_fuzz as tf
 
@@ -46,8 +48,12 @@ def drawn_cases(profile: str = "default") -> dict:
             current.extend(cases)
             return [("ok", [None] * len(cases))] * self.cp
 
-    patched = {"check_case": lambda *a, **k: None, "device_baseline": lambda *a, **k: None,
-               "assemble": lambda *a, **k: None, "run_case": lambda rank, cp, case: current.append(case)}
+    patched = {
+        "check_case": lambda *a, **k: None,
+        "device_baseline": lambda *a, **k: None,
+        "assemble": lambda *a, **k: None,
+        "run_case": lambda rank, cp, case: current.append(case),
+    }
     saved = {name: getattr(tf, name) for name in patched if hasattr(tf, name)}
     for name, value in patched.items():
         if name in saved:
@@ -108,8 +114,11 @@ def report(drawn: dict) -> str:
         ring = Counter(f"{c.ulysses or 1}x{cp // (c.ulysses or 1)}" for c in cases)
         kv = sum(_exchanges_kv(c, cp) for c in cases)
         splits = ", ".join(f"{k}: {v}" for k, v in sorted(ring.items())) if any(c.ulysses for c in cases) else ""
-        lines.append(f"{label}: {n} cases, {kv} exchange KV ({100 * kv / max(n, 1):.0f}%)"
-                     + (f"; splits {splits}" if splits else "") + f"; {_windows_and_sinks(cases)}")
+        lines.append(
+            f"{label}: {n} cases, {kv} exchange KV ({100 * kv / max(n, 1):.0f}%)"
+            + (f"; splits {splits}" if splits else "")
+            + f"; {_windows_and_sinks(cases)}"
+        )
     return "\n".join(lines)
 
 

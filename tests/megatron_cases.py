@@ -6,6 +6,7 @@ Patched inside these test processes only (megatron-core's CUDA calls on CPU):
   (``tensor_parallel.get_cuda_rng_tracker().fork()``) -> a no-op (dropout is 0);
 * RoPE: the model's rotary embedding is ringattn's ResetRotaryEmbedding (no ``.cuda()``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,16 @@ def batch_tokens(num_samples=2, seed=0):
     return {"tokens": tokens[:, :SEQ].contiguous(), "labels": tokens[:, 1:].contiguous()}
 
 
-def build_model(cp: int, spec: str = "ringattn", seed: int = 1234, tp: int = 1, cp_comm_type=None, hcp=None,
-                window_size=None, softmax_type: str = "vanilla"):
+def build_model(
+    cp: int,
+    spec: str = "ringattn",
+    seed: int = 1234,
+    tp: int = 1,
+    cp_comm_type=None,
+    hcp=None,
+    window_size=None,
+    softmax_type: str = "vanilla",
+):
     """A tiny GPT; ``window_size`` / ``softmax_type`` go to the config of ringattn's spec only (the dense
     reference gets the window through its mask: megatron-core's local attention replaces a given mask by
     the window's when ``window_size`` is set, dropping the documents)."""
@@ -57,14 +66,30 @@ def build_model(cp: int, spec: str = "ringattn", seed: int = 1234, tp: int = 1, 
         tensor_parallel.get_cuda_rng_tracker = lambda *a, **kw: _NoCudaRngTracker()
         torch.cuda.current_device = lambda: "cpu"  # DotProductAttention puts softmax_offset there
     torch.manual_seed(seed)
-    cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                            use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0,
-                            context_parallel_size=cp, params_dtype=torch.float32, tensor_model_parallel_size=tp,
-                            cp_comm_type=cp_comm_type, hierarchical_context_parallel_sizes=hcp,
-                            window_size=window_size if spec == "ringattn" else None, softmax_type=softmax_type)
+    cfg = TransformerConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        use_cpu_initialization=True,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        context_parallel_size=cp,
+        params_dtype=torch.float32,
+        tensor_model_parallel_size=tp,
+        cp_comm_type=cp_comm_type,
+        hierarchical_context_parallel_sizes=hcp,
+        window_size=window_size if spec == "ringattn" else None,
+        softmax_type=softmax_type,
+    )
     layer = ringattn_layer_spec() if spec == "ringattn" else get_gpt_layer_local_spec()
-    model = GPTModel(config=cfg, transformer_layer_spec=layer, vocab_size=VOCAB, max_sequence_length=SEQ,
-                     position_embedding_type="rope")
+    model = GPTModel(
+        config=cfg,
+        transformer_layer_spec=layer,
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        position_embedding_type="rope",
+    )
     use_reset_position_rope(model)
     return model
 
@@ -78,15 +103,21 @@ def loss_and_grads(rank, cp, args):
 
     fmt, spec = args.get("format", "sbhd"), args.get("spec", "ringattn")
     window = args.get("window")  # keys per query on every layer (megatron: window_size = (window - 1, 0))
-    model = build_model(cp, spec, window_size=None if window is None else (window - 1, 0),
-                        softmax_type=args.get("softmax_type", "vanilla"))
-    batch = get_batch(iter([batch_tokens(args.get("samples", 2))]), EOD, eod_mask_loss=True,
-                      strategy=args.get("strategy", "zigzag"))
+    model = build_model(
+        cp,
+        spec,
+        window_size=None if window is None else (window - 1, 0),
+        softmax_type=args.get("softmax_type", "vanilla"),
+    )
+    batch = get_batch(
+        iter([batch_tokens(args.get("samples", 2))]), EOD, eod_mask_loss=True, strategy=args.get("strategy", "zigzag")
+    )
     params = batch["packed_seq_params"]
     mask = None
     if fmt == "thd":
-        params = RingEoDPackedSeqParams(qkv_format="thd", layout=params.layout, max_seqlen_q=params.max_seqlen_q,
-                                        max_seqlen_kv=params.max_seqlen_kv)
+        params = RingEoDPackedSeqParams(
+            qkv_format="thd", layout=params.layout, max_seqlen_q=params.max_seqlen_q, max_seqlen_kv=params.max_seqlen_kv
+        )
     if spec == "dense":  # stock attention with the document-causal mask (True = masked out), CP off
         from .reference import doc_causal_mask
 
@@ -95,7 +126,7 @@ def loss_and_grads(rank, cp, args):
         if window is not None:
             pos = torch.arange(full.shape[0])
             full &= pos[None, :] > pos[:, None] - window
-        mask = torch.stack([~full[i * s:(i + 1) * s, i * s:(i + 1) * s] for i in range(b)]).unsqueeze(1)
+        mask = torch.stack([~full[i * s : (i + 1) * s, i * s : (i + 1) * s] for i in range(b)]).unsqueeze(1)
         params = None
     losses = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"], packed_seq_params=params)
     lm = batch["loss_mask"]
@@ -147,8 +178,13 @@ def _hybrid_loss_and_grads(tp, cp, cp_comm_type, hcp):
     assert layout.ulysses_size == u and layout.cp_size == cp
     attn = model.decoder.layers[0].self_attention.core_attention
     assert attn.ulysses_size == u
-    losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                   packed_seq_params=batch["packed_seq_params"])
+    losses = model(
+        batch["tokens"],
+        batch["position_ids"],
+        None,
+        labels=batch["labels"],
+        packed_seq_params=batch["packed_seq_params"],
+    )
     lm = batch["loss_mask"]
     num, den = (losses * lm).sum(), lm.sum().detach().clone()
     group = ps.get_context_parallel_group()
@@ -180,15 +216,28 @@ def _bad_megatron_configs():
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(1, 1, context_parallel_size=4, hierarchical_context_parallel_sizes=[2, 2])
-    base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, use_cpu_initialization=True,
-                attention_dropout=0.0, context_parallel_size=4)
+    base = dict(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        use_cpu_initialization=True,
+        attention_dropout=0.0,
+        context_parallel_size=4,
+    )
     rank = dist.get_rank()
     cols = [dist.new_group(r) for r in ([0, 2], [1, 3])]  # created on every rank, in the same order
     rows = [dist.new_group(r) for r in ([0, 1], [2, 3])]
-    swapped = ProcessGroupCollection(cp=ps.get_context_parallel_group(), tp=ps.get_tensor_model_parallel_group(),
-                                     hcp=[cols[rank % 2], rows[rank // 2]])
-    wrong_size = ProcessGroupCollection(cp=ps.get_context_parallel_group(), tp=ps.get_tensor_model_parallel_group(),
-                                        hcp=[ps.get_context_parallel_group(), rows[rank // 2]])
+    swapped = ProcessGroupCollection(
+        cp=ps.get_context_parallel_group(),
+        tp=ps.get_tensor_model_parallel_group(),
+        hcp=[cols[rank % 2], rows[rank // 2]],
+    )
+    wrong_size = ProcessGroupCollection(
+        cp=ps.get_context_parallel_group(),
+        tp=ps.get_tensor_model_parallel_group(),
+        hcp=[ps.get_context_parallel_group(), rows[rank // 2]],
+    )
     no_hcp = ProcessGroupCollection(cp=ps.get_context_parallel_group(), tp=ps.get_tensor_model_parallel_group(), hcp=[])
     ring_layout = RingEoDPackedSeqParams(qkv_format="sbhd", layout=DocLayout.from_cu_seqlens([0, 5, 32], 4))
     trials = {
@@ -196,7 +245,11 @@ def _bad_megatron_configs():
         "per-layer list": (dict(cp_comm_type=["a2a+p2p", "p2p"]), "a2a+p2p", None),
         "unknown": (dict(cp_comm_type="ring"), "ring", None),
         "sizes disagree": (dict(cp_comm_type="a2a+p2p", hierarchical_context_parallel_sizes=[4, 1]), "a2a+p2p", None),
-        "swapped groups": (dict(cp_comm_type="a2a+p2p", hierarchical_context_parallel_sizes=[2, 2]), "a2a+p2p", swapped),
+        "swapped groups": (
+            dict(cp_comm_type="a2a+p2p", hierarchical_context_parallel_sizes=[2, 2]),
+            "a2a+p2p",
+            swapped,
+        ),
         "sizes not multiplying to CP": (dict(cp_comm_type="a2a+p2p"), "a2a+p2p", wrong_size),
     }
     trials["no hierarchical groups"] = (dict(cp_comm_type="a2a+p2p"), "a2a+p2p", no_hcp)
@@ -211,8 +264,9 @@ def _bad_megatron_configs():
     hybrid_cfg = TransformerConfig(**base, cp_comm_type="a2a+p2p", hierarchical_context_parallel_sizes=[2, 2])
     more = {
         "cp_ulysses_size without sizes": lambda: cp_ulysses_size(TransformerConfig(**base, cp_comm_type="a2a+p2p")),
-        "batch sharded for the ring": lambda: RingEoDCoreAttention(hybrid_cfg, 1, AttnMaskType.causal, "self",
-                                                                   cp_comm_type="a2a+p2p")._layout(ring_layout, 0),
+        "batch sharded for the ring": lambda: RingEoDCoreAttention(
+            hybrid_cfg, 1, AttnMaskType.causal, "self", cp_comm_type="a2a+p2p"
+        )._layout(ring_layout, 0),
     }
     for name, call in more.items():
         try:

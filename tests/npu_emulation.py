@@ -80,6 +80,7 @@ input dtype (statistics in fp32), as on the device. Tests put it in
 ``sys.modules["torch_npu"]`` only for the duration of a case (:func:`installed`), so nothing else in the
 test process (transformers' own torch_npu probe, say) ever sees it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -131,10 +132,13 @@ def _segments(name: str, seq, total: int) -> list[tuple[int, int]]:
     trailing zeros mark batches that are not computed ("TND格式下，支持尾部部分Batch不参与计算 ... 尾部传入对应个数个0").
     """
     if not isinstance(seq, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seq):
-        raise TypeError(f"emulated torch_npu: {name} must be a list of ints (int[] in the schema [yaml]), "
-                        f"got {type(seq).__name__}")
+        raise TypeError(
+            f"emulated torch_npu: {name} must be a list of ints (int[] in the schema [yaml]), got {type(seq).__name__}"
+        )
     if not 1 <= len(seq) <= MAX_VARLEN_SEQS:
-        raise RuntimeError(f"emulated torch_npu: {name} has {len(seq)} entries; varlen supports 1..{MAX_VARLEN_SEQS} [fa-doc]")
+        raise RuntimeError(
+            f"emulated torch_npu: {name} has {len(seq)} entries; varlen supports 1..{MAX_VARLEN_SEQS} [fa-doc]"
+        )
     ends = list(seq)
     n = len(ends)
     while n > 1 and ends[n - 1] == 0:  # trailing zeros: batches not computed
@@ -143,8 +147,10 @@ def _segments(name: str, seq, total: int) -> list[tuple[int, int]]:
     prev = 0
     for x in ends:
         if x < prev:
-            raise RuntimeError(f"emulated torch_npu: {name} must be non-decreasing cumulative ends without a leading 0, "
-                               f"got {list(seq)}")
+            raise RuntimeError(
+                f"emulated torch_npu: {name} must be non-decreasing cumulative ends without a leading 0, "
+                f"got {list(seq)}"
+            )
         prev = x
     if ends[-1] > total:
         raise RuntimeError(f"emulated torch_npu: {name} ends at {ends[-1]} but the tensor has {total} tokens")
@@ -158,8 +164,10 @@ def _varlen_segments(actual_seq_qlen, actual_seq_kvlen, tq: int, tk: int):
     sq = _segments("actual_seq_qlen", actual_seq_qlen, tq)
     sk = _segments("actual_seq_kvlen", actual_seq_kvlen, tk)
     if sq[-1][1] < tq and sk[-1][1] < tk and (actual_seq_qlen[-1] != 0 or actual_seq_kvlen[-1] != 0):
-        raise RuntimeError(f"emulated torch_npu: The end of actualSeqQLen & actualSeqKvLen should be 0 in EOD scenario "
-                           f"(they cover {sq[-1][1]} of {tq} and {sk[-1][1]} of {tk} tokens) [fa-tiling]")
+        raise RuntimeError(
+            f"emulated torch_npu: The end of actualSeqQLen & actualSeqKvLen should be 0 in EOD scenario "
+            f"(they cover {sq[-1][1]} of {tq} and {sk[-1][1]} of {tk} tokens) [fa-tiling]"
+        )
     return sq, sk
 
 
@@ -174,9 +182,13 @@ def _check_tensors(query, key, value, head_num, input_layout, pse, padding_mask,
     if head_num != n:
         raise RuntimeError(f"emulated torch_npu: head_num={head_num} but query has {n} heads")
     if n % key.shape[1] or n > MAX_HEADS:  # [fa-doc] Nq/Nkv必须是非0整数，Nq取值范围1~256
-        raise RuntimeError(f"emulated torch_npu: Nq={n} must be a multiple of Nkv={key.shape[1]} and at most {MAX_HEADS}")
+        raise RuntimeError(
+            f"emulated torch_npu: Nq={n} must be a multiple of Nkv={key.shape[1]} and at most {MAX_HEADS}"
+        )
     if key.shape[2] != d or not 1 <= d <= MAX_HEAD_DIM:  # [fa-doc] Dq=Dk, 取值范围1~768
-        raise RuntimeError(f"emulated torch_npu: head dim {d} (key {key.shape[2]}) must match and be in 1..{MAX_HEAD_DIM}")
+        raise RuntimeError(
+            f"emulated torch_npu: head dim {d} (key {key.shape[2]}) must match and be in 1..{MAX_HEAD_DIM}"
+        )
     if not 1 <= t <= MAX_T or not 1 <= key.shape[0] <= MAX_T:
         raise RuntimeError(f"emulated torch_npu: varlen T must be in 1..{MAX_T} [fa-doc]")
     if keep_prob != 1.0 or pse is not None or padding_mask is not None or prefix is not None:
@@ -188,8 +200,10 @@ def _mask_mode(atten_mask, sparse_mode, pre_tockens, next_tockens):
     bottom-right corner (row ``r`` of an ``Sq x Skv`` segment keeps ``[r + Skv - Sq - pre, r + Skv - Sq + next]``).
     [fa-tnd] [fa-doc] [fa-band] [fa-varlen-tiling]."""
     if not isinstance(sparse_mode, int) or not (0 <= sparse_mode < 5 or 5 < sparse_mode <= 8):
-        raise RuntimeError(f"emulated torch_npu: The sparse_mode value must be in range of [0,5) or (5,8], but got "
-                           f"{sparse_mode} [fa-tnd]")
+        raise RuntimeError(
+            f"emulated torch_npu: The sparse_mode value must be in range of [0,5) or (5,8], but got "
+            f"{sparse_mode} [fa-tnd]"
+        )
     if atten_mask is None:
         # [fa-doc] 当atten_mask输入为None时，sparse_mode、pre_tockens、next_tockens参数不生效，固定为全计算
         return None
@@ -197,19 +211,23 @@ def _mask_mode(atten_mask, sparse_mode, pre_tockens, next_tockens):
         raise NotImplementedError(f"emulated torch_npu: sparse_mode={sparse_mode} with a mask is not emulated")
     # [fa-doc] sparse_mode 3 and 4: the optimised 2048x2048 mask (调用示例: torch.triu(torch.ones(2048, 2048), 1))
     if not _is_compressed_causal_mask(atten_mask):
-        raise RuntimeError(f"emulated torch_npu: sparse_mode={sparse_mode} needs the compressed 2048x2048 triu(1) "
-                           f"bool mask")
+        raise RuntimeError(
+            f"emulated torch_npu: sparse_mode={sparse_mode} needs the compressed 2048x2048 triu(1) bool mask"
+        )
     if sparse_mode == 3:  # rightDownCausal: pre_tockens / next_tockens 不生效 [fa-doc]
         return (INT_MAX, 0)
     for name, x in (("pre_tockens", pre_tockens), ("next_tockens", next_tockens)):
         if not isinstance(x, int) or isinstance(x, bool):
             raise TypeError(f"emulated torch_npu: {name} must be an int (int in the schema [yaml]), got {x!r}")
     if pre_tockens < 0:
-        raise RuntimeError(f"emulated torch_npu: pre_tokens[{pre_tockens}] config error, has invalid data block "
-                           f"[fa-varlen-tiling]")
+        raise RuntimeError(
+            f"emulated torch_npu: pre_tokens[{pre_tockens}] config error, has invalid data block [fa-varlen-tiling]"
+        )
     if next_tockens < 0 and pre_tockens + next_tockens < 0:  # [fa-band] 之间需要有交集
-        raise RuntimeError(f"emulated torch_npu: pre_tokens[{pre_tockens}], next_tokens[{next_tockens}], invalid "
-                           f"config [fa-varlen-tiling]")
+        raise RuntimeError(
+            f"emulated torch_npu: pre_tokens[{pre_tockens}], next_tokens[{next_tockens}], invalid "
+            f"config [fa-varlen-tiling]"
+        )
     return (pre_tockens, next_tockens)
 
 
@@ -222,8 +240,9 @@ def _scores(q, k, scale, band):
     pre, nxt = band
     lq, lk = q.shape[0], k.shape[0]
     if lq - nxt > lk:  # [fa-varlen-tiling] "has invalid row" (right-down causal, next 0: Sq > Skv)
-        raise RuntimeError(f"emulated torch_npu: Batch s1[{lq}], s2[{lk}], next_tokens[{nxt}], has invalid row "
-                           f"[fa-varlen-tiling]")
+        raise RuntimeError(
+            f"emulated torch_npu: Batch s1[{lq}], s2[{lk}], next_tokens[{nxt}], has invalid row [fa-varlen-tiling]"
+        )
     i = torch.arange(lq)[:, None] + (lk - lq)  # the bottom-right corner is the origin [fa-band]
     j = torch.arange(lk)[None, :]
     keep = (j >= i - pre) & (j <= i + nxt)
@@ -244,7 +263,7 @@ def _stats_to_storage(per_token: torch.Tensor, segs, tnd: bool) -> torch.Tensor:
     flat = torch.zeros(t * n, 8, dtype=torch.float32)
     for s, e in segs:
         block = per_token[s:e].t().reshape(-1)  # [N, S_i] head-major
-        flat[s * n:e * n] = block.unsqueeze(-1).expand(block.numel(), 8)
+        flat[s * n : e * n] = block.unsqueeze(-1).expand(block.numel(), 8)
     return flat.view(t, n, 8)
 
 
@@ -260,7 +279,7 @@ def _stats_from_storage(stats: torch.Tensor, segs, tnd: bool, name: str) -> torc
     flat = stats.reshape(t * n, 8)[:, 0]
     out = torch.zeros(t, n, dtype=torch.float32)
     for s, e in segs:
-        out[s:e] = flat[s * n:e * n].view(n, e - s).t()
+        out[s:e] = flat[s * n : e * n].view(n, e - s).t()
     return out
 
 
@@ -277,15 +296,36 @@ class _Generation:
         if softmax_layout not in ("", "TND"):
             raise RuntimeError("emulated torch_npu: only supported softmax_layout=TND [fa-cpp]")
         if softmax_layout == "TND" and not self.tnd_stats_work:
-            raise RuntimeError("emulated torch_npu: The param softmax_layout is not supported [fa-cpp: CANN without "
-                               "aclnnFlashAttentionVarLenScoreV4]")
+            raise RuntimeError(
+                "emulated torch_npu: The param softmax_layout is not supported [fa-cpp: CANN without "
+                "aclnnFlashAttentionVarLenScoreV4]"
+            )
         return softmax_layout == "TND"
 
     # ------------------------------------------------------------------ forward
-    def forward(self, query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None,
-                scale=1.0, keep_prob=1.0, pre_tockens=INT_MAX, next_tockens=INT_MAX, inner_precise=0, prefix=None,
-                actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False,
-                softmax_layout=""):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        head_num,
+        input_layout,
+        pse=None,
+        padding_mask=None,
+        atten_mask=None,
+        scale=1.0,
+        keep_prob=1.0,
+        pre_tockens=INT_MAX,
+        next_tockens=INT_MAX,
+        inner_precise=0,
+        prefix=None,
+        actual_seq_qlen=None,
+        actual_seq_kvlen=None,
+        sparse_mode=0,
+        gen_mask_parallel=True,
+        sync=False,
+        softmax_layout="",
+    ):
         """The generation-independent body; :func:`_bind` exposes each generation's exact keywords."""
         _check_tensors(query, key, value, head_num, input_layout, pse, padding_mask, prefix, keep_prob)
         tnd = self.layout(softmax_layout, input_layout)
@@ -310,15 +350,49 @@ class _Generation:
             out[qs:qe] = torch.einsum("nqk,knd->qnd", p / l.unsqueeze(-1), vv)
             smax[qs:qe], ssum[qs:qe] = m.t(), l.t()
         # [fa-doc] 输出说明: attention_out in the input dtype, softmax_max / softmax_sum float, softmax_out reserved
-        return (out.to(query.dtype), _stats_to_storage(smax.float(), sq, tnd), _stats_to_storage(ssum.float(), sq, tnd),
-                torch.empty(0), 0, 0, 0)
+        return (
+            out.to(query.dtype),
+            _stats_to_storage(smax.float(), sq, tnd),
+            _stats_to_storage(ssum.float(), sq, tnd),
+            torch.empty(0),
+            0,
+            0,
+            0,
+        )
 
     # ------------------------------------------------------------------ backward
-    def backward(self, query, key, value, dy, head_num, input_layout, *, pse=None, padding_mask=None,
-                 atten_mask=None, softmax_max=None, softmax_sum=None, softmax_in=None, attention_in=None,
-                 scale_value=1.0, keep_prob=1.0, pre_tockens=INT_MAX, next_tockens=INT_MAX, inner_precise=0, seed=0,
-                 offset=0, numels=0, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0,
-                 gen_mask_parallel=True, sync=False, softmax_layout=""):
+    def backward(
+        self,
+        query,
+        key,
+        value,
+        dy,
+        head_num,
+        input_layout,
+        *,
+        pse=None,
+        padding_mask=None,
+        atten_mask=None,
+        softmax_max=None,
+        softmax_sum=None,
+        softmax_in=None,
+        attention_in=None,
+        scale_value=1.0,
+        keep_prob=1.0,
+        pre_tockens=INT_MAX,
+        next_tockens=INT_MAX,
+        inner_precise=0,
+        seed=0,
+        offset=0,
+        numels=0,
+        prefix=None,
+        actual_seq_qlen=None,
+        actual_seq_kvlen=None,
+        sparse_mode=0,
+        gen_mask_parallel=True,
+        sync=False,
+        softmax_layout="",
+    ):
         _check_tensors(query, key, value, head_num, input_layout, pse, padding_mask, prefix, keep_prob)
         tnd = self.layout(softmax_layout, input_layout)
         band = _mask_mode(atten_mask, sparse_mode, pre_tockens, next_tockens)
@@ -329,7 +403,9 @@ class _Generation:
         if m.shape != (t, n):
             raise RuntimeError("emulated torch_npu: softmax statistics must be [T, N, 8] of the query")
         if attention_in is None or attention_in.shape != query.shape or attention_in.dtype != query.dtype:
-            raise RuntimeError("emulated torch_npu: attention_in must be the forward output, shaped and typed like query")
+            raise RuntimeError(
+                "emulated torch_npu: attention_in must be the forward output, shaped and typed like query"
+            )
         if dy.shape != query.shape or dy.dtype != query.dtype:
             raise RuntimeError("emulated torch_npu: dy must be shaped and typed like query")
         rep = n // key.shape[1]
@@ -349,15 +425,26 @@ class _Generation:
             delta = (do * attention_in[qs:qe].double()).sum(-1).t().unsqueeze(-1)
             ds = p * (dp - delta) * scale_value
             dq[qs:qe] = torch.einsum("nqk,knd->qnd", ds, kk)
-            dk[ks:ke] = torch.einsum("nqk,qnd->knd", ds, query[qs:qe].double()).view(ke - ks, key.shape[1], rep,
-                                                                                      d).sum(2)
+            dk[ks:ke] = (
+                torch.einsum("nqk,qnd->knd", ds, query[qs:qe].double()).view(ke - ks, key.shape[1], rep, d).sum(2)
+            )
             dv[ks:ke] = torch.einsum("nqk,qnd->knd", p, do).view(ke - ks, key.shape[1], rep, d).sum(2)
         grads = (dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), torch.empty(0))
         return grads + (torch.empty(0),) if self.name == "current" else grads  # [yaml] from 7.3.0: + dsink
 
 
-def npu_ring_attention_update(prev_attn_out, prev_softmax_max, prev_softmax_sum, cur_attn_out, cur_softmax_max,
-                              cur_softmax_sum, *, actual_seq_qlen=None, input_layout="SBH", input_softmax_layout=""):
+def npu_ring_attention_update(
+    prev_attn_out,
+    prev_softmax_max,
+    prev_softmax_sum,
+    cur_attn_out,
+    cur_softmax_max,
+    cur_softmax_sum,
+    *,
+    actual_seq_qlen=None,
+    input_layout="SBH",
+    input_softmax_layout="",
+):
     """[rau-doc] signature and formula; checks from [rau-doc] check_attention_inputs and [rau-cann]."""
     if input_layout not in ("SBH", "TND"):
         raise RuntimeError(f"emulated torch_npu: input_layout only supports 'SBH' or 'TND', but got {input_layout}")
@@ -385,8 +472,10 @@ def npu_ring_attention_update(prev_attn_out, prev_softmax_max, prev_softmax_sum,
     if input_softmax_layout == "SBH":
         raise NotImplementedError("emulated torch_npu: input_softmax_layout='SBH' with TND is not emulated")
     tnd = input_softmax_layout == "TND"  # "" is the original per-segment layout [rau-cann V2: "BNS8"]
-    pm, ps, cm, cs = (_stats_from_storage(x, segs, tnd, name) for x, name in zip(
-        stats, ("prev_softmax_max", "prev_softmax_sum", "cur_softmax_max", "cur_softmax_sum")))
+    pm, ps, cm, cs = (
+        _stats_from_storage(x, segs, tnd, name)
+        for x, name in zip(stats, ("prev_softmax_max", "prev_softmax_sum", "cur_softmax_max", "cur_softmax_sum"))
+    )
     if (ps <= 0).any() or (cs <= 0).any():  # [rau-cann] softmax sums: "must be positive" (the kernels divide by them)
         raise RuntimeError("emulated torch_npu: softmax sums must be positive")
     # [rau-cann] also says the softmax *max* values "must be positive". Not enforced here, on purpose, because nothing
@@ -398,22 +487,66 @@ def npu_ring_attention_update(prev_attn_out, prev_softmax_max, prev_softmax_sum,
     prev_scaled = ps * torch.exp(pm - m)
     cur_scaled = cs * torch.exp(cm - m)
     s = prev_scaled + cur_scaled
-    out = prev_attn_out.float() * (prev_scaled / s).unsqueeze(-1) + cur_attn_out.float() * (cur_scaled / s).unsqueeze(-1)
+    out = prev_attn_out.float() * (prev_scaled / s).unsqueeze(-1) + cur_attn_out.float() * (cur_scaled / s).unsqueeze(
+        -1
+    )
     return out.to(prev_attn_out.dtype), _stats_to_storage(m, segs, tnd), _stats_to_storage(s, segs, tnd)
 
 
 def _bind(gen: _Generation):
     """Python functions with exactly the generation's keyword names (unknown keywords raise TypeError)."""
     if gen.name == "current":  # [yaml] [releases]: + sink (7.3.0), dropout_mask/seed/offset (26.0.0), not emulated
-        def fwd(query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None, scale=1.0,
-                keep_prob=1.0, pre_tockens=INT_MAX, next_tockens=INT_MAX, inner_precise=0, prefix=None,
-                actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False,
-                softmax_layout="", sink=None, dropout_mask=None, seed=0, offset=0):
+
+        def fwd(
+            query,
+            key,
+            value,
+            head_num,
+            input_layout,
+            pse=None,
+            padding_mask=None,
+            atten_mask=None,
+            scale=1.0,
+            keep_prob=1.0,
+            pre_tockens=INT_MAX,
+            next_tockens=INT_MAX,
+            inner_precise=0,
+            prefix=None,
+            actual_seq_qlen=None,
+            actual_seq_kvlen=None,
+            sparse_mode=0,
+            gen_mask_parallel=True,
+            sync=False,
+            softmax_layout="",
+            sink=None,
+            dropout_mask=None,
+            seed=0,
+            offset=0,
+        ):
             if sink is not None or dropout_mask is not None:
                 raise NotImplementedError("emulated torch_npu: sink and dropout_mask are not emulated")
-            return gen.forward(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask, scale,
-                               keep_prob, pre_tockens, next_tockens, inner_precise, prefix, actual_seq_qlen,
-                               actual_seq_kvlen, sparse_mode, gen_mask_parallel, sync, softmax_layout)
+            return gen.forward(
+                query,
+                key,
+                value,
+                head_num,
+                input_layout,
+                pse,
+                padding_mask,
+                atten_mask,
+                scale,
+                keep_prob,
+                pre_tockens,
+                next_tockens,
+                inner_precise,
+                prefix,
+                actual_seq_qlen,
+                actual_seq_kvlen,
+                sparse_mode,
+                gen_mask_parallel,
+                sync,
+                softmax_layout,
+            )
 
         def bwd(*args, sink=None, **kwargs):
             if sink is not None:
@@ -422,24 +555,110 @@ def _bind(gen: _Generation):
     elif gen.has_layout_kwarg:  # TorchNPU 7.2.0's keywords: softmax_layout, no sink
         fwd, bwd = gen.forward, gen.backward
     else:
-        def fwd(query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None, scale=1.0,
-                keep_prob=1.0, pre_tockens=INT_MAX, next_tockens=INT_MAX, inner_precise=0, prefix=None,
-                actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False):
-            return gen.forward(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask, scale,
-                               keep_prob, pre_tockens, next_tockens, inner_precise, prefix, actual_seq_qlen,
-                               actual_seq_kvlen, sparse_mode, gen_mask_parallel, sync)
 
-        def bwd(query, key, value, dy, head_num, input_layout, *, pse=None, padding_mask=None, atten_mask=None,
-                softmax_max=None, softmax_sum=None, softmax_in=None, attention_in=None, scale_value=1.0, keep_prob=1.0,
-                pre_tockens=INT_MAX, next_tockens=INT_MAX, inner_precise=0, seed=0, offset=0, numels=0, prefix=None,
-                actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False):
-            return gen.backward(query, key, value, dy, head_num, input_layout, pse=pse, padding_mask=padding_mask,
-                                atten_mask=atten_mask, softmax_max=softmax_max, softmax_sum=softmax_sum,
-                                softmax_in=softmax_in, attention_in=attention_in, scale_value=scale_value,
-                                keep_prob=keep_prob, pre_tockens=pre_tockens, next_tockens=next_tockens,
-                                inner_precise=inner_precise, seed=seed, offset=offset, numels=numels, prefix=prefix,
-                                actual_seq_qlen=actual_seq_qlen, actual_seq_kvlen=actual_seq_kvlen,
-                                sparse_mode=sparse_mode, gen_mask_parallel=gen_mask_parallel, sync=sync)
+        def fwd(
+            query,
+            key,
+            value,
+            head_num,
+            input_layout,
+            pse=None,
+            padding_mask=None,
+            atten_mask=None,
+            scale=1.0,
+            keep_prob=1.0,
+            pre_tockens=INT_MAX,
+            next_tockens=INT_MAX,
+            inner_precise=0,
+            prefix=None,
+            actual_seq_qlen=None,
+            actual_seq_kvlen=None,
+            sparse_mode=0,
+            gen_mask_parallel=True,
+            sync=False,
+        ):
+            return gen.forward(
+                query,
+                key,
+                value,
+                head_num,
+                input_layout,
+                pse,
+                padding_mask,
+                atten_mask,
+                scale,
+                keep_prob,
+                pre_tockens,
+                next_tockens,
+                inner_precise,
+                prefix,
+                actual_seq_qlen,
+                actual_seq_kvlen,
+                sparse_mode,
+                gen_mask_parallel,
+                sync,
+            )
+
+        def bwd(
+            query,
+            key,
+            value,
+            dy,
+            head_num,
+            input_layout,
+            *,
+            pse=None,
+            padding_mask=None,
+            atten_mask=None,
+            softmax_max=None,
+            softmax_sum=None,
+            softmax_in=None,
+            attention_in=None,
+            scale_value=1.0,
+            keep_prob=1.0,
+            pre_tockens=INT_MAX,
+            next_tockens=INT_MAX,
+            inner_precise=0,
+            seed=0,
+            offset=0,
+            numels=0,
+            prefix=None,
+            actual_seq_qlen=None,
+            actual_seq_kvlen=None,
+            sparse_mode=0,
+            gen_mask_parallel=True,
+            sync=False,
+        ):
+            return gen.backward(
+                query,
+                key,
+                value,
+                dy,
+                head_num,
+                input_layout,
+                pse=pse,
+                padding_mask=padding_mask,
+                atten_mask=atten_mask,
+                softmax_max=softmax_max,
+                softmax_sum=softmax_sum,
+                softmax_in=softmax_in,
+                attention_in=attention_in,
+                scale_value=scale_value,
+                keep_prob=keep_prob,
+                pre_tockens=pre_tockens,
+                next_tockens=next_tockens,
+                inner_precise=inner_precise,
+                seed=seed,
+                offset=offset,
+                numels=numels,
+                prefix=prefix,
+                actual_seq_qlen=actual_seq_qlen,
+                actual_seq_kvlen=actual_seq_kvlen,
+                sparse_mode=sparse_mode,
+                gen_mask_parallel=gen_mask_parallel,
+                sync=sync,
+            )
+
     return fwd, bwd
 
 

@@ -4,6 +4,7 @@ tests/test_plan.py checks that ``ringattn.plan.build_plan`` (which builds each r
 from a per-layout index) produces exactly the same plans as this straightforward
 construction over every (reader, origin) pair.
 """
+
 from __future__ import annotations
 
 from ringattn.layout import DocLayout, doc_segments
@@ -98,8 +99,10 @@ def reference_plan(layout: DocLayout, comm: str = DEFAULT_COMM) -> Plan:
 
     # reads[x][o] = list of (q rows, kv global ranges, causal)
     reads = [[list(_reads(layout, x, o)) for o in range(cp)] for x in range(cp)]
-    need = [[_merge_ranges(r for _, kv, _ in reads[x][o] for r in kv) if o != x else () for o in range(cp)]
-            for x in range(cp)]  # need[x][o]: global KV of o that x reads
+    need = [
+        [_merge_ranges(r for _, kv, _ in reads[x][o] for r in kv) if o != x else () for o in range(cp)]
+        for x in range(cp)
+    ]  # need[x][o]: global KV of o that x reads
 
     def need_at(o: int, t: int) -> tuple[Range, ...]:
         return need[(o + t) % cp][o]
@@ -164,4 +167,3 @@ def reference_plan(layout: DocLayout, comm: str = DEFAULT_COMM) -> Plan:
         kv_send_per_step=tuple(tuple(s.send.tokens if s.send else 0 for s in rp.steps) for rp in rank_plans),
     )
     return Plan(comm, tuple(rank_plans), stats)
-

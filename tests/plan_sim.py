@@ -4,6 +4,7 @@ Each rank's "KV" is the list of global token ids it holds; messages carry ids. T
 says which (query, key) global pairs each rank computed and which ids travelled where, so
 tests can compare the plan with what the dense mask requires.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -45,8 +46,8 @@ def simulate(layout, plan):
     cp = layout.cp_size
     local = [layout.local_indices(r).tolist() for r in range(cp)]
     pairs = [Counter() for _ in range(cp)]  # (q global, k global) -> times computed
-    received = [[] for _ in range(cp)]      # per rank, per step: ids received
-    grads = []                              # (owner, reader, ids) dK/dV returns
+    received = [[] for _ in range(cp)]  # per rank, per step: ids received
+    grads = []  # (owner, reader, ids) dK/dV returns
     for i, bufs in enumerate(_received(plan, local)):
         for x, data in enumerate(bufs):
             received[x].append(data or [])
@@ -57,8 +58,8 @@ def simulate(layout, plan):
             read = set()
             for seg in st.segments:
                 assert seg.q[1] > seg.q[0] and seg.kv[1] > seg.kv[0], "empty block pair"
-                qs = local[x][seg.q[0]:seg.q[1]]
-                ks = src[seg.kv[0]:seg.kv[1]]
+                qs = local[x][seg.q[0] : seg.q[1]]
+                ks = src[seg.kv[0] : seg.kv[1]]
                 assert all(k in set(local[st.origin]) for k in ks), "KV from the wrong origin"
                 read.update(range(seg.kv[0], seg.kv[1]))
                 for a, qg in enumerate(qs):
@@ -102,8 +103,8 @@ def bf16_partials(layout, plan) -> tuple[int, int]:
             src = local[x] if i == 0 else bufs[x]
             for causal in (True, False):
                 segs = [s for s in rp.steps[i].segments if s.causal == causal]
-                q_calls.update({t for s in segs for t in local[x][s.q[0]:s.q[1]]})
-                kv_calls.update({t for s in segs for t in src[s.kv[0]:s.kv[1]]})
+                q_calls.update({t for s in segs for t in local[x][s.q[0] : s.q[1]]})
+                kv_calls.update({t for s in segs for t in src[s.kv[0] : s.kv[1]]})
     return max(q_calls.values(), default=1), max(kv_calls.values(), default=1)
 
 
@@ -127,6 +128,10 @@ def kernel_calls(layout, plan) -> list:
             for causal in (True, False):
                 segs = [g for g in rp.steps[i].segments if g.causal == causal]
                 if segs:
-                    calls.append([(torch.tensor(local[x][g.q[0]:g.q[1]]), torch.tensor(src[g.kv[0]:g.kv[1]]), causal)
-                                  for g in segs])
+                    calls.append(
+                        [
+                            (torch.tensor(local[x][g.q[0] : g.q[1]]), torch.tensor(src[g.kv[0] : g.kv[1]]), causal)
+                            for g in segs
+                        ]
+                    )
     return calls

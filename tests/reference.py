@@ -2,6 +2,7 @@
 
 Shares no code with ringattn: documents come straight from the boundary list.
 """
+
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,7 @@ def doc_ids(cu_seqlens) -> torch.Tensor:
     cu = [int(x) for x in cu_seqlens]
     ids = torch.empty(cu[-1], dtype=torch.int64)
     for d in range(len(cu) - 1):
-        ids[cu[d]:cu[d + 1]] = d
+        ids[cu[d] : cu[d + 1]] = d
     return ids
 
 

@@ -35,14 +35,15 @@ This is a bound, not an estimate, for the emulated kernels: each step above is a
 device kernel has its own internal error on top (flash rounds P to bf16 before ``P @ V``), which this does not
 model: the GPU tests bound that with the same kernel's single-device error instead (tests/test_attention.py).
 """
+
 from __future__ import annotations
 
 import torch
 
 MANTISSA = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
 #: half the spacing of the subnormals (below the smallest normal the spacing stops shrinking: fp16's is 2^-24)
-SUBNORMAL_HALF = {torch.bfloat16: 2.0 ** -134, torch.float16: 2.0 ** -25, torch.float32: 2.0 ** -150}
-REL = 2.0 ** -17  # fp32 arithmetic slack, relative
+SUBNORMAL_HALF = {torch.bfloat16: 2.0**-134, torch.float16: 2.0**-25, torch.float32: 2.0**-150}
+REL = 2.0**-17  # fp32 arithmetic slack, relative
 ABS = 1e-7
 
 
@@ -59,8 +60,9 @@ def varlen_call(cu_q, cu_k, causal: bool) -> list:
     return [(torch.arange(a, b), torch.arange(c, d), causal) for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:])]
 
 
-def device_bounds(q, k, v, dout, mask: torch.Tensor, calls, scale: float, dtype: torch.dtype, sinks=None,
-                  ulysses: int = 1):
+def device_bounds(
+    q, k, v, dout, mask: torch.Tensor, calls, scale: float, dtype: torch.dtype, sinks=None, ulysses: int = 1
+):
     """Elementwise bounds ``(out, dq, dk, dv)`` (float64, shaped like the results) on ``|result - exact|`` of a
     device path whose kernel calls are ``calls`` (lists of segments ``(q rows, kv rows, causal)``, as
     ``plan_sim.kernel_calls`` gives them; together they cover ``mask`` once). ``q, k, v, dout`` are the inputs
@@ -134,11 +136,17 @@ def device_bounds(q, k, v, dout, mask: torch.Tensor, calls, scale: float, dtype:
             y[:, h // rep, group[h]] += x[:, h]
         return y
 
-    grads = (torch.einsum("hij,jhd->ihd", ds, kx), fold(torch.einsum("hij,ihd->jhd", ds, q)),
-             fold(torch.einsum("hij,ihd->jhd", p, dout)))
+    grads = (
+        torch.einsum("hij,jhd->ihd", ds, kx),
+        fold(torch.einsum("hij,ihd->jhd", ds, q)),
+        fold(torch.einsum("hij,ihd->jhd", p, dout)),
+    )
     bounds = [torch.zeros_like(g) for g in grads]
-    covers = [covers_q.view(-1, 1), torch.zeros(k.shape[0], hk, dtype=torch.long),
-              torch.zeros(k.shape[0], hk, dtype=torch.long)]  # partials per row (and KV head)
+    covers = [
+        covers_q.view(-1, 1),
+        torch.zeros(k.shape[0], hk, dtype=torch.long),
+        torch.zeros(k.shape[0], hk, dtype=torch.long),
+    ]  # partials per row (and KV head)
     for qi, ki, causal in segments:
         ds_g, keep = block(ds, qi, ki, causal)
         ds_g = ds_g * keep
@@ -148,10 +156,14 @@ def device_bounds(q, k, v, dout, mask: torch.Tensor, calls, scale: float, dtype:
         dq_part = torch.einsum("hij,jhd->ihd", ds_g, kx[ki])
         dq_err = torch.einsum("hij,jhd->ihd", e_g, kx[ki].abs())
         bounds[0][qi] += dq_err + half_ulp((dq_part.abs() + dq_err) * (1 + REL), dtype)
-        kv_parts = (fold_groups(torch.einsum("hij,ihd->jhd", ds_g, q[qi])),
-                    fold_groups(torch.einsum("hij,ihd->jhd", p_g, dout[qi])))
-        kv_errs = (fold_groups(torch.einsum("hij,ihd->jhd", e_g, q[qi].abs())),
-                   fold_groups(torch.einsum("hij,ihd->jhd", pn_g, dout[qi].abs())))
+        kv_parts = (
+            fold_groups(torch.einsum("hij,ihd->jhd", ds_g, q[qi])),
+            fold_groups(torch.einsum("hij,ihd->jhd", p_g, dout[qi])),
+        )
+        kv_errs = (
+            fold_groups(torch.einsum("hij,ihd->jhd", e_g, q[qi].abs())),
+            fold_groups(torch.einsum("hij,ihd->jhd", pn_g, dout[qi].abs())),
+        )
         for i, part, err in zip((1, 2), kv_parts, kv_errs):
             bounds[i][ki] += (err + half_ulp((part.abs() + err) * (1 + REL), dtype)).sum(2)
             covers[i][ki] += (parts_of > 0).sum(1)

@@ -1,4 +1,5 @@
 """Multi-rank correctness against the float64 dense document-causal reference."""
+
 from __future__ import annotations
 
 import math
@@ -25,22 +26,62 @@ def layout_cases(cp: int) -> list[Case]:
     chunk = 8
     s = 2 * cp * chunk
     cases = [
-        Case("random+single-token docs MHA d64", random_cu_seqlens(rng, s, p_single=0.3, max_doc=s // 2), s,
-             hq=2, hkv=2, d=64, seed=1),
+        Case(
+            "random+single-token docs MHA d64",
+            random_cu_seqlens(rng, s, p_single=0.3, max_doc=s // 2),
+            s,
+            hq=2,
+            hkv=2,
+            d=64,
+            seed=1,
+        ),
         Case("chunk-boundary docs GQA d128", tuple(range(0, s + 1, chunk)), s, hq=4, hkv=2, d=128, seed=2),
-        Case("mixed boundaries MQA d64", tuple(sorted({0, s} | {c * chunk for c in range(1, 2 * cp, 3)}
-                                                      | {c * chunk + 1 for c in range(0, 2 * cp, 4)})), s,
-             hq=4, hkv=1, d=64, seed=3),
+        Case(
+            "mixed boundaries MQA d64",
+            tuple(
+                sorted({0, s} | {c * chunk for c in range(1, 2 * cp, 3)} | {c * chunk + 1 for c in range(0, 2 * cp, 4)})
+            ),
+            s,
+            hq=4,
+            hkv=1,
+            d=64,
+            seed=3,
+        ),
         Case("one doc spanning every chunk GQA d64", (0, s), s, hq=4, hkv=2, d=64, seed=4),
-        Case("micro-batch of 2 samples GQA d64", random_cu_seqlens(rng, s, num_samples=2, max_doc=s), s,
-             hq=4, hkv=2, d=64, seed=5),
-        Case("bf16 random GQA d64", random_cu_seqlens(rng, s, max_doc=s), s, hq=4, hkv=2, d=64, dtype="bfloat16",
-             seed=6),
+        Case(
+            "micro-batch of 2 samples GQA d64",
+            random_cu_seqlens(rng, s, num_samples=2, max_doc=s),
+            s,
+            hq=4,
+            hkv=2,
+            d=64,
+            seed=5,
+        ),
+        Case(
+            "bf16 random GQA d64", random_cu_seqlens(rng, s, max_doc=s), s, hq=4, hkv=2, d=64, dtype="bfloat16", seed=6
+        ),
         Case("bf16 one doc MHA d128", (0, s), s, hq=2, hkv=2, d=128, dtype="bfloat16", seed=7),
-        Case("balanced strategy, 2 samples GQA", random_cu_seqlens(rng, s, num_samples=2, max_doc=s), s,
-             hq=4, hkv=2, d=64, seed=8, strategy="balanced", chunks_per_rank=4),
-        Case("auto strategy, 2 samples GQA", random_cu_seqlens(rng, s, num_samples=2, max_doc=s // 2), s,
-             hq=4, hkv=2, d=64, seed=9, strategy="auto"),
+        Case(
+            "balanced strategy, 2 samples GQA",
+            random_cu_seqlens(rng, s, num_samples=2, max_doc=s),
+            s,
+            hq=4,
+            hkv=2,
+            d=64,
+            seed=8,
+            strategy="balanced",
+            chunks_per_rank=4,
+        ),
+        Case(
+            "auto strategy, 2 samples GQA",
+            random_cu_seqlens(rng, s, num_samples=2, max_doc=s // 2),
+            s,
+            hq=4,
+            hkv=2,
+            d=64,
+            seed=9,
+            strategy="auto",
+        ),
     ]
     return [Case(**{**c.__dict__, "comm": comm}) for c in cases for comm in COMMS]
 
@@ -80,8 +121,9 @@ def sdpa_bf16_errors(case: Case, q, k, v, dout, ref):
             zero = torch.zeros(1, case.hkv, 1, case.d, dtype=q.dtype)
             kk, vv = torch.cat([kk, zero], 2), torch.cat([vv, zero], 2)
             mask = torch.cat([mask, sinks.view(1, case.hq, 1, 1).expand(1, case.hq, n, 1)], -1)
-        o = torch.nn.functional.scaled_dot_product_attention(t[0], kk, vv, attn_mask=mask.to(q.dtype), scale=scale,
-                                                             enable_gqa=case.hq != case.hkv)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            t[0], kk, vv, attn_mask=mask.to(q.dtype), scale=scale, enable_gqa=case.hq != case.hkv
+        )
         o.backward(dout[a:b].transpose(0, 1).unsqueeze(0))
         for dst, src in zip(res, (o.detach(), t[0].grad, t[1].grad, t[2].grad)):
             dst[a:b] = src[0].transpose(0, 1)
@@ -137,9 +179,18 @@ def device_baseline(case: Case, cp: int, single=None) -> DeviceBaseline | None:
         p_q, p_kv = bf16_partials(layout, plan)
         return DeviceBaseline(single=single, q_partials=p_q, kv_partials=p_kv)
     q, k, v, dout = global_tensors(case)
-    bounds = device_bounds(q, k, v, dout, doc_window_mask(case.cu_seqlens, case.window), kernel_calls(layout, plan),
-                           1.0 / math.sqrt(case.d), getattr(torch, case.dtype),
-                           sinks=case_sinks(case) if case.sinks else None, ulysses=case.ulysses or 1)
+    bounds = device_bounds(
+        q,
+        k,
+        v,
+        dout,
+        doc_window_mask(case.cu_seqlens, case.window),
+        kernel_calls(layout, plan),
+        1.0 / math.sqrt(case.d),
+        getattr(torch, case.dtype),
+        sinks=case_sinks(case) if case.sinks else None,
+        ulysses=case.ulysses or 1,
+    )
     return DeviceBaseline(bounds=bounds)
 
 
@@ -188,16 +239,20 @@ def check_case(case: Case, got, baseline: DeviceBaseline | None = None) -> None:
             for name, x, r, b in zip(names, got, ref, baseline.bounds):
                 err = (x.double() - r).abs()
                 worst = (err / b).max().item()
-                assert worst <= 1.0, (f"{label}: {name} error {err.max().item():.3e} exceeds the error analysis's "
-                                      f"bound at some element ({worst:.2f}x its bound; tests/rounding.py)")
+                assert worst <= 1.0, (
+                    f"{label}: {name} error {err.max().item():.3e} exceeds the error analysis's "
+                    f"bound at some element ({worst:.2f}x its bound; tests/rounding.py)"
+                )
             return
         ulps = (1.0, (baseline.q_partials + 1) / 2, (baseline.kv_partials + 1) / 2, (baseline.kv_partials + 1) / 2)
         for i, (name, x, r, n) in enumerate(zip(names, got, ref, ulps)):
             err = (x.double() - r).abs().max().item()
             bound = max(2e-2, n * bf16_ulp(r.abs().max().item()))
             base = (baseline.single[i].double() - r).abs().max().item()
-            assert err <= max(bound, 2 * base), (f"{label}: {name} max abs error {err:.3e} > {n:g} bf16 ulp {bound:.3e} "
-                                                 f"and > 2x the same backend's single-device error {base:.3e}")
+            assert err <= max(bound, 2 * base), (
+                f"{label}: {name} max abs error {err:.3e} > {n:g} bf16 ulp {bound:.3e} "
+                f"and > 2x the same backend's single-device error {base:.3e}"
+            )
         return
     windowed = case.window is not None or case.sinks
     base = (sdpa_bf16_errors if windowed else single_device_bf16_errors)(case, q, k, v, dout, ref)
@@ -215,7 +270,7 @@ def check_case(case: Case, got, baseline: DeviceBaseline | None = None) -> None:
 @pytest.mark.parametrize("backend", ["cpu", "npu", "npu-legacy", "npu-tnd"])
 @pytest.mark.parametrize("cp", [2, 3, 4])
 def test_multi_rank_matches_dense_reference(cp, backend, rank_pools):
-    """"npu" / "npu-legacy" run the NPU backend on the emulation of the documented torch_npu contract
+    """ "npu" / "npu-legacy" run the NPU backend on the emulation of the documented torch_npu contract
     (current generation: token-major statistics and the fused merge; legacy: the default per-segment
     head-major statistics, no fused merge)."""
     cases = [Case(**{**c.__dict__, "backend": backend}) for c in layout_cases(cp)]

@@ -1,4 +1,5 @@
 """Backend selection, the NPU emulation's strictness, host staging, and GPU runs where present."""
+
 from __future__ import annotations
 
 import sys
@@ -59,8 +60,20 @@ def test_emulation_rejects_contract_misuse():
         fwd(q, q, q, 2, "TND", atten_mask=~mask, sparse_mode=3, actual_seq_qlen=[6], actual_seq_kvlen=[6])
     out, smax, ssum = fwd(q, q, q, 2, "TND", actual_seq_qlen=[6], actual_seq_kvlen=[6])[:3]
     with pytest.raises(TypeError):  # the grad op's keyword is scale_value, not scale
-        bwd(q, q, q, q, 2, "TND", softmax_max=smax, softmax_sum=ssum, attention_in=out, scale=0.1,
-            actual_seq_qlen=[6], actual_seq_kvlen=[6])
+        bwd(
+            q,
+            q,
+            q,
+            q,
+            2,
+            "TND",
+            softmax_max=smax,
+            softmax_sum=ssum,
+            attention_in=out,
+            scale=0.1,
+            actual_seq_qlen=[6],
+            actual_seq_kvlen=[6],
+        )
     # zero-length segments are documented as allowed: a leading 0 is an empty first segment
     again = fwd(q, q, q, 2, "TND", actual_seq_qlen=[0, 6], actual_seq_kvlen=[0, 6])[0]
     assert torch.equal(again, out)
@@ -84,14 +97,33 @@ def test_emulation_rejects_contract_misuse():
         emu.npu_ring_attention_update(q, stats, ones, q, stats, ones, actual_seq_qlen=seq, layout="TND")
     with pytest.raises(RuntimeError, match="multiple of 64"):
         small = torch.randn(6, 2, 32)
-        emu.npu_ring_attention_update(small, stats, ones, small, stats, ones, actual_seq_qlen=seq,
-                                      input_layout="TND", input_softmax_layout="TND")
+        emu.npu_ring_attention_update(
+            small, stats, ones, small, stats, ones, actual_seq_qlen=seq, input_layout="TND", input_softmax_layout="TND"
+        )
     with pytest.raises(RuntimeError, match="from 0 to T"):
-        emu.npu_ring_attention_update(q, stats, ones, q, stats, ones, actual_seq_qlen=torch.tensor([6]),
-                                      input_layout="TND", input_softmax_layout="TND")
+        emu.npu_ring_attention_update(
+            q,
+            stats,
+            ones,
+            q,
+            stats,
+            ones,
+            actual_seq_qlen=torch.tensor([6]),
+            input_layout="TND",
+            input_softmax_layout="TND",
+        )
     with pytest.raises(RuntimeError, match="same shape and dtype"):
-        emu.npu_ring_attention_update(q, stats, ones, q.bfloat16(), stats, ones, actual_seq_qlen=seq,
-                                      input_layout="TND", input_softmax_layout="TND")
+        emu.npu_ring_attention_update(
+            q,
+            stats,
+            ones,
+            q.bfloat16(),
+            stats,
+            ones,
+            actual_seq_qlen=seq,
+            input_layout="TND",
+            input_softmax_layout="TND",
+        )
 
 
 def test_emulation_default_statistics_match_mindspeeds_flatten_softmax():
@@ -118,9 +150,11 @@ def _layout_regression_worker(rank, cp, payload):
     cases, old_reading = payload
     original = npu._head_major_index
     if old_reading:
+
         def identity(call, chunk, heads, device):
             idx = torch.arange((chunk.q1 - chunk.q0) * heads, device=device)
             return idx, idx
+
         npu._head_major_index = identity
     try:
         return run_cases(rank, cp, cases)
@@ -130,7 +164,7 @@ def _layout_regression_worker(rank, cp, payload):
 
 def _max_error(case, got) -> float:
     q, k, v, dout = global_tensors(case)
-    ref = dense_with_grads(q, k, v, dout, case.cu_seqlens, case.d ** -0.5)
+    ref = dense_with_grads(q, k, v, dout, case.cu_seqlens, case.d**-0.5)
     return max((x.double() - r).abs().max().item() for x, r in zip(got, ref))
 
 
@@ -161,8 +195,10 @@ def test_npu_step_with_more_than_1024_segments_is_split_and_exact(rank_pools):
     plan = rank_plan(DocLayout.from_cu_seqlens(cu, 2), 0, "direct")
     causal = [c for c in plan_exec(plan).steps[0].calls if c.varlen.causal][0]
     assert causal.varlen.num_segments > 1024
-    cases = [Case(">1024 segments", cu, s, hq=2, hkv=1, d=64, seed=41, comm="direct", backend=b)
-             for b in ("npu", "npu-legacy")]
+    cases = [
+        Case(">1024 segments", cu, s, hq=2, hkv=1, d=64, seed=41, comm="direct", backend=b)
+        for b in ("npu", "npu-legacy")
+    ]
     per_rank = unwrap(rank_pools(2).run(run_cases, cases))
     for i, case in enumerate(cases):
         check_case(case, assemble([r[i] for r in per_rank], s))
@@ -185,7 +221,9 @@ def test_npu_capabilities_are_detected_once():
                 def wrapped(*a, **kw):
                     calls[key] += 1
                     return op(*a, **kw)
+
                 return wrapped
+
             mod.npu_fusion_attention, mod.npu_fusion_attention_grad = counting(fwd, "fwd"), counting(bwd, "bwd")
             for _ in range(3):
                 q, k, v = (torch.randn(8, 2, 64, requires_grad=True) for _ in range(3))
@@ -361,18 +399,36 @@ def test_flash_attn_arguments_bind_to_the_real_signatures(tag):
     fwd_names, bwd_names = FLASH_ATTN_SIGNATURES[tag]
     version = cuda._version(tag)
     q, k, v, cq, ck, dq, dk, dv, out, lse, dout = (object() for _ in range(11))
-    f = flash_standin._signature(fwd_names).bind(*cuda.flash_forward_args(version, q, k, v, cq, ck, 7, 9, 0.125,
-                                                                           True)).arguments
+    f = (
+        flash_standin._signature(fwd_names)
+        .bind(*cuda.flash_forward_args(version, q, k, v, cq, ck, 7, 9, 0.125, True))
+        .arguments
+    )
     assert (f["q"], f["k"], f["v"], f["cu_seqlens_q"], f["cu_seqlens_k"]) == (q, k, v, cq, ck)
-    assert (f["max_seqlen_q"], f["max_seqlen_k"], f["dropout_p"], f["softmax_scale"], f["causal"]) == (7, 9, 0.0, 0.125, True)
+    assert (f["max_seqlen_q"], f["max_seqlen_k"], f["dropout_p"], f["softmax_scale"], f["causal"]) == (
+        7,
+        9,
+        0.0,
+        0.125,
+        True,
+    )
     assert f["softcap"] == 0.0 and f["alibi_slopes"] is None and f["return_softmax"] is False
     window = (f["window_size_left"], f["window_size_right"]) if version >= (2, 7) else f["window_size"]
     assert tuple(window) == (-1, -1)
-    b = flash_standin._signature(bwd_names).bind(*cuda.flash_backward_args(version, dout, q, k, v, out, lse, dq, dk, dv,
-                                                                           cq, ck, 7, 9, 0.125, False)).arguments
+    b = (
+        flash_standin._signature(bwd_names)
+        .bind(*cuda.flash_backward_args(version, dout, q, k, v, out, lse, dq, dk, dv, cq, ck, 7, 9, 0.125, False))
+        .arguments
+    )
     assert (b["dout"], b["q"], b["k"], b["v"], b["out"], b["softmax_lse"]) == (dout, q, k, v, out, lse)
     assert (b["dq"], b["dk"], b["dv"], b["cu_seqlens_q"], b["cu_seqlens_k"]) == (dq, dk, dv, cq, ck)
-    assert (b["max_seqlen_q"], b["max_seqlen_k"], b["dropout_p"], b["softmax_scale"], b["causal"]) == (7, 9, 0.0, 0.125, False)
+    assert (b["max_seqlen_q"], b["max_seqlen_k"], b["dropout_p"], b["softmax_scale"], b["causal"]) == (
+        7,
+        9,
+        0.0,
+        0.125,
+        False,
+    )
     assert b["softcap"] == 0.0 and b["alibi_slopes"] is None and b["deterministic"] is False and b["rng_state"] is None
     window = (b["window_size_left"], b["window_size_right"]) if version >= (2, 7) else b["window_size"]
     assert tuple(window) == (-1, -1)
@@ -451,8 +507,9 @@ def test_flash_standins_enforce_the_upstream_checks():
 
     def fwd(version, q, k, v, cq, ck, mq, mk):
         _, iface = flash_standin.flash_attn_module(version)
-        return iface._flash_attn_varlen_forward(*cuda.flash_forward_args(cuda._version(version), q, k, v, cq, ck, mq,
-                                                                          mk, 0.3, True))
+        return iface._flash_attn_varlen_forward(
+            *cuda.flash_forward_args(cuda._version(version), q, k, v, cq, ck, mq, mk, 0.3, True)
+        )
 
     for version in ("2.7.4.post1", "2.8.3"):
         with pytest.raises(RuntimeError, match="multiple of 8"):
@@ -476,15 +533,21 @@ def test_flash_standins_enforce_the_upstream_checks():
     for version in ("2.6.3", "2.8.3"):
         key = cuda._version(version)
         _, iface = flash_standin.flash_attn_module(version)
-        for d, lse_t, dq_strided, match in ((20, False, False, "multiple of 8"), (64, True, False, "h x total_q"),
-                                            (64, False, True, "contiguous last dimension")):
+        for d, lse_t, dq_strided, match in (
+            (20, False, False, "multiple of 8"),
+            (64, True, False, "h x total_q"),
+            (64, False, True, "contiguous last dimension"),
+        ):
             q, k, v, cq, ck, mq, mk = args(d)
             lse = torch.zeros(q.shape[1], q.shape[0])
             lse = lse.t().contiguous().t() if lse_t else lse  # right shape, wrong memory order
             dq = torch.empty(q.shape[:2] + (2 * d,), dtype=q.dtype)[..., ::2] if dq_strided else torch.empty_like(q)
             with pytest.raises(RuntimeError, match=match):
-                iface._flash_attn_varlen_backward(*cuda.flash_backward_args(
-                    key, q, q, k, v, q, lse, dq, torch.empty_like(k), torch.empty_like(v), cq, ck, mq, mk, 0.3, True))
+                iface._flash_attn_varlen_backward(
+                    *cuda.flash_backward_args(
+                        key, q, q, k, v, q, lse, dq, torch.empty_like(k), torch.empty_like(v), cq, ck, mq, mk, 0.3, True
+                    )
+                )
     # aten: no internal padding in forward either
     fwd_op, bwd_op = flash_standin.aten_flash_ops()
     q, k, v, cq, ck, mq, mk = args(20)
@@ -506,10 +569,28 @@ def test_cuda_backend_multi_rank_on_cpu_through_the_standins(cp, rank_pools):
     chunk = 4
     s = 2 * cp * chunk
     docs = (0, 3, 9, 10, 17, s)  # documents crossing chunk edges
-    cases = [Case(f"cuda stand-in {backend} d{d} {dtype}", docs, s, hq=4, hkv=2, d=d, dtype=dtype, seed=51 + i,
-                  comm="direct", backend=backend)
-             for i, (backend, d, dtype) in enumerate((("cuda-fa2.8", 20, "bfloat16"), ("cuda-fa2.6", 20, "float16"),
-                                                      ("cuda-aten", 20, "bfloat16"), ("cuda-fa2.7", 64, "bfloat16")))]
+    cases = [
+        Case(
+            f"cuda stand-in {backend} d{d} {dtype}",
+            docs,
+            s,
+            hq=4,
+            hkv=2,
+            d=d,
+            dtype=dtype,
+            seed=51 + i,
+            comm="direct",
+            backend=backend,
+        )
+        for i, (backend, d, dtype) in enumerate(
+            (
+                ("cuda-fa2.8", 20, "bfloat16"),
+                ("cuda-fa2.6", 20, "float16"),
+                ("cuda-aten", 20, "bfloat16"),
+                ("cuda-fa2.7", 64, "bfloat16"),
+            )
+        )
+    ]
     per_rank = unwrap(rank_pools(cp).run(_cuda_standin_worker, cases))
     for i, case in enumerate(cases):
         check_case(case, assemble([r[i] for r in per_rank], s), device_baseline(case, cp))
@@ -569,5 +650,7 @@ def test_cuda_head_dim_padding_is_exact():
     p_out, p_lse = mk.forward(pq, pk, pv, call, 0.2)
     torch.testing.assert_close(p_out[..., :12], out)
     torch.testing.assert_close(p_lse, lse)
-    for a, b in zip(mk.backward(pdout, pq, pk, pv, pout, lse, call, 0.2), mk.backward(dout, q, k, v, out, lse, call, 0.2)):
+    for a, b in zip(
+        mk.backward(pdout, pq, pk, pv, pout, lse, call, 0.2), mk.backward(dout, q, k, v, out, lse, call, 0.2)
+    ):
         torch.testing.assert_close(a[..., :12], b)

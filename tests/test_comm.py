@@ -1,4 +1,5 @@
 """The executor issues exactly the P2P operations the plan asks for."""
+
 from __future__ import annotations
 
 import math

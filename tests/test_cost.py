@@ -1,4 +1,5 @@
 """Cost model: profiles, validation, and the model's accounting against the plan's exact counts."""
+
 from __future__ import annotations
 
 import json
@@ -26,15 +27,23 @@ def test_presets_are_valid_and_cite_their_sources():
         assert prof.name == name and "http" in prof.source, name
         assert CostModel(name).profile is prof
     m = default_cost_model()
-    assert (m.profile, m.num_heads, m.num_kv_heads, m.head_dim, m.dtype) == (DEFAULT_PROFILE, 32, 8, 128, torch.bfloat16)
+    assert (m.profile, m.num_heads, m.num_kv_heads, m.head_dim, m.dtype) == (
+        DEFAULT_PROFILE,
+        32,
+        8,
+        128,
+        torch.bfloat16,
+    )
     assert default_cost_model(16) == m and default_cost_model(32) == m  # 32/8 split over 16, 32 (KV replicated)
     assert (default_cost_model(3).num_heads, default_cost_model(3).num_kv_heads) == (12, 3)
     # the pure-ring presets keep one level; the two-level ones put NVLink/HCCS inside 8-rank nodes, IB/RoCE between
     for name in ("h100-nvlink", "h100-ib400", "h200-nvlink", "h200-ib400", "ascend910b-hccs", "ascend910b-roce"):
         assert PRESETS[name].node_size == 0 and PRESETS[name].a2a_bandwidth == PRESETS[name].p2p_bandwidth
-    for name, fast, slow in (("h100-nvlink-ib400", "h100-nvlink", "h100-ib400"),
-                             ("h200-nvlink-ib400", "h200-nvlink", "h200-ib400"),
-                             ("ascend910b-hccs-roce", "ascend910b-hccs", "ascend910b-roce")):
+    for name, fast, slow in (
+        ("h100-nvlink-ib400", "h100-nvlink", "h100-ib400"),
+        ("h200-nvlink-ib400", "h200-nvlink", "h200-ib400"),
+        ("ascend910b-hccs-roce", "ascend910b-hccs", "ascend910b-roce"),
+    ):
         prof = PRESETS[name]
         assert prof.node_size == 8 and prof.flops == PRESETS[fast].flops
         assert (prof.a2a_bandwidth, prof.p2p_bandwidth) == (PRESETS[fast].p2p_bandwidth, PRESETS[slow].p2p_bandwidth)
@@ -48,28 +57,34 @@ def test_profile_save_load_roundtrip(tmp_path):
     assert prof.all_to_all_bandwidth == 2e9
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(flops=0, p2p_bandwidth=1e9), "flops: expected a positive finite number"),
-    (dict(flops=1e12, p2p_bandwidth=float("inf")), "p2p_bandwidth: expected a positive finite number"),
-    (dict(flops=1e12, p2p_bandwidth=1e9, a2a_bandwidth=-1), "a2a_bandwidth: expected a positive finite number"),
-    (dict(flops=1e12, p2p_bandwidth=1e9, latency=-1e-6), "latency: expected a finite number >= 0"),
-    (dict(flops=1e12, p2p_bandwidth=1e9, segment_overhead=float("nan")), "segment_overhead: expected a finite"),
-    (dict(flops=1e12, p2p_bandwidth=1e9, node_size=-8), "node_size: expected an int >= 0"),
-    (dict(flops=1e12, p2p_bandwidth=1e9, node_size=True), "node_size: expected an int >= 0"),
-    (dict(flops="fast", p2p_bandwidth=1e9), "flops: expected a positive finite number"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(flops=0, p2p_bandwidth=1e9), "flops: expected a positive finite number"),
+        (dict(flops=1e12, p2p_bandwidth=float("inf")), "p2p_bandwidth: expected a positive finite number"),
+        (dict(flops=1e12, p2p_bandwidth=1e9, a2a_bandwidth=-1), "a2a_bandwidth: expected a positive finite number"),
+        (dict(flops=1e12, p2p_bandwidth=1e9, latency=-1e-6), "latency: expected a finite number >= 0"),
+        (dict(flops=1e12, p2p_bandwidth=1e9, segment_overhead=float("nan")), "segment_overhead: expected a finite"),
+        (dict(flops=1e12, p2p_bandwidth=1e9, node_size=-8), "node_size: expected an int >= 0"),
+        (dict(flops=1e12, p2p_bandwidth=1e9, node_size=True), "node_size: expected an int >= 0"),
+        (dict(flops="fast", p2p_bandwidth=1e9), "flops: expected a positive finite number"),
+    ],
+)
 def test_bad_profile(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HardwareProfile(**kwargs)
 
 
-@pytest.mark.parametrize("content, match", [
-    ("{not json", "is not valid JSON"),
-    ('["flops"]', "expected a JSON object"),
-    ('{"flops": 1e12}', "missing keys \\['p2p_bandwidth'\\]"),
-    ('{"flops": 1e12, "p2p_bandwidth": 1e9, "bandwith": 1}', "unknown keys \\['bandwith'\\]"),
-    ('{"flops": -1, "p2p_bandwidth": 1e9}', "flops: expected a positive finite number"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("{not json", "is not valid JSON"),
+        ('["flops"]', "expected a JSON object"),
+        ('{"flops": 1e12}', "missing keys \\['p2p_bandwidth'\\]"),
+        ('{"flops": 1e12, "p2p_bandwidth": 1e9, "bandwith": 1}', "unknown keys \\['bandwith'\\]"),
+        ('{"flops": -1, "p2p_bandwidth": 1e9}', "flops: expected a positive finite number"),
+    ],
+)
 def test_bad_profile_file(tmp_path, content, match):
     path = tmp_path / "p.json"
     path.write_text(content)
@@ -79,21 +94,27 @@ def test_bad_profile_file(tmp_path, content, match):
         HardwareProfile.load(tmp_path / "missing.json")
 
 
-@pytest.mark.parametrize("args, match", [
-    (("nope",), "profile: expected one of"),
-    ((DEFAULT_PROFILE, 0), "num_heads: expected a positive int"),
-    ((DEFAULT_PROFILE, 6, 4), "must be a multiple of num_kv_heads"),
-    ((DEFAULT_PROFILE, 8, 2, 64, "int8"), "dtype: expected a floating torch dtype"),
-    ((DEFAULT_PROFILE, 8, 2, 64, "bfloat17"), "dtype: expected a floating torch dtype"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("nope",), "profile: expected one of"),
+        ((DEFAULT_PROFILE, 0), "num_heads: expected a positive int"),
+        ((DEFAULT_PROFILE, 6, 4), "must be a multiple of num_kv_heads"),
+        ((DEFAULT_PROFILE, 8, 2, 64, "int8"), "dtype: expected a floating torch dtype"),
+        ((DEFAULT_PROFILE, 8, 2, 64, "bfloat17"), "dtype: expected a floating torch dtype"),
+    ],
+)
 def test_bad_cost_model(args, match):
     with pytest.raises(ValueError, match=match):
         CostModel(*args)
     with pytest.raises(ValueError, match="layout: expected a DocLayout"):
         CostModel().predict("not a layout")
     hybrid = DocLayout.from_cu_seqlens([0, 5, 96], 6, ulysses_size=3)
-    with pytest.raises(ValueError, match="cost: the model's heads \\(num_heads=32, num_kv_heads=8\\) cannot run "
-                                         "ulysses_size=3: heads: q heads \\(32\\) must be a multiple"):
+    with pytest.raises(
+        ValueError,
+        match="cost: the model's heads \\(num_heads=32, num_kv_heads=8\\) cannot run "
+        "ulysses_size=3: heads: q heads \\(32\\) must be a multiple",
+    ):
         CostModel().predict(hybrid)
     assert CostModel(DEFAULT_PROFILE, 6, 3).predict(hybrid).ulysses_size == 3
 
@@ -124,8 +145,12 @@ def test_prediction_by_hand():
 
 
 @settings(max_examples=60, deadline=None)
-@given(layouts(max_cp=8, max_chunk=10), st.sampled_from(COMM_SHAPES),
-       st.sampled_from([1e-6, 0.0]), st.sampled_from(["float32", "bfloat16"]))
+@given(
+    layouts(max_cp=8, max_chunk=10),
+    st.sampled_from(COMM_SHAPES),
+    st.sampled_from([1e-6, 0.0]),
+    st.sampled_from(["float32", "bfloat16"]),
+)
 def test_model_prices_the_plans_exact_counts(layout, comm, overhead, dtype):
     prof = HardwareProfile(flops=3e12, p2p_bandwidth=7e9, latency=2e-6, segment_overhead=overhead)
     m = CostModel(prof, 4, 2, 16, dtype)
@@ -175,8 +200,16 @@ def test_predictions_on_a_standard_workload_use_every_field():
 
 def test_profile_json_from_calibration_is_loadable(tmp_path):
     """The keys --calibrate writes are the dataclass fields (checked without running torchrun)."""
-    data = {"flops": 1e10, "p2p_bandwidth": 1e8, "a2a_bandwidth": None, "latency": 1e-3, "name": "calibrated-cpu-cpu",
-            "source": "x", "segment_overhead": 1e-4, "node_size": 0}
+    data = {
+        "flops": 1e10,
+        "p2p_bandwidth": 1e8,
+        "a2a_bandwidth": None,
+        "latency": 1e-3,
+        "name": "calibrated-cpu-cpu",
+        "source": "x",
+        "segment_overhead": 1e-4,
+        "node_size": 0,
+    }
     path = tmp_path / "c.json"
     path.write_text(json.dumps(data))
     assert HardwareProfile.load(path).to_dict() == data
@@ -202,8 +235,25 @@ def test_calibration_writes_a_loadable_profile(tmp_path, monkeypatch):
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "cpu.json"
-    args = ["--calibrate", "--device", "cpu", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--seq", "256",
-            "--short", "64", "--repeat", "1", "--out", str(out)]
+    args = [
+        "--calibrate",
+        "--device",
+        "cpu",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--head-dim",
+        "16",
+        "--seq",
+        "256",
+        "--short",
+        "64",
+        "--repeat",
+        "1",
+        "--out",
+        str(out),
+    ]
     with pytest.raises(SystemExit, match="needs a group of 2\\+ ranks"):
         cost.main(args)
     with pytest.raises(SystemExit, match="--node-size: expected 0 or a divisor"):
@@ -247,19 +297,29 @@ def hybrid_layouts(draw, max_cp=8, max_chunk=4):
     chunk = u * draw(st.integers(1, max_chunk))
     s = 2 * r * chunk
     rng = random.Random(draw(st.integers(0, 2**32 - 1)))
-    cu = random_cu_seqlens(rng, s, draw(st.integers(1, 2)), p_single=draw(st.sampled_from([0.0, 0.3])),
-                           max_doc=draw(st.sampled_from([chunk, s])))
+    cu = random_cu_seqlens(
+        rng,
+        s,
+        draw(st.integers(1, 2)),
+        p_single=draw(st.sampled_from([0.0, 0.3])),
+        max_doc=draw(st.sampled_from([chunk, s])),
+    )
     hq, hkv = draw(st.sampled_from(splittable_heads(u, (1, 2, 3, 4, 8), sorted({1, 2, 4, u}))))
     strategy = draw(st.sampled_from(STRATEGIES))
     per_rank = draw(st.sampled_from([k for k in (1, 2, 4) if s % (k * r) == 0])) if strategy == "balanced" else None
-    layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=s, strategy=strategy, chunks_per_rank=per_rank,
-                                       ulysses_size=u)
+    layout = DocLayout.from_cu_seqlens(
+        cu, cp, sample_len=s, strategy=strategy, chunks_per_rank=per_rank, ulysses_size=u
+    )
     return layout, hq, hkv
 
 
 @settings(max_examples=60, deadline=None)
-@given(hybrid_layouts(), st.sampled_from(COMM_SHAPES), st.sampled_from([0, 1, 2, 4]),
-       st.sampled_from(["float32", "bfloat16"]))
+@given(
+    hybrid_layouts(),
+    st.sampled_from(COMM_SHAPES),
+    st.sampled_from([0, 1, 2, 4]),
+    st.sampled_from(["float32", "bfloat16"]),
+)
 def test_hybrid_model_prices_the_exact_counts(case, comm, node_size, dtype):
     """Per CP rank: the ring rank's plan on Hq/U heads, the ring's KV on the per-rank KV heads at the ring's
     link, the implementation's all-to-all bytes (CPStats and the closed form) at the all-to-all link, added."""
@@ -324,8 +384,10 @@ def test_hybrid_prediction_by_hand():
     a2a = 16 * (4 + 2) * 16 + 16 * (2 + 4) * 16
     assert pred.a2a_bytes == (a2a,) * 4 == (3072,) * 4
     assert pred.a2a_s == pytest.approx((a2a / 4e9 + 4e-3,) * 4)  # 4 all-to-alls, a third of the latency each
-    times = [max(pred.compute_s[c], max((in0, out0) if c < 2 else (in1, out1)) / 1e9) + 3e-3 + a2a / 4e9 + 4e-3
-             for c in range(4)]
+    times = [
+        max(pred.compute_s[c], max((in0, out0) if c < 2 else (in1, out1)) / 1e9) + 3e-3 + a2a / 4e9 + 4e-3
+        for c in range(4)
+    ]
     assert pred.time_s == pytest.approx(times) and pred.step_s == pytest.approx(max(times))
     assert pred.efficiency == pytest.approx(2 * (w0 + w1) * spe / 4 / max(times))
     assert "2x2" in repr(pred) and "all-to-all" in repr(pred)
@@ -370,8 +432,18 @@ def test_two_level_profile_prices_each_link():
 def test_inspector_compare_lists_every_split_with_the_model_figures(capsys):
     from ringattn.inspect import main
 
-    args = ["--workload", "one_64k_plus_short_128k", "--cp", "8", "--heads", "12", "--kv-heads", "4",
-            "--profile", "h100-nvlink-ib400"]
+    args = [
+        "--workload",
+        "one_64k_plus_short_128k",
+        "--cp",
+        "8",
+        "--heads",
+        "12",
+        "--kv-heads",
+        "4",
+        "--profile",
+        "h100-nvlink-ib400",
+    ]
     main(args + ["--compare"])
     text = capsys.readouterr().out
     assert "profile h100-nvlink-ib400" in text and "450 GB/s all-to-all" in text and "8 CP ranks per node" in text
@@ -381,12 +453,21 @@ def test_inspector_compare_lists_every_split_with_the_model_figures(capsys):
     best = None
     for u in (1, 2, 4):  # 12 query heads: U = 8 cannot split them
         for strategy in ("zigzag", "balanced", "auto"):
-            layout = DocLayout.from_cu_seqlens(wl["cu_seqlens"], 8, sample_len=wl["sample_len"], strategy=strategy,
-                                               ulysses_size=u, cost=model if strategy == "auto" else None)
+            layout = DocLayout.from_cu_seqlens(
+                wl["cu_seqlens"],
+                8,
+                sample_len=wl["sample_len"],
+                strategy=strategy,
+                ulysses_size=u,
+                cost=model if strategy == "auto" else None,
+            )
             pred = model.predict(layout)
             label = f"auto: {layout.auto_choice}" if strategy == "auto" else strategy
-            row = [line for line in text.splitlines()
-                   if line[:7].strip() == f"{u}x{8 // u}" and line[8:30].strip() == label]
+            row = [
+                line
+                for line in text.splitlines()
+                if line[:7].strip() == f"{u}x{8 // u}" and line[8:30].strip() == label
+            ]
             assert len(row) == 1, (u, strategy)
             cells = row[0].split()
             assert cells[-1] == f"{pred.efficiency:.3f}" and cells[-2] == f"{pred.step_s * 1e3:.3f}"

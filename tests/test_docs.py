@@ -4,6 +4,7 @@ Every relative link must name an existing file or folder of the repository (and 
 it has an anchor); nothing may point outside it (``../shared``, absolute paths). Web links (``https://``)
 are citations and are not checked.
 """
+
 from __future__ import annotations
 
 import re
@@ -53,7 +54,10 @@ def test_links_stay_inside_the_repository(doc):
 
 def test_the_check_sees_a_broken_link():
     """Not vacuous: the link pattern finds relative links and the slug matches GitHub's."""
-    assert LINK.findall("see [x](../shared/DESIGN.md) and [y](docs/a.md#b-c)") == ["../shared/DESIGN.md", "docs/a.md#b-c"]
+    assert LINK.findall("see [x](../shared/DESIGN.md) and [y](docs/a.md#b-c)") == [
+        "../shared/DESIGN.md",
+        "docs/a.md#b-c",
+    ]
     assert _slug("Comm shapes: `direct`, `ring`, `plain`") == "comm-shapes-direct-ring-plain"
 
 
@@ -65,8 +69,17 @@ def test_readme_is_the_front_page():
     lines = readme.splitlines()
     assert lines[0] == "# ringattn" and lines[2] == "```bash" and lines[3].startswith("make demo")
     assert lines[4].startswith("make test")
-    order = [readme.index(h) for h in ("## Install", "## Quickstart: plain PyTorch", "## Quickstart: Hugging Face",
-                                       "## Quickstart: Megatron", "## Supported versions", "## Documentation")]
+    order = [
+        readme.index(h)
+        for h in (
+            "## Install",
+            "## Quickstart: plain PyTorch",
+            "## Quickstart: Hugging Face",
+            "## Quickstart: Megatron",
+            "## Supported versions",
+            "## Documentation",
+        )
+    ]
     assert order == sorted(order)
     linked = {t.partition("#")[0] for t in LINK.findall(readme)}
     missing = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if f"docs/{p.name}" not in linked]

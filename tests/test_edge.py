@@ -1,4 +1,5 @@
 """Numerical edge cases (no NaN/Inf, error flat in CP) and bitwise determinism."""
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,14 @@ from .reference import dense_with_grads
 S = 48  # divisible by 2*cp for cp = 1..4, so one layout serves every CP size
 EDGE_CASES = [
     Case("single-token docs", (0, 1, 2, 9, 10, 11, 30, 31, 47, 48), S, hq=4, hkv=2, seed=11),
-    Case("one-token doc at every chunk end", tuple(sorted({0, S} | {c - 1 for c in range(6, S + 1, 6)}
-                                                          | set(range(0, S + 1, 6)))), S, hq=4, hkv=1, seed=12),
+    Case(
+        "one-token doc at every chunk end",
+        tuple(sorted({0, S} | {c - 1 for c in range(6, S + 1, 6)} | set(range(0, S + 1, 6)))),
+        S,
+        hq=4,
+        hkv=1,
+        seed=12,
+    ),
     Case("all documents of length 1", tuple(range(S + 1)), S, hq=2, hkv=2, seed=13),
     Case("one document for the whole batch", (0, S), S, hq=4, hkv=2, seed=14),
     Case("large logits (scale*|qk| ~ 1e4)", (0, 7, 30, S), S, hq=4, hkv=2, seed=15, qk_scale=100.0),

@@ -1,4 +1,5 @@
 """ringattn.eod against a direct loop written from Megatron's definition."""
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,8 @@ def megatron_loop(tokens, eod, eod_mask_loss):
         prev = 0
         for j in range(s):
             if tokens[i, j] == eod:
-                mask[i, j + 1:, : j + 1] = False
-                pos[i, j + 1:] -= j + 1 - prev
+                mask[i, j + 1 :, : j + 1] = False
+                pos[i, j + 1 :] -= j + 1 - prev
                 prev = j + 1
     return mask, pos, loss
 

@@ -3,6 +3,7 @@
 Each row of the table has an ``id``; :data:`LOCAL` provokes it in this process, :func:`_multi_rank` (CP 4 on gloo)
 the ones that need a process group. Every row must have a trigger and every trigger a row.
 """
+
 from __future__ import annotations
 
 import re
@@ -58,6 +59,7 @@ def _without_window_support(run):
 
 def _hf(what):
     """transformers triggers on a tiny Llama at CP 1."""
+
     def run():
         from ringattn.adapters.transformers import attention_forward, prepare_model, register, shard_batch
 
@@ -96,11 +98,16 @@ def _hf(what):
             extra = {"hf-cache": {"use_cache": True}, "hf-output-attn": {"output_attentions": True}}.get(what, {})
             return model(**{**inputs, **extra})
         q, kv = torch.randn(1, 4, n, 8), torch.randn(1, 2, n, 8)
-        kwargs = {"hf-softcap": dict(softcap=30.0), "hf-bias": dict(position_bias=torch.zeros(1, 4, n, n)),
-                  "hf-causal": dict(is_causal=False), "hf-no-context": {}}[what]
+        kwargs = {
+            "hf-softcap": dict(softcap=30.0),
+            "hf-bias": dict(position_bias=torch.zeros(1, 4, n, n)),
+            "hf-causal": dict(is_causal=False),
+            "hf-no-context": {},
+        }[what]
         if what != "hf-no-context":
             kwargs["ringattn_context"] = inputs["ringattn_context"]
-        return attention_forward(model.model.layers[0].self_attn, q, kv, kv, None, scaling=8 ** -0.5, **kwargs)
+        return attention_forward(model.model.layers[0].self_attn, q, kv, kv, None, scaling=8**-0.5, **kwargs)
+
     return run
 
 
@@ -120,8 +127,14 @@ def _megatron(what):
             core.ulysses_size, core.cp_comm_type = 2, "a2a+p2p"
             return core._layout(ringattn.adapters.megatron.RingEoDPackedSeqParams(layout=ONE), 8)
         cfg["attention_dropout"] = 0.1 if what == "mg-dropout" else 0.0
-        return RingEoDCoreAttention(TransformerConfig(**cfg), 1, AttnMaskType.causal, "self",
-                                    cp_comm_type="all_gather" if what == "mg-allgather" else None)
+        return RingEoDCoreAttention(
+            TransformerConfig(**cfg),
+            1,
+            AttnMaskType.causal,
+            "self",
+            cp_comm_type="all_gather" if what == "mg-allgather" else None,
+        )
+
     return run
 
 
@@ -139,13 +152,14 @@ LOCAL = {
     "cu-cross": lambda: DocLayout.from_cu_seqlens([0, 5, 13, 16], 2, sample_len=8),
     "pad": lambda: DocLayout.from_cu_seqlens([0, 5, 18], 2),
     "pad-arg": lambda: __import__("ringattn.adapters.transformers", fromlist=["shard_batch"]).shard_batch(
-        {"input_ids": torch.arange(2, 20).reshape(1, 18)}, pad_to_multiple_of=5, strategy="balanced",
-        chunks_per_rank=3),
+        {"input_ids": torch.arange(2, 20).reshape(1, 18)}, pad_to_multiple_of=5, strategy="balanced", chunks_per_rank=3
+    ),
     "cp-size": lambda: DocLayout.from_cu_seqlens([0, 8], 0),
     "ulysses-div": lambda: DocLayout.from_cu_seqlens([0, 8], 4, ulysses_size=3),
     "strategy": lambda: DocLayout.from_cu_seqlens([0, 8], 2, strategy="bogus"),
-    "strategy-args": lambda: DocLayout.from_cu_seqlens([0, 8], 2, strategy=ringattn.sharding.Zigzag(),
-                                                       chunks_per_rank=2),
+    "strategy-args": lambda: DocLayout.from_cu_seqlens(
+        [0, 8], 2, strategy=ringattn.sharding.Zigzag(), chunks_per_rank=2
+    ),
     "auto-cost": lambda: DocLayout.from_cu_seqlens([0, 8], 2, strategy="auto", cost="h100"),
     "tokens": lambda: DocLayout.from_tokens(torch.arange(8), 0, 1),
     "tokens-int": lambda: DocLayout.from_tokens(torch.zeros(1, 8), 0, 1),
@@ -176,9 +190,28 @@ LOCAL = {
     "cost-split": lambda: _cost()().ring_model(3),
     "cost-cp": lambda: _cost(profile="h100-nvlink-ib400")().ring_model(2),
     "workload": lambda: ringattn.workloads.load_workload("no_such_workload"),
-    **{k: _hf(k) for k in ("hf-mask", "hf-pad-mask", "hf-dropout", "hf-softcap", "hf-bias", "hf-causal", "hf-cache",
-                           "hf-output-attn", "hf-no-context", "hf-switched", "hf-unprepared", "hf-positions",
-                           "hf-labels", "hf-input-ids", "hf-cu", "hf-ulysses", "hf-loss")},
+    **{
+        k: _hf(k)
+        for k in (
+            "hf-mask",
+            "hf-pad-mask",
+            "hf-dropout",
+            "hf-softcap",
+            "hf-bias",
+            "hf-causal",
+            "hf-cache",
+            "hf-output-attn",
+            "hf-no-context",
+            "hf-switched",
+            "hf-unprepared",
+            "hf-positions",
+            "hf-labels",
+            "hf-input-ids",
+            "hf-cu",
+            "hf-ulysses",
+            "hf-loss",
+        )
+    },
     **{k: _megatron(k) for k in ("mg-allgather", "mg-window", "mg-dropout", "mg-split")},
 }
 

@@ -1,4 +1,5 @@
 """Agreement before communication, and bounded failure when a rank fails mid-exchange."""
+
 from __future__ import annotations
 
 import os
@@ -19,9 +20,11 @@ CU = [0, 3, 20, 45, 72]  # documents crossing chunks (72 = 2*cp*chunk for cp 2 a
 def _inputs(layout, rank, dtype=torch.float32, hkv=2, extra=0):
     n = layout.local_tokens(rank) + extra
     g = torch.Generator().manual_seed(rank)
-    return (torch.randn(n, 4, 16, generator=g).to(dtype).requires_grad_(),
-            torch.randn(n, hkv, 16, generator=g).to(dtype).requires_grad_(),
-            torch.randn(n, hkv, 16, generator=g).to(dtype).requires_grad_())
+    return (
+        torch.randn(n, 4, 16, generator=g).to(dtype).requires_grad_(),
+        torch.randn(n, hkv, 16, generator=g).to(dtype).requires_grad_(),
+        torch.randn(n, hkv, 16, generator=g).to(dtype).requires_grad_(),
+    )
 
 
 def _disagreement_worker(rank, cp, what):
@@ -39,12 +42,15 @@ def _disagreement_worker(rank, cp, what):
     return None
 
 
-@pytest.mark.parametrize("what, expect", [
-    ("tokens", "rank 1: q: expected"),
-    ("dtype", "ranks disagree"),
-    ("layout", "ranks disagree"),
-    ("scale", "ranks disagree"),
-])
+@pytest.mark.parametrize(
+    "what, expect",
+    [
+        ("tokens", "rank 1: q: expected"),
+        ("dtype", "ranks disagree"),
+        ("layout", "ranks disagree"),
+        ("scale", "ranks disagree"),
+    ],
+)
 def test_every_rank_raises_the_same_error(rank_pools, what, expect):
     results = rank_pools(3).run(_disagreement_worker, what, timeout_s=60)
     messages = [res for status, res in results]
@@ -70,8 +76,14 @@ def _one_field_worker(rank, cp, what):
     q = torch.randn(n, hq, 16, generator=g).to(dtype)
     k, v = (torch.randn(n, hkv, 16, generator=g).to(dtype) for _ in range(2))
     try:
-        ringattn.ring_eod_attention(q, k, v, layout, softmax_scale=0.5 if (what == "softmax_scale" and odd) else None,
-                                    comm="ring" if (what == "comm" and odd) else "direct")
+        ringattn.ring_eod_attention(
+            q,
+            k,
+            v,
+            layout,
+            softmax_scale=0.5 if (what == "softmax_scale" and odd) else None,
+            comm="ring" if (what == "comm" and odd) else "direct",
+        )
     except ValueError as exc:
         return str(exc)
     return None
@@ -109,8 +121,10 @@ def test_ranks_that_differ_in_the_split_get_one_error_naming_it():
     """The Ulysses x ring split is agreed too (it can only differ together with the layout, which records it)."""
     messages = [res for res in unwrap(run_ranks(4, _split_worker))]
     assert messages[0] is not None and len(set(messages)) == 1, messages
-    assert "ranks disagree on layout (" in messages[0] and "ulysses x ring (ranks [0, 1]: '1x4'; ranks [2, 3]: " \
-        "'2x2')" in messages[0], messages[0]
+    assert (
+        "ranks disagree on layout (" in messages[0]
+        and "ulysses x ring (ranks [0, 1]: '1x4'; ranks [2, 3]: '2x2')" in messages[0]
+    ), messages[0]
 
 
 def _agreement_cost_worker(rank, cp, _):
@@ -123,7 +137,7 @@ def _agreement_cost_worker(rank, cp, _):
     dist.all_gather = lambda *a, **kw: calls.append(1) or real(*a, **kw)
     try:
         for _ in range(3):
-            ringattn.ring_eod_attention(q, k, v, layout)          # agreed once, then cached on the layout
+            ringattn.ring_eod_attention(q, k, v, layout)  # agreed once, then cached on the layout
         first = len(calls)
         for _ in range(2):
             ringattn.ring_eod_attention(q, k, v, layout, validate=True)
@@ -172,8 +186,15 @@ def _fault_worker(rank, cp, mode):
 def test_peer_failure_raises_naming_step_and_peer(mode):
     """The other ranks raise within the group's timeout, naming the step and the peers."""
     timeout = 5
-    results = run_ranks(3, _fault_worker, mode, timeout_s=timeout, tolerate_exit=True, kill_after_s=60,
-                        hung_ranks=(1,) if mode == "hang" else ())
+    results = run_ranks(
+        3,
+        _fault_worker,
+        mode,
+        timeout_s=timeout,
+        tolerate_exit=True,
+        kill_after_s=60,
+        hung_ranks=(1,) if mode == "hang" else (),
+    )
     if mode == "die":
         assert results[1] == ("dead", 3)
     if mode == "hang":

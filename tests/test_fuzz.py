@@ -18,6 +18,7 @@ summary; ``--hypothesis-seed=N`` replays a run). Per profile's ``max_examples`` 
 multi-rank CP size (every one of them now exchanges KV, so costs more than before), and M // 10 (at least 1) per
 Ulysses x ring split.
 """
+
 from __future__ import annotations
 
 import random
@@ -46,8 +47,11 @@ def sample_documents(draw, sample_len: int, ring: int, chunk: int, cross: bool) 
     of every sample), or around a zigzag chunk edge between two different ranks (chunk ``c`` of ``2 ring`` is
     rank ``min(c, 2 ring - 1 - c)``'s).
     """
-    lengths = draw(st.lists(st.one_of(st.just(1), st.integers(1, chunk), st.integers(1, sample_len)),
-                            min_size=1, max_size=sample_len))
+    lengths = draw(
+        st.lists(
+            st.one_of(st.just(1), st.integers(1, chunk), st.integers(1, sample_len)), min_size=1, max_size=sample_len
+        )
+    )
     cuts, pos = [0], 0
     for n in lengths:
         if pos >= sample_len:
@@ -121,11 +125,20 @@ def cases(draw, cp: int) -> Case:
     backend = draw(st.sampled_from([None, None, "npu", "npu-legacy", "npu-tnd", "npu-old-cann"]))
     dtype = "float32" if backend and cp == 1 else draw(st.sampled_from(["float32", "bfloat16"]))
     return Case(
-        name="fuzz", cu_seqlens=cu, sample_len=s, hq=hkv * draw(st.sampled_from([1, 2, 4])), hkv=hkv,
-        d=draw(st.sampled_from([16, 64, 128])), dtype=dtype,
-        seed=draw(st.integers(0, 2**16)), comm=draw(st.sampled_from(["ring", "direct"])),
-        strategy=strategy, chunks_per_rank=per_rank, backend=backend,
-        window=draw(windows(cu)) if window_backend(backend) else None, sinks=draw(st.sampled_from([True, False])),
+        name="fuzz",
+        cu_seqlens=cu,
+        sample_len=s,
+        hq=hkv * draw(st.sampled_from([1, 2, 4])),
+        hkv=hkv,
+        d=draw(st.sampled_from([16, 64, 128])),
+        dtype=dtype,
+        seed=draw(st.integers(0, 2**16)),
+        comm=draw(st.sampled_from(["ring", "direct"])),
+        strategy=strategy,
+        chunks_per_rank=per_rank,
+        backend=backend,
+        window=draw(windows(cu)) if window_backend(backend) else None,
+        sinks=draw(st.sampled_from([True, False])),
     )
 
 
@@ -155,10 +168,20 @@ def hybrid_cases(draw, u: int, r: int) -> Case:
     strategy = draw(st.sampled_from(["zigzag", "balanced", "auto"]))
     per_rank = draw(st.sampled_from([k for k in (1, 2, 4) if s % (k * r) == 0])) if strategy == "balanced" else None
     return Case(
-        name=f"fuzz hybrid {u}x{r}", cu_seqlens=cu, sample_len=s, hq=hq, hkv=hkv, d=draw(st.sampled_from([16, 64])),
-        dtype=draw(st.sampled_from(["float32", "bfloat16"])), seed=draw(st.integers(0, 2**16)),
-        comm=draw(st.sampled_from(["ring", "direct"])), strategy=strategy, chunks_per_rank=per_rank, ulysses=u,
-        window=draw(windows(cu)), sinks=draw(st.sampled_from([True, False])),
+        name=f"fuzz hybrid {u}x{r}",
+        cu_seqlens=cu,
+        sample_len=s,
+        hq=hq,
+        hkv=hkv,
+        d=draw(st.sampled_from([16, 64])),
+        dtype=draw(st.sampled_from(["float32", "bfloat16"])),
+        seed=draw(st.integers(0, 2**16)),
+        comm=draw(st.sampled_from(["ring", "direct"])),
+        strategy=strategy,
+        chunks_per_rank=per_rank,
+        ulysses=u,
+        window=draw(windows(cu)),
+        sinks=draw(st.sampled_from([True, False])),
     )
 
 

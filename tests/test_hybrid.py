@@ -5,6 +5,7 @@ MHA, GQA with Hkv >= U (KV heads split) and Hkv < U (KV heads replicated), MQA, 
 balanced layouts, micro-batches of 2 samples, fp32 (1e-5) and bf16 (test_attention.check_case),
 the CPU backend and one case on the NPU backend's emulation.
 """
+
 from __future__ import annotations
 
 import random
@@ -37,20 +38,65 @@ def hybrid_cases(u: int, r: int) -> list[Case]:
     cases = []
     for i, (kind, (hq, hkv)) in enumerate(kinds.items()):
         strategy = ("zigzag", "balanced")[i % 2]
-        cases.append(Case(f"hybrid {u}x{r} {kind} fp32 {strategy} 2 samples",
-                          random_cu_seqlens(rng, s, num_samples=2, p_single=0.2, max_doc=s), s, hq=hq, hkv=hkv, d=32,
-                          seed=10 * i + u + r, comm=("direct", "ring")[i % 2], strategy=strategy,
-                          chunks_per_rank=4 if strategy == "balanced" else None, ulysses=u))
+        cases.append(
+            Case(
+                f"hybrid {u}x{r} {kind} fp32 {strategy} 2 samples",
+                random_cu_seqlens(rng, s, num_samples=2, p_single=0.2, max_doc=s),
+                s,
+                hq=hq,
+                hkv=hkv,
+                d=32,
+                seed=10 * i + u + r,
+                comm=("direct", "ring")[i % 2],
+                strategy=strategy,
+                chunks_per_rank=4 if strategy == "balanced" else None,
+                ulysses=u,
+            )
+        )
     hq, hkv = kinds["GQA Hkv>=U"]
-    cases.append(Case(f"hybrid {u}x{r} GQA bf16 zigzag 2 samples", random_cu_seqlens(rng, s, 2, max_doc=s // 2), s,
-                      hq=hq, hkv=hkv, d=32, dtype="bfloat16", seed=7 + u, ulysses=u))
+    cases.append(
+        Case(
+            f"hybrid {u}x{r} GQA bf16 zigzag 2 samples",
+            random_cu_seqlens(rng, s, 2, max_doc=s // 2),
+            s,
+            hq=hq,
+            hkv=hkv,
+            d=32,
+            dtype="bfloat16",
+            seed=7 + u,
+            ulysses=u,
+        )
+    )
     hq, hkv = kinds["GQA Hkv<U"] if u >= 4 else kinds["MQA"]
-    cases.append(Case(f"hybrid {u}x{r} replicated KV bf16 balanced", random_cu_seqlens(rng, s, 2, max_doc=s // 2), s,
-                      hq=hq, hkv=hkv, d=32, dtype="bfloat16", seed=8 + u, strategy="balanced", chunks_per_rank=2,
-                      ulysses=u))
+    cases.append(
+        Case(
+            f"hybrid {u}x{r} replicated KV bf16 balanced",
+            random_cu_seqlens(rng, s, 2, max_doc=s // 2),
+            s,
+            hq=hq,
+            hkv=hkv,
+            d=32,
+            dtype="bfloat16",
+            seed=8 + u,
+            strategy="balanced",
+            chunks_per_rank=2,
+            ulysses=u,
+        )
+    )
     # the NPU backend (on the emulation of the documented torch_npu contract) on the gathered heads
-    cases.append(Case(f"hybrid {u}x{r} replicated KV fp32 npu", random_cu_seqlens(rng, s, 2, max_doc=s), s,
-                      hq=hq, hkv=hkv, d=32, seed=9 + u, backend="npu", ulysses=u))
+    cases.append(
+        Case(
+            f"hybrid {u}x{r} replicated KV fp32 npu",
+            random_cu_seqlens(rng, s, 2, max_doc=s),
+            s,
+            hq=hq,
+            hkv=hkv,
+            d=32,
+            seed=9 + u,
+            backend="npu",
+            ulysses=u,
+        )
+    )
     return cases
 
 
@@ -155,8 +201,9 @@ def test_hybrid_layout_shards_every_cp_rank():
             assert torch.equal(torch.cat(parts), ring.local_indices(rr))
             assert parts[0].numel() == parts[1].numel() == hybrid.local_tokens(rr * 2)
             for uu in range(2):
-                assert torch.equal(hybrid.position_ids(rr * 2 + uu), ring.position_ids(rr)[parts[0].numel() * uu:][
-                    :parts[0].numel()])
+                assert torch.equal(
+                    hybrid.position_ids(rr * 2 + uu), ring.position_ids(rr)[parts[0].numel() * uu :][: parts[0].numel()]
+                )
         assert hybrid.stats() == ring.stats()
     pure = DocLayout.from_cu_seqlens(cu, 4, sample_len=48, ulysses_size=4)
     assert pure.ring_size == 1 and pure.ring_layout.cp_size == 1 and pure.stats().num_steps == 0
@@ -199,8 +246,11 @@ def _hybrid_bad_inputs_worker(rank, cp, _):
         "attn: layout ulysses 2, groups 4": lambda: ringattn.ring_eod_attention(*qkv(hyb), hyb, g4),
         "attn: q heads % U": lambda: ringattn.ring_eod_attention(*qkv(hyb, 3, 1), hyb, g2),
         "attn: kv heads vs U": lambda: ringattn.ring_eod_attention(*qkv(hyb, 6, 3), hyb, g2),
-        "attn: ranks disagree on the split": lambda: (ringattn.ring_eod_attention(*qkv(plain), plain) if rank == 0 else
-                                                      ringattn.ring_eod_attention(*qkv(hyb), hyb, g2)),
+        "attn: ranks disagree on the split": lambda: (
+            ringattn.ring_eod_attention(*qkv(plain), plain)
+            if rank == 0
+            else ringattn.ring_eod_attention(*qkv(hyb), hyb, g2)
+        ),
     }
     messages = {}
     try:
@@ -220,16 +270,16 @@ HYBRID_BAD_INPUTS = {
     "groups: sizes differ between ranks": "new_cp_groups: ranks passed different ulysses_size values [2, 4]",
     "groups: bad size": "new_cp_groups: ulysses_size: expected a positive int, got 0",
     "groups: wrong order": "groups: CP rank 0 (global rank 0) has Ulysses group [0, 2] and ring group [0, 1]; "
-                           "expected [0, 1] and [0, 2]",
+    "expected [0, 1] and [0, 2]",
     "layout: ulysses not dividing cp": "ulysses_size: expected a divisor of cp_size=4, got 3",
     "layout: ring tokens not divisible": "ulysses_size: each ring rank's 6 tokens (total 6 / ring_size 1) must split "
-                                         "into ulysses_size=4 equal parts",
+    "into ulysses_size=4 equal parts",
     "layout: sample_len vs ring": "sample_len: expected a multiple of 2*ring_size=4, got 6",
     "attn: hybrid layout, plain group": "group: layout.ulysses_size=2 needs the Ulysses and ring groups",
     "attn: groups vs layout": "group: the groups split CP as ulysses_size=2 x ring_size=2, but the layout has "
-                              "ulysses_size=1",
+    "ulysses_size=1",
     "attn: layout ulysses 2, groups 4": "group: the groups split CP as ulysses_size=4 x ring_size=1, but the layout "
-                                        "has ulysses_size=2",
+    "has ulysses_size=2",
     "attn: q heads % U": "heads: q heads (3) must be a multiple of ulysses_size=2",
     "attn: kv heads vs U": "heads: k/v heads (3) must be a multiple or a divisor of ulysses_size=2",
     "attn: ranks disagree on the split": "ranks disagree",
@@ -357,8 +407,11 @@ def _dp_cp_worker(rank, world, _):
     case = Case("dp x cp", (0, 3, 11, 16, 21, 32), 16, hq=4, hkv=1, d=16, seed=5 + rank // 2)
     for u in (2, 1):
         groups = ringattn.new_cp_groups(u, mine)
-        out[u] = (dist.get_process_group_ranks(groups.ulysses) if groups.ulysses is not None else None,
-                  dist.get_process_group_ranks(groups.ring) if groups.ring is not None else None, groups.ranks())
+        out[u] = (
+            dist.get_process_group_ranks(groups.ulysses) if groups.ulysses is not None else None,
+            dist.get_process_group_ranks(groups.ring) if groups.ring is not None else None,
+            groups.ranks(),
+        )
         layout = DocLayout.from_cu_seqlens(case.cu_seqlens, 2, sample_len=16, ulysses_size=u)
         idx = layout.local_indices(dist.get_rank(mine))
         q, k, v, dout = global_tensors(case)
@@ -366,15 +419,19 @@ def _dp_cp_worker(rank, world, _):
         res = ringattn.ring_eod_attention(ql, kl, vl, layout, groups)
         res.backward(dout[idx])
         ref = dense_with_grads(q, k, v, dout, case.cu_seqlens, 1 / math.sqrt(case.d))
-        out[f"err{u}"] = max((x.double() - r[idx]).abs().max().item() for x, r in zip((res, ql.grad, kl.grad, vl.grad), ref))
+        out[f"err{u}"] = max(
+            (x.double() - r[idx]).abs().max().item() for x, r in zip((res, ql.grad, kl.grad, vl.grad), ref)
+        )
     return out
 
 
 def test_hybrid_groups_per_cp_group_of_a_dp_x_cp_job(rank_pools):
     results = unwrap(rank_pools(4).run(_dp_cp_worker))
     for rank, res in enumerate(results):
-        assert res["overlap"].startswith("new_cp_groups: CP groups [0, 1] and [0, 1, 2, 3] overlap at rank 0; every "
-                                         "process calls new_cp_groups with the same ulysses_size")
+        assert res["overlap"].startswith(
+            "new_cp_groups: CP groups [0, 1] and [0, 1, 2, 3] overlap at rank 0; every "
+            "process calls new_cp_groups with the same ulysses_size"
+        )
         cp_ranks = [0, 1] if rank < 2 else [2, 3]
         assert res[2] == (cp_ranks, None, (rank % 2, 0, rank % 2))  # pure Ulysses inside each CP group
         assert res[1] == (None, cp_ranks, (rank % 2, rank % 2, 0))  # pure ring inside each CP group

@@ -9,6 +9,7 @@ State belongs to the module that uses it: ``object.__setattr__(x, ...)``, ``seta
 ``x.__dict__`` are allowed only on ``self`` (a frozen dataclass normalising its own fields) or on the few objects a
 module builds itself, listed with their reason in ``OWN_OBJECTS``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -80,7 +81,7 @@ def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(m)
         for n in sorted(edges[m]):
             if state.get(n) == 1:
-                return stack[stack.index(n):] + [n]
+                return stack[stack.index(n) :] + [n]
             if n not in state and (found := visit(n)):
                 return found
         state[m] = 2
@@ -158,14 +159,22 @@ def _foreign_writes(mod: str, tree: ast.AST) -> list[str]:
         target = None
         if isinstance(node, ast.Call):
             f = node.func
-            if (isinstance(f, ast.Attribute) and f.attr == "__setattr__" and isinstance(f.value, ast.Name)
-                    and f.value.id == "object") or (isinstance(f, ast.Name) and f.id == "setattr"):
+            if (
+                isinstance(f, ast.Attribute)
+                and f.attr == "__setattr__"
+                and isinstance(f.value, ast.Name)
+                and f.value.id == "object"
+            ) or (isinstance(f, ast.Name) and f.id == "setattr"):
                 target = node.args[0] if node.args else None
-            elif (isinstance(f, ast.Attribute) and f.attr in ("update", "setdefault", "__setitem__")
-                  and isinstance(f.value, ast.Attribute) and f.value.attr == "__dict__"):
+            elif (
+                isinstance(f, ast.Attribute)
+                and f.attr in ("update", "setdefault", "__setitem__")
+                and isinstance(f.value, ast.Attribute)
+                and f.value.attr == "__dict__"
+            ):
                 target = f.value.value
         elif isinstance(node, (ast.Assign, ast.AugAssign)):
-            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
                 if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Attribute) and t.value.attr == "__dict__":
                     target = t.value.value
         if target is not None and not target_ok(target):

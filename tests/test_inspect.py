@@ -1,4 +1,5 @@
 """The plan inspector's window line and its picture (strategies side by side on shared scales)."""
+
 from __future__ import annotations
 
 import pytest

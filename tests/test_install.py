@@ -1,5 +1,6 @@
 """Install story: a wheel built from the checkout, installed (not editable) in a fresh virtual environment, runs the
 plan inspector from outside the checkout with the workloads that ship inside the package."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,10 @@ def _run(cmd, **kw):
 
 def test_wheel_installs_and_the_inspector_runs_outside_the_checkout(tmp_path):
     wheels = tmp_path / "wheels"
-    _run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)],
-         cwd=tmp_path)
+    _run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)],
+        cwd=tmp_path,
+    )
     (wheel,) = wheels.glob("ringattn-*.whl")
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
@@ -31,9 +34,17 @@ def test_wheel_installs_and_the_inspector_runs_outside_the_checkout(tmp_path):
     # files (the editable install of the checkout among them) are not processed there
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RINGATTN_WORKLOADS")}
-    where = _run([str(python), "-c", "import ringattn, ringattn.workloads as w; print(ringattn.__file__); "
-                  "print(w.workload_names())"], cwd=tmp_path, env=env)
+    where = _run(
+        [
+            str(python),
+            "-c",
+            "import ringattn, ringattn.workloads as w; print(ringattn.__file__); print(w.workload_names())",
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
     assert where.startswith(str(site)) and "pretrain_mix_128k" in where, where
-    out = _run([str(python), "-m", "ringattn.plan", "--workload", "pretrain_mix_128k", "--cp", "8"], cwd=tmp_path,
-               env=env)
+    out = _run(
+        [str(python), "-m", "ringattn.plan", "--workload", "pretrain_mix_128k", "--cp", "8"], cwd=tmp_path, env=env
+    )
     assert "pretrain_mix_128k: 54 docs, 131072 tokens, CP=8" in out and "direct: steps" in out, out

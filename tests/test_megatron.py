@@ -1,4 +1,5 @@
 """megatron-core GPT with ringattn: CP=2 equals CP=1, CP off equals dense document-masked attention."""
+
 from __future__ import annotations
 
 import pytest
@@ -87,9 +88,14 @@ def test_get_batch_slices_for_cp_before_the_pipeline_early_return(monkeypatch):
     from .megatron_cases import EOD, batch_tokens
 
     ps = adapter.parallel_state
-    for name, value in [("model_parallel_is_initialized", True), ("get_context_parallel_world_size", 2),
-                        ("get_context_parallel_rank", 1), ("is_pipeline_first_stage", False),
-                        ("is_pipeline_last_stage", False), ("get_tensor_model_parallel_rank", 0)]:
+    for name, value in [
+        ("model_parallel_is_initialized", True),
+        ("get_context_parallel_world_size", 2),
+        ("get_context_parallel_rank", 1),
+        ("is_pipeline_first_stage", False),
+        ("is_pipeline_last_stage", False),
+        ("get_tensor_model_parallel_rank", 0),
+    ]:
         monkeypatch.setattr(ps, name, lambda *a, _v=value, **kw: _v)
     raw = batch_tokens()
     out = adapter.get_batch(iter([raw]), EOD)
@@ -125,11 +131,24 @@ def test_example_trains_with_decreasing_loss():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(root / "examples/megatron/pretrain_gpt_eod.py"), "--context-parallel-size", "2",
-           "--reset-attention-mask", "--reset-position-ids", "--attention-mask-type", "general"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(root / "examples/megatron/pretrain_gpt_eod.py"),
+        "--context-parallel-size",
+        "2",
+        "--reset-attention-mask",
+        "--reset-position-ids",
+        "--attention-mask-type",
+        "general",
+    ]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     losses = [float(x) for x in re.findall(r"step \d+: loss ([0-9.]+)", res.stdout)]
     assert len(losses) == 5 and losses[-1] < losses[0], res.stdout
@@ -166,14 +185,14 @@ def test_megatron_hybrid_ulysses_cp_equals_cp1(rank_pools):
             "per-layer list": "cp_comm_type: per-layer lists are not supported",
             "unknown": "cp_comm_type: expected one of",
             "sizes disagree": "hierarchical_context_parallel_sizes: the config says [4, 1], megatron's hierarchical CP "
-                              "groups have sizes [2, 2]",
+            "groups have sizes [2, 2]",
             "swapped groups": "groups: CP rank 0 (global rank 0) has Ulysses group [0, 2] and ring group [0, 1]",
             "sizes not multiplying to CP": "groups: the Ulysses group size (4) times the ring group size (2) must "
-                                           "equal the CP size (4)",
+            "equal the CP size (4)",
             "no hierarchical groups": "cp_comm_type='a2a+p2p' needs megatron's two hierarchical CP groups",
             "cp_ulysses_size without sizes": "hierarchical_context_parallel_sizes: cp_comm_type='a2a+p2p' needs [U, R]",
             "batch sharded for the ring": "packed_seq_params.layout: ulysses_size 1, but cp_comm_type='a2a+p2p' runs "
-                                          "ulysses_size 2",
+            "ulysses_size 2",
         }
         for name, text in expect.items():
             assert refused[name] is not None and text in refused[name], (rank, name, refused[name])
@@ -201,7 +220,8 @@ def test_plain_packed_seq_params_layout_is_derived_once_per_batch():
         assert built.call_count == 1
         assert all(layout is layouts[0] for layout in layouts)
         assert layouts[0].cu_seqlens == (0, 5, 9, 16) and layouts[0].strategy == "zigzag"
-        other = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu.clone(), cu_seqlens_kv=cu, max_seqlen_q=7,
-                                max_seqlen_kv=7)
+        other = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu.clone(), cu_seqlens_kv=cu, max_seqlen_q=7, max_seqlen_kv=7
+        )
         RingEoDCoreAttention._layout(core, other, 16)  # a new batch derives its own
         assert built.call_count == 2

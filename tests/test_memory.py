@@ -6,6 +6,7 @@ memory stays flat, and the per-layout memories (plans, executor views, agreement
 alive. Then one layout serves many calls: its plan is built once (the builder is counted) and the same objects come
 back.
 """
+
 from __future__ import annotations
 
 import gc
@@ -72,8 +73,13 @@ def _long_run(rank, cp, _):
     samples = []
     for step in range(STEPS):
         hybrid = step % 5 == 4
-        layout = ringattn.DocLayout.from_cu_seqlens(_random_cu(rng, 1 + step % 2), cp, sample_len=SAMPLE,
-                                                    strategy=strategies[step % 3], ulysses_size=2 if hybrid else 1)
+        layout = ringattn.DocLayout.from_cu_seqlens(
+            _random_cu(rng, 1 + step % 2),
+            cp,
+            sample_len=SAMPLE,
+            strategy=strategies[step % 3],
+            ulysses_size=2 if hybrid else 1,
+        )
         _step(layout, groups if hybrid else None, comms[step % 3], rank, step)
         del layout
         if step + 1 in (WARMUP, STEPS // 2, STEPS):

@@ -2,6 +2,7 @@
 
 Ring at CP 1 and 4, and CP 4 as Ulysses x ring 2x2 and pure Ulysses 4x1 (the all-to-all path).
 """
+
 from __future__ import annotations
 
 import sys
@@ -24,8 +25,22 @@ def _measure(rank, cp, docs_list, ulysses=1):
     from .cases import cp_groups
 
     group = cp_groups(ulysses) if ulysses > 1 else dist.group.WORLD if cp > 1 else None
-    return [overhead.measure_rank(rank, cp, overhead.sample_cu(d, SAMPLE), SAMPLE, "null", "cpu", max(1, ulysses), 8,
-                                  repeat=1, group=group, ulysses=ulysses) for d in docs_list]
+    return [
+        overhead.measure_rank(
+            rank,
+            cp,
+            overhead.sample_cu(d, SAMPLE),
+            SAMPLE,
+            "null",
+            "cpu",
+            max(1, ulysses),
+            8,
+            repeat=1,
+            group=group,
+            ulysses=ulysses,
+        )
+        for d in docs_list
+    ]
 
 
 def _check(per_docs):
@@ -40,7 +55,7 @@ def _check(per_docs):
 
 
 def test_op_count_flat_in_documents_cp1():
-    _check({d: r for d, r in zip(DOCS, [_measure(0, 1, DOCS)[i:i + 1] for i in range(len(DOCS))])})
+    _check({d: r for d, r in zip(DOCS, [_measure(0, 1, DOCS)[i : i + 1] for i in range(len(DOCS))])})
 
 
 @pytest.mark.parametrize("cp", [4])

@@ -5,6 +5,7 @@ tests' dense reference), that each row of the batch came from exactly one rank, 
 on ringattn's receives equal the plan's ``layout.stats().kv_recv_tokens`` - never the times. A deliberately wrong
 peer shows that the exactness columns catch a wrong answer.
 """
+
 from __future__ import annotations
 
 import io
@@ -25,8 +26,19 @@ import peers  # noqa: E402  (benchmarks/peers.py)
 CP = 2
 SAMPLE = 512  # the smallest torch flex CP takes at CP 2: a multiple of 128 * CP
 WORKLOADS = ("pretrain_mix_128k", "one_doc_128k")  # many documents (perdoc refuses), one document (perdoc runs)
-ARGV = ["--device", "cpu", "--sample-len", str(SAMPLE), "--workloads", ",".join(WORKLOADS), "--no-flex-compile",
-        "--rounds", "1", "--setup-reps", "1"]
+ARGV = [
+    "--device",
+    "cpu",
+    "--sample-len",
+    str(SAMPLE),
+    "--workloads",
+    ",".join(WORKLOADS),
+    "--no-flex-compile",
+    "--rounds",
+    "1",
+    "--setup-reps",
+    "1",
+]
 TOL = 1e-5  # fp32, as the attention tests
 WRONG = "ringattn wrong scale"
 

@@ -1,4 +1,5 @@
 """Planner: exact work, no empty pairs, coverage of the mask, consistent exchanges."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ def layouts(draw, max_cp=8, max_chunk=6, max_samples=3):
     samples = draw(st.integers(1, max_samples))
     s = 2 * cp * chunk
     rng = random.Random(draw(st.integers(0, 2**32 - 1)))
-    cu = random_cu_seqlens(rng, s, samples, p_single=draw(st.sampled_from([0.0, 0.3, 0.9])),
-                           max_doc=draw(st.sampled_from([1, chunk, s])))
+    cu = random_cu_seqlens(
+        rng, s, samples, p_single=draw(st.sampled_from([0.0, 0.3, 0.9])), max_doc=draw(st.sampled_from([1, chunk, s]))
+    )
     strategy = draw(st.sampled_from(STRATEGIES))
     per_rank = None
     if strategy == "balanced":
@@ -176,8 +178,10 @@ def test_every_rank_holds_equal_tokens_of_every_sample(layout):
 def test_balanced_strategy_balances_the_standard_workloads(name):
     """Document-aware balancing lowers the busiest rank's work below zigzag's on packed layouts."""
     data = json.loads((WORKLOAD_DIR / f"{name}.json").read_text())
-    stats = {s: DocLayout.from_cu_seqlens(data["cu_seqlens"], 8, sample_len=data["sample_len"], strategy=s).stats()
-             for s in STRATEGIES}
+    stats = {
+        s: DocLayout.from_cu_seqlens(data["cu_seqlens"], 8, sample_len=data["sample_len"], strategy=s).stats()
+        for s in STRATEGIES
+    }
     assert stats["balanced"].imbalance <= stats["zigzag"].imbalance
     assert stats["balanced"].imbalance < 1.1
 
@@ -189,8 +193,17 @@ def test_per_rank_planner_equals_the_all_pairs_reference(layout, comm):
     ref = reference_plan(layout, comm)
     plan = build_plan(layout, comm)
     assert plan.ranks == ref.ranks
-    for name in ("tokens", "work", "pairs_computed", "pairs_skipped", "kv_recv_tokens", "kv_send_tokens",
-                 "step_distances", "kv_recv_per_step", "kv_send_per_step"):
+    for name in (
+        "tokens",
+        "work",
+        "pairs_computed",
+        "pairs_skipped",
+        "kv_recv_tokens",
+        "kv_send_tokens",
+        "step_distances",
+        "kv_recv_per_step",
+        "kv_send_per_step",
+    ):
         assert getattr(plan.stats, name) == getattr(ref.stats, name), name
     # dK/dV accounting: every row returned is a row read, and arrives where it is expected
     assert sum(plan.stats.grad_send_tokens) == sum(plan.stats.grad_recv_tokens)
@@ -208,7 +221,11 @@ def test_rank_plans_are_stable_objects_cached_on_the_layout():
         assert all(plan.ranks[r] is first[r] for r in range(4)) and build_plan(layout, comm) is plan
     # an equal layout built separately has its own cache (the key is the object, never its hash)
     other = DocLayout.from_cu_seqlens([0, 5, 40, 64], 4)
-    assert other == layout and rank_plan(other, 0) is not rank_plan(layout, 0) and rank_plan(other, 0) == rank_plan(layout, 0)
+    assert (
+        other == layout
+        and rank_plan(other, 0) is not rank_plan(layout, 0)
+        and rank_plan(other, 0) == rank_plan(layout, 0)
+    )
     with pytest.raises(ValueError, match="comm: expected one of"):
         rank_plan(layout, 0, "nope")
     with pytest.raises(ValueError, match="rank: expected 0 <= rank < cp_size=4"):

@@ -9,6 +9,7 @@
 * Backward gets the merged output in fp32 exactly when the kernel sets ``BACKWARD_TAKES_FP32_OUT`` (ring and
   Ulysses x ring), in q's dtype otherwise.
 """
+
 from __future__ import annotations
 
 import sys
@@ -52,10 +53,12 @@ def _rounding_cases(cp: int):
     s = 2 * cp * 6
     docs = (0, 5, s - 9, s)  # a long document over every rank, and short ones
     base = dict(cu_seqlens=docs, sample_len=s, d=64, dtype="bfloat16")
-    return [Case("ring GQA", hq=4, hkv=2, seed=61, comm="direct", **base),
-            Case("ring MHA, ring comm", hq=2, hkv=2, seed=62, comm="ring", **base),
-            Case("2x2 KV heads split", hq=4, hkv=2, seed=63, comm="direct", ulysses=2, **base),
-            Case("2x2 KV heads replicated", hq=4, hkv=1, seed=64, comm="direct", ulysses=2, **base)]
+    return [
+        Case("ring GQA", hq=4, hkv=2, seed=61, comm="direct", **base),
+        Case("ring MHA, ring comm", hq=2, hkv=2, seed=62, comm="ring", **base),
+        Case("2x2 KV heads split", hq=4, hkv=2, seed=63, comm="direct", ulysses=2, **base),
+        Case("2x2 KV heads replicated", hq=4, hkv=1, seed=64, comm="direct", ulysses=2, **base),
+    ]
 
 
 def test_bf16_cp_result_is_the_fp32_cp_result_rounded_once(rank_pools):
@@ -73,8 +76,10 @@ def test_bf16_cp_result_is_the_fp32_cp_result_rounded_once(rank_pools):
         for name, lo, hi in zip(("out", "dq", "dk", "dv"), low, high):
             assert lo.dtype == torch.bfloat16 and hi.dtype == torch.float32
             excess = (lo.double() - hi.double()).abs() - half_ulp(hi.double(), torch.bfloat16)
-            assert excess.max() <= 0, (f"{case.name}: {name} is not the fp32 result rounded once: "
-                                       f"{int((excess > 0).sum())} elements off by more than half an ulp")
+            assert excess.max() <= 0, (
+                f"{case.name}: {name} is not the fp32 result rounded once: "
+                f"{int((excess > 0).sum())} elements off by more than half an ulp"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- spy kernels
@@ -91,8 +96,14 @@ def _spy_backend(name: str, fp32_out: bool, round_partials: bool, record: list):
         grads = mk.backward(dout, q, k, v, out, lse, call, scale)
         if round_partials:
             grads = tuple(g.to(q.dtype) for g in grads)
-        record.append({"out_dtype": out.dtype, "q": q.detach().clone(), "k": k.detach().clone(),
-                       "grads": tuple(g.detach().clone() for g in grads)})
+        record.append(
+            {
+                "out_dtype": out.dtype,
+                "q": q.detach().clone(),
+                "k": k.detach().clone(),
+                "grads": tuple(g.detach().clone() for g in grads),
+            }
+        )
         return grads
 
     mod = types.ModuleType(name)
@@ -152,8 +163,11 @@ def test_executor_accumulates_dq_and_dkv_in_fp32_and_returns_dkv_in_fp32(rank_po
     per_rank = unwrap(rank_pools(cp).run(_spied, (case, False, True)))
     q, k, _, _ = global_tensors(case)
     q_rows, k_rows = _table(q.reshape(s, -1)), _table(k.reshape(s, -1))
-    sums = [torch.zeros(q.shape, dtype=torch.float64), torch.zeros(k.shape, dtype=torch.float64),
-            torch.zeros(k.shape, dtype=torch.float64)]
+    sums = [
+        torch.zeros(q.shape, dtype=torch.float64),
+        torch.zeros(k.shape, dtype=torch.float64),
+        torch.zeros(k.shape, dtype=torch.float64),
+    ]
     counts = torch.zeros(s, dtype=torch.long)
     for _, record, sent in per_rank:
         assert {d for t, d in sent if t == 12} == {torch.float32}, sent  # TAG_GRAD: dK/dV partials
@@ -169,9 +183,10 @@ def test_executor_accumulates_dq_and_dkv_in_fp32_and_returns_dkv_in_fp32(rank_po
     assert counts.max() >= 4  # several partials per KV row, so a bf16 sum would round several times
     got = assemble([r[0] for r in per_rank], s)[1:]
     for name, x, want in zip(("dq", "dk", "dv"), got, sums):
-        excess = (x.double() - want).abs() - half_ulp(want, torch.bfloat16) * (1 + 2 ** -16) - 1e-7
-        assert excess.max() <= 0, (f"{name} is not the fp32 sum of the kernel's partials rounded once: "
-                                   f"{int((excess > 0).sum())} elements off")
+        excess = (x.double() - want).abs() - half_ulp(want, torch.bfloat16) * (1 + 2**-16) - 1e-7
+        assert excess.max() <= 0, (
+            f"{name} is not the fp32 sum of the kernel's partials rounded once: {int((excess > 0).sum())} elements off"
+        )
 
 
 def _saved_out_dtypes(rank, cp, payload):
@@ -188,8 +203,9 @@ def test_backward_gets_the_fp32_merged_output_when_the_kernel_asks(ulysses, fp32
     Ulysses 2x1."""
     cp = 2
     s = 2 * cp * 4
-    case = Case("saved output", (0, 5, s), s, hq=4, hkv=2, d=16, dtype="bfloat16", seed=66, comm="direct",
-                ulysses=ulysses)
+    case = Case(
+        "saved output", (0, 5, s), s, hq=4, hkv=2, d=16, dtype="bfloat16", seed=66, comm="direct", ulysses=ulysses
+    )
     per_rank = unwrap(rank_pools(cp).run(_saved_out_dtypes, (case, fp32_out)))
     want = ["torch.float32"] if fp32_out else ["torch.bfloat16"]
     assert all(r == want for r in per_rank), per_rank

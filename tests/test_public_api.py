@@ -4,6 +4,7 @@ Public: the names in ``ringattn.__all__`` and the adapters' ``__all__`` (functio
 and properties). Names imported only for type checking (``if TYPE_CHECKING:`` in ``ringattn.layout``, which
 sits before ``plan`` and ``cost`` in the data flow) are resolved from those modules.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,11 +19,23 @@ import ringattn.cost
 import ringattn.plan
 
 #: ``ringattn.__all__`` of 0.1.0 plus hybrid CP (``CPGroups``, ``new_cp_groups``); change it only on purpose
-PUBLIC = ["DocLayout", "RingEoDAttention", "ring_eod_attention", "eod_metadata", "EodMetadata", "build_plan",
-          "rank_plan", "CPGroups", "new_cp_groups"]
+PUBLIC = [
+    "DocLayout",
+    "RingEoDAttention",
+    "ring_eod_attention",
+    "eod_metadata",
+    "EodMetadata",
+    "build_plan",
+    "rank_plan",
+    "CPGroups",
+    "new_cp_groups",
+]
 
-ADAPTERS = [("ringattn.adapters.megatron", "megatron.core"), ("ringattn.adapters.transformers", "transformers"),
-            ("ringattn.adapters.trainer", "trl")]
+ADAPTERS = [
+    ("ringattn.adapters.megatron", "megatron.core"),
+    ("ringattn.adapters.transformers", "transformers"),
+    ("ringattn.adapters.trainer", "trl"),
+]
 
 #: type-checking-only names, resolved from the modules that define them
 TYPE_ONLY = {name: getattr(mod, name) for mod in (ringattn.plan, ringattn.cost) for name in mod.__all__}

@@ -1,4 +1,5 @@
 """strategy="auto": the solver's invariants, determinism across processes, and optimality over its candidates."""
+
 from __future__ import annotations
 
 import random
@@ -31,8 +32,13 @@ def problems(draw, max_cp=12, max_chunk=40):
     samples = draw(st.integers(1, 3))
     s = 2 * cp * draw(st.integers(1, max_chunk))
     rng = random.Random(draw(st.integers(0, 2**32 - 1)))
-    cu = random_cu_seqlens(rng, s, samples, p_single=draw(st.sampled_from([0.0, 0.3, 0.9])),
-                           max_doc=draw(st.sampled_from([1, s // (2 * cp), s // cp * 3, s])))
+    cu = random_cu_seqlens(
+        rng,
+        s,
+        samples,
+        p_single=draw(st.sampled_from([0.0, 0.3, 0.9])),
+        max_doc=draw(st.sampled_from([1, s // (2 * cp), s // cp * 3, s])),
+    )
     return cu, cp, s, draw(st.sampled_from(MODELS))
 
 
@@ -92,8 +98,9 @@ def test_every_candidate_plans_exactly(problem):
 def _auto_pieces(rank, cp, problems_):
     out = []
     for cu, cp_, s, model, *u in problems_:
-        layout = DocLayout.from_cu_seqlens(cu, cp_, sample_len=s, strategy="auto", cost=model,
-                                           ulysses_size=u[0] if u else 1)
+        layout = DocLayout.from_cu_seqlens(
+            cu, cp_, sample_len=s, strategy="auto", cost=model, ulysses_size=u[0] if u else 1
+        )
         out.append((layout.pieces, layout.auto_choice, layout.fingerprint))
     return out
 
@@ -105,13 +112,26 @@ def test_auto_is_identical_across_processes(rank_pools):
     for i in range(24):
         cp = rng.choice([2, 3, 4, 8, 16])
         s = 2 * cp * rng.randint(4, 64)
-        batch.append((random_cu_seqlens(rng, s, rng.randint(1, 3), max_doc=rng.choice([s // 8 or 1, s])), cp, s,
-                      MODELS[i % len(MODELS)]))
+        batch.append(
+            (
+                random_cu_seqlens(rng, s, rng.randint(1, 3), max_doc=rng.choice([s // 8 or 1, s])),
+                cp,
+                s,
+                MODELS[i % len(MODELS)],
+            )
+        )
     for i in range(8):  # hybrid splits, on one- and two-level profiles
         u, r = rng.choice([(2, 2), (4, 2), (8, 4), (2, 8)])
         s = 2 * r * u * rng.randint(4, 32)
-        batch.append((random_cu_seqlens(rng, s, rng.randint(1, 2), max_doc=rng.choice([s // 8, s])), u * r, s,
-                      CostModel(HYBRID_PROFILES[i % 3], 32, 8), u))
+        batch.append(
+            (
+                random_cu_seqlens(rng, s, rng.randint(1, 2), max_doc=rng.choice([s // 8, s])),
+                u * r,
+                s,
+                CostModel(HYBRID_PROFILES[i % 3], 32, 8),
+                u,
+            )
+        )
     mine = _auto_pieces(0, 1, batch)
     for theirs in unwrap(rank_pools(2).run(_auto_pieces, batch)):
         assert theirs == mine
@@ -122,10 +142,8 @@ def test_auto_targets_the_model_it_is_given():
     from ringattn.workloads import load_workload
 
     wl = load_workload("short_docs_128k")
-    fast = DocLayout.from_cu_seqlens(wl["cu_seqlens"], 16, sample_len=wl["sample_len"], strategy="auto",
-                                     cost=MODELS[0])
-    slow = DocLayout.from_cu_seqlens(wl["cu_seqlens"], 16, sample_len=wl["sample_len"], strategy="auto",
-                                     cost=MODELS[1])
+    fast = DocLayout.from_cu_seqlens(wl["cu_seqlens"], 16, sample_len=wl["sample_len"], strategy="auto", cost=MODELS[0])
+    slow = DocLayout.from_cu_seqlens(wl["cu_seqlens"], 16, sample_len=wl["sample_len"], strategy="auto", cost=MODELS[1])
     assert sum(direct_accounting(slow).kv_recv) < sum(direct_accounting(fast).kv_recv)
     assert MODELS[1].predict(slow).step_s < MODELS[1].predict(fast).step_s
     assert MODELS[0].predict(fast).step_s <= MODELS[0].predict(slow).step_s
@@ -157,12 +175,16 @@ def test_auto_for_a_hybrid_layout_solves_its_ring():
     for cp_rank in range(4):
         assert rank_plan(hybrid, cp_rank) is rank_plan(hybrid, cp_rank)
         assert rank_plan(hybrid, cp_rank) == rank_plan(ring, cp_rank // 2)
-    assert DocLayout.required_multiple(4, strategy="auto", ulysses_size=2) == \
-        DocLayout.required_multiple(4, strategy="zigzag", ulysses_size=2)
+    assert DocLayout.required_multiple(4, strategy="auto", ulysses_size=2) == DocLayout.required_multiple(
+        4, strategy="zigzag", ulysses_size=2
+    )
 
 
-HYBRID_PROFILES = [HardwareProfile(400e12, 50e9), HardwareProfile(400e12, 50e9, 450e9, node_size=4),
-                   HardwareProfile(1e12, 1e8, 1e9, latency=1e-4, segment_overhead=1e-5, node_size=2)]
+HYBRID_PROFILES = [
+    HardwareProfile(400e12, 50e9),
+    HardwareProfile(400e12, 50e9, 450e9, node_size=4),
+    HardwareProfile(1e12, 1e8, 1e9, latency=1e-4, segment_overhead=1e-5, node_size=2),
+]
 
 
 @st.composite
@@ -172,10 +194,19 @@ def hybrid_problems(draw, max_ring=6, max_chunk=12):
     r = draw(st.integers(1, max_ring))
     s = 2 * r * u * draw(st.integers(1, max_chunk))
     rng = random.Random(draw(st.integers(0, 2**32 - 1)))
-    cu = random_cu_seqlens(rng, s, draw(st.integers(1, 2)), p_single=draw(st.sampled_from([0.0, 0.3])),
-                           max_doc=draw(st.sampled_from([s // (2 * r), s])))
-    heads = [(hkv * g, hkv) for hkv in (1, 2, 3, 4, 8, 16) for g in (1, 4, u)
-             if (hkv * g) % u == 0 and (hkv % u == 0 or u % hkv == 0)]  # ulysses_heads' rule
+    cu = random_cu_seqlens(
+        rng,
+        s,
+        draw(st.integers(1, 2)),
+        p_single=draw(st.sampled_from([0.0, 0.3])),
+        max_doc=draw(st.sampled_from([s // (2 * r), s])),
+    )
+    heads = [
+        (hkv * g, hkv)
+        for hkv in (1, 2, 3, 4, 8, 16)
+        for g in (1, 4, u)
+        if (hkv * g) % u == 0 and (hkv % u == 0 or u % hkv == 0)
+    ]  # ulysses_heads' rule
     hq, hkv = draw(st.sampled_from(heads))
     return cu, u * r, s, u, CostModel(draw(st.sampled_from(HYBRID_PROFILES)), hq, hkv, 16)
 
@@ -217,8 +248,9 @@ def test_auto_for_hybrid_prices_the_head_split():
 
 def test_auto_hybrid_heads_and_default_model():
     """A model whose heads the split cannot scatter is refused naming them; without a model any U works."""
-    with pytest.raises(ValueError, match="cost: the model's heads \\(num_heads=32, num_kv_heads=8\\) cannot run "
-                                         "ulysses_size=3"):
+    with pytest.raises(
+        ValueError, match="cost: the model's heads \\(num_heads=32, num_kv_heads=8\\) cannot run ulysses_size=3"
+    ):
         DocLayout.from_cu_seqlens([0, 10, 48], 6, strategy="auto", cost=MODELS[0], ulysses_size=3)
     from ringattn.cost import default_cost_model
 
@@ -234,6 +266,8 @@ def test_auto_on_a_two_level_profile_prices_the_ring_link():
     wl = load_workload("short_docs_128k")
     two = CostModel("h100-nvlink-ib400")
     for cp, flat in ((8, "h100-nvlink"), (16, "h100-ib400")):
-        a, b = (DocLayout.from_cu_seqlens(wl["cu_seqlens"], cp, sample_len=wl["sample_len"], strategy="auto", cost=m)
-                for m in (two, CostModel(flat)))
+        a, b = (
+            DocLayout.from_cu_seqlens(wl["cu_seqlens"], cp, sample_len=wl["sample_len"], strategy="auto", cost=m)
+            for m in (two, CostModel(flat))
+        )
         assert (a.pieces, a.auto_choice) == (b.pieces, b.auto_choice)

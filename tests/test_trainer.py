@@ -6,6 +6,7 @@ AdamW steps; the reference is the plain ``Trainer`` / ``SFTTrainer`` in one proc
 (transformers' ``sdpa`` attention, no ringattn). The logged losses, the first step's synchronised gradients, the
 final weights and the eval loss agree to float32 rounding (1e-5). Refusals raise the same ValueError on every rank. The two examples run on the pools.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -30,17 +31,29 @@ STEPS = 3
 # packing=True); cp, ulysses (U x ring), ga: gradient accumulation steps; eval: an eval set, evaluate() after training
 CASES = [
     ("Trainer llama CP2 ga1 +eval", 2, dict(trainer="trainer", model="llama", cp=2, ga=1, eval=True)),
-    ("Trainer qwen3 CP2 ga2 checkpointing cu_seq_lens", 2, dict(
-        trainer="trainer", model="qwen3", cp=2, ga=2, flash_kwargs=True, args={"activation_checkpointing": True})),
+    (
+        "Trainer qwen3 CP2 ga2 checkpointing cu_seq_lens",
+        2,
+        dict(trainer="trainer", model="qwen3", cp=2, ga=2, flash_kwargs=True, args={"activation_checkpointing": True}),
+    ),
     ("SFT llama CP2 ga1 packing +eval", 2, dict(trainer="sft", model="llama", cp=2, ga=1, eval=True)),
-    ("SFT qwen3 CP2 ga2 packing padding_free ringattn_trainer(SFTTrainer)", 2, dict(
-        trainer="sft", model="qwen3", cp=2, ga=2, padding_free=True, factory=True)),
+    (
+        "SFT qwen3 CP2 ga2 packing padding_free ringattn_trainer(SFTTrainer)",
+        2,
+        dict(trainer="sft", model="qwen3", cp=2, ga=2, padding_free=True, factory=True),
+    ),
     # each CP group's own label count (with one DP group: still the single-device gradient)
-    ("Trainer llama CP2 ga2 average_tokens_across_devices=False", 2, dict(
-        trainer="trainer", model="llama", cp=2, ga=2, args={"average_tokens_across_devices": False})),
+    (
+        "Trainer llama CP2 ga2 average_tokens_across_devices=False",
+        2,
+        dict(trainer="trainer", model="llama", cp=2, ga=2, args={"average_tokens_across_devices": False}),
+    ),
     # SFTConfig's default bf16=True (autocast on float32 weights), against the plain SFTTrainer under the same autocast
-    ("SFT llama CP2 ga1 bf16 mixed precision", 2, dict(trainer="sft", model="llama", cp=2, ga=1, bf16=True,
-                                                        sft_args={"bf16": True})),
+    (
+        "SFT llama CP2 ga1 bf16 mixed precision",
+        2,
+        dict(trainer="sft", model="llama", cp=2, ga=1, bf16=True, sft_args={"bf16": True}),
+    ),
     ("Trainer qwen3 CP4 ga1", 4, dict(trainer="trainer", model="qwen3", cp=4, ga=1)),
     ("Trainer llama CP4 ga2", 4, dict(trainer="trainer", model="llama", cp=4, ga=2)),
     ("Trainer llama 2DPx2CP ga1 +eval", 4, dict(trainer="trainer", model="llama", cp=2, ga=1, eval=True)),
@@ -64,8 +77,11 @@ REFUSALS = [
     ("predict_with_generate", 2, "predict_with_generate: generation runs the model without a packed batch"),
     ("batch_rebalance", 2, "train_sampling_strategy: 'batch_rebalance' balances batches over every rank"),
     ("cp_size_3", 2, "cp_size: 3 does not divide the 2 processes"),
-    ("cp_size_differs", 2, "cp_size/ulysses_size/strategy: the ranks passed different values [(1, 1, 'zigzag'), "
-                           "(2, 1, 'zigzag')]"),
+    (
+        "cp_size_differs",
+        2,
+        "cp_size/ulysses_size/strategy: the ranks passed different values [(1, 1, 'zigzag'), (2, 1, 'zigzag')]",
+    ),
     ("ulysses_3", 2, "ulysses_size: 3 does not divide cp_size=2"),
     ("predict", 2, "predict: under context parallelism each rank holds a shard of the logits"),
     ("padding", 2, "attention_mask: ringattn takes documents, not padding masks"),
@@ -86,24 +102,37 @@ REFUSALS = [
 # gradient element near eps; at the examples' default 3e-3 one element of sft_trl's up_proj ends 1.6e-5 apart at CP 2
 # after a single step (bitwise equal at CP 1), at 1e-3 5e-6
 EXAMPLES = {
-    2: [("train_trainer", ["--steps", "3", "--ga", "2", "--lr", "1e-3"]),
-        ("sft_trl", ["--steps", "3", "--lr", "1e-3"])],
-    4: [("sft_trl", ["--steps", "3", "--cp", "2", "--ga", "2", "--lr", "1e-3"]),
-        ("train_trainer", ["--steps", "3", "--ulysses", "2", "--lr", "1e-3"])],
+    2: [
+        ("train_trainer", ["--steps", "3", "--ga", "2", "--lr", "1e-3"]),
+        ("sft_trl", ["--steps", "3", "--lr", "1e-3"]),
+    ],
+    4: [
+        ("sft_trl", ["--steps", "3", "--cp", "2", "--ga", "2", "--lr", "1e-3"]),
+        ("train_trainer", ["--steps", "3", "--ulysses", "2", "--lr", "1e-3"]),
+    ],
 }
 
 
 def _case(spec: dict, world: int, setups: dict) -> dict:
     state, train, evaluation = setups[spec["model"]]
-    return {**spec, "world": world, "state": state, "train": train, "per_device": 2, "steps": STEPS,
-            "eval": evaluation if spec.get("eval") else None}
+    return {
+        **spec,
+        "world": world,
+        "state": state,
+        "train": train,
+        "per_device": 2,
+        "steps": STEPS,
+        "eval": evaluation if spec.get("eval") else None,
+    }
 
 
 @pytest.fixture(scope="module")
 def setups():
     """Per model: initial weights, training documents, eval documents (the same for every case and rank)."""
-    return {kind: (tc.build(kind, seed=7).state_dict(), T.documents(96, seed=3), T.documents(16, seed=4))
-            for kind in ("llama", "qwen3")}
+    return {
+        kind: (tc.build(kind, seed=7).state_dict(), T.documents(96, seed=3), T.documents(16, seed=4))
+        for kind in ("llama", "qwen3")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +140,17 @@ def results(setups, rank_pools):
     """Every case's reference (this process) and ringattn run (one job per pool), refusals and examples."""
     out = {}
     for world in (2, 4):
-        rows = [(label, _case(spec, world, setups)) for label, spec, w in
-                ((label, spec, w) for label, w, spec in CASES) if w == world]
-        payload = {"cases": [c for _, c in rows], "refusals": [w for w, n, _ in REFUSALS if n == world],
-                   "examples": EXAMPLES[world], "base": _case(dict(trainer="trainer", model="llama", cp=world, ga=1),
-                                                              world, setups)}
+        rows = [
+            (label, _case(spec, world, setups))
+            for label, spec, w in ((label, spec, w) for label, w, spec in CASES)
+            if w == world
+        ]
+        payload = {
+            "cases": [c for _, c in rows],
+            "refusals": [w for w, n, _ in REFUSALS if n == world],
+            "examples": EXAMPLES[world],
+            "base": _case(dict(trainer="trainer", model="llama", cp=world, ga=1), world, setups),
+        }
         per_rank = unwrap(rank_pools(world).run(T.job, payload, timeout_s=600))
         for i, (label, case) in enumerate(rows):
             out[label] = (T.reference(case), [r["cases"][i] for r in per_rank])

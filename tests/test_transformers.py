@@ -5,6 +5,7 @@ checkpointing), and at CP=4 as Ulysses x ring 2x2 and pure Ulysses 4x1 (CPGroups
 CP-summed gradients of the same weights run in float64 with transformers' own attention on every
 document as its own unpacked sequence.
 """
+
 from __future__ import annotations
 
 import re
@@ -51,8 +52,10 @@ def setups():
             "eod": (tc.eod_batch(eod_samples), tc.reference(kind, state, eod_docs, sum(len(d) - 1 for d in eod_docs))),
         }
     odd = tc.documents(ODD_LENS, seed=3)
-    out["llama"]["odd"] = (tc.collator_batch(odd), tc.reference("llama", out["llama"]["state"], odd,
-                                                               sum(len(d) - 1 for d in odd)))
+    out["llama"]["odd"] = (
+        tc.collator_batch(odd),
+        tc.reference("llama", out["llama"]["state"], odd, sum(len(d) - 1 for d in odd)),
+    )
     return out
 
 
@@ -64,9 +67,19 @@ def cases_for(cp, setups):
             rows.append((f"{kind} {strategy}", dict(kind=kind, strategy=strategy), "collator"))
     rows.append(("qwen3 balanced EoD [2, 24]", dict(kind="qwen3", strategy="balanced", eod_id=tc.EOD), "eod"))
     rows.append(("llama zigzag checkpointing", dict(kind="llama", strategy="zigzag", checkpointing=True), "collator"))
-    rows.append(("qwen3 balanced EoD checkpointing (reentrant)", dict(
-        kind="qwen3", strategy="balanced", eod_id=tc.EOD, checkpointing=True,
-        checkpointing_kwargs={"use_reentrant": True}), "eod"))
+    rows.append(
+        (
+            "qwen3 balanced EoD checkpointing (reentrant)",
+            dict(
+                kind="qwen3",
+                strategy="balanced",
+                eod_id=tc.EOD,
+                checkpointing=True,
+                checkpointing_kwargs={"use_reentrant": True},
+            ),
+            "eod",
+        )
+    )
     out = []
     for label, case, batch_kind in rows:
         batch, ref = setups[case["kind"]][batch_kind]
@@ -135,8 +148,9 @@ def test_a_sliding_window_no_shorter_than_every_document_is_exact(setups):
     """Qwen3 with sliding-window layers: a window of 11 tokens (the longest document) masks nothing."""
     from ringattn.adapters.transformers import prepare_model, shard_batch
 
-    model = prepare_model(tc.build("qwen3", setups["qwen3"]["state"], use_sliding_window=True, sliding_window=11,
-                                   max_window_layers=0))
+    model = prepare_model(
+        tc.build("qwen3", setups["qwen3"]["state"], use_sliding_window=True, sliding_window=11, max_window_layers=0)
+    )
     assert set(model.config.layer_types) == {"sliding_attention"}
     out = model(**shard_batch(setups["qwen3"]["collator"][0]))
     assert abs(out.loss.item() - setups["qwen3"]["collator"][1][0]) <= TOL
@@ -165,40 +179,52 @@ def _refused_call(what, setups):
     attn = model.model.layers[0].self_attn
     q = torch.randn(1, 4, n, 8)
     kv = torch.randn(1, 2, n, 8)
-    extra = {"softcap": dict(softcap=30.0), "two sinks": dict(s_aux=torch.zeros(4), sinks=torch.zeros(4)),
-             "sinks shape": dict(s_aux=torch.zeros(3)), "window": dict(sliding_window=0), "is_causal": dict(is_causal=False),
-             "position_bias": dict(position_bias=torch.zeros(1, 4, n, n)),
-             "cross": dict()}[what]
+    extra = {
+        "softcap": dict(softcap=30.0),
+        "two sinks": dict(s_aux=torch.zeros(4), sinks=torch.zeros(4)),
+        "sinks shape": dict(s_aux=torch.zeros(3)),
+        "window": dict(sliding_window=0),
+        "is_causal": dict(is_causal=False),
+        "position_bias": dict(position_bias=torch.zeros(1, 4, n, n)),
+        "cross": dict(),
+    }[what]
     k = torch.randn(1, 2, n + 3, 8) if what == "cross" else kv
-    return lambda: attention_forward(attn, q, k, k, None, scaling=8 ** -0.5, ringattn_context=inputs["ringattn_context"],
-                                     **extra)
+    return lambda: attention_forward(
+        attn, q, k, k, None, scaling=8**-0.5, ringattn_context=inputs["ringattn_context"], **extra
+    )
 
 
-@pytest.mark.parametrize("what, message", [
-    ("dropout", "dropout: ringattn implements no attention dropout; expected 0, got 0.1"),
-    ("softcap", "softcap: ringattn implements no logit soft-capping"),
-    ("two sinks", "sinks: got both s_aux and sinks"),
-    ("sinks shape", "sinks: expected shape [4] (one logit per query head)"),
-    ("window", "window: expected a positive int"),
-    ("position_bias", "position_bias: ringattn implements no additive attention bias"),
-    ("is_causal", "is_causal: ringattn implements causal (decoder) attention only"),
-    ("mask4d", "attention_mask: ringattn takes the documents from the context and builds no mask; got a 4-D mask"),
-    ("mask2d", "attention_mask: ringattn takes the documents from the context and builds no mask; got a 2-D mask"),
-    ("output_attentions", "output_attentions: ringattn never materialises attention weights"),
-    ("use_cache", "use_cache: a KV cache of one CP shard is meaningless"),
-    ("no_context", "ringattn_context: the ringattn attention needs the context of the batch"),
-    ("cross", "key: expected as many tokens as the query"),
-])
+@pytest.mark.parametrize(
+    "what, message",
+    [
+        ("dropout", "dropout: ringattn implements no attention dropout; expected 0, got 0.1"),
+        ("softcap", "softcap: ringattn implements no logit soft-capping"),
+        ("two sinks", "sinks: got both s_aux and sinks"),
+        ("sinks shape", "sinks: expected shape [4] (one logit per query head)"),
+        ("window", "window: expected a positive int"),
+        ("position_bias", "position_bias: ringattn implements no additive attention bias"),
+        ("is_causal", "is_causal: ringattn implements causal (decoder) attention only"),
+        ("mask4d", "attention_mask: ringattn takes the documents from the context and builds no mask; got a 4-D mask"),
+        ("mask2d", "attention_mask: ringattn takes the documents from the context and builds no mask; got a 2-D mask"),
+        ("output_attentions", "output_attentions: ringattn never materialises attention weights"),
+        ("use_cache", "use_cache: a KV cache of one CP shard is meaningless"),
+        ("no_context", "ringattn_context: the ringattn attention needs the context of the batch"),
+        ("cross", "key: expected as many tokens as the query"),
+    ],
+)
 def test_refused_inputs(what, message, setups):
     call = _refused_call(what, setups)
     with pytest.raises(ValueError, match=re.escape(message)):
         call()
 
 
-@pytest.mark.parametrize("what, message", [
-    ("mask", "rank 1: attention_mask: ringattn takes the documents from the context"),
-    ("batch", "ranks disagree"),
-])
+@pytest.mark.parametrize(
+    "what, message",
+    [
+        ("mask", "rank 1: attention_mask: ringattn takes the documents from the context"),
+        ("batch", "ranks disagree"),
+    ],
+)
 def test_a_refusal_on_one_rank_raises_on_every_rank(what, message, rank_pools):
     results = unwrap(rank_pools(2).run(tc.refusal_on_one_rank, what, timeout_s=120))
     assert all(r is not None for r in results), results
@@ -222,29 +248,47 @@ def test_shard_batch_shifts_pads_and_counts():
     ctx = inputs["ringattn_context"]
     assert ctx.layout.cu_seqlens == (0, 3, 7, 10) and ctx.batch_shape == (1, 7)
     # the same documents from an EoD batch, and from position ids alone
-    eod = shard_batch({"input_ids": torch.tensor([docs[0][:-1] + [tc.EOD] + docs[1][:-1] + [tc.EOD]])}, eod_id=tc.EOD,
-                      pad_to_multiple_of=5)
+    eod = shard_batch(
+        {"input_ids": torch.tensor([docs[0][:-1] + [tc.EOD] + docs[1][:-1] + [tc.EOD]])},
+        eod_id=tc.EOD,
+        pad_to_multiple_of=5,
+    )
     assert eod["ringattn_context"].layout.cu_seqlens == (0, 3, 7, 10)
     assert eod["shift_labels"][0].tolist()[:3] == docs[0][1:-1] + [tc.EOD, -100]  # predicts its EoD, not the next doc
     no_cu = {k: v for k, v in batch.items() if not k.startswith(("cu_seq", "max_len"))}
     assert shard_batch(no_cu, pad_to_multiple_of=5)["ringattn_context"].layout.cu_seqlens == (0, 3, 7, 10)
 
 
-@pytest.mark.parametrize("batch, kwargs, message", [
-    ({"input_ids": torch.ones(1, 6, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]])}, {},
-     "attention_mask: ringattn takes documents, not padding masks"),
-    ({"input_ids": torch.ones(1, 6, dtype=torch.long), "cu_seq_lens_q": torch.tensor([0, 2, 5])}, {},
-     "cu_seq_lens_q: expected boundaries from 0 to 6"),
-    ({"input_ids": torch.ones(2, 4, dtype=torch.long), "cu_seq_lens_q": torch.tensor([0, 2, 5, 8])}, {},
-     "cu_seq_lens_q: every sample boundary must be a document boundary; missing [4]"),
-    ({"input_ids": torch.ones(1, 6, dtype=torch.long), "labels": torch.ones(1, 5, dtype=torch.long)}, {},
-     "labels: expected shape (1, 6) (as input_ids), got (1, 5)"),
-    ({"input_ids": torch.ones(1, 6)}, {}, "input_ids: expected an integer tensor"),
-    ({"labels": torch.ones(1, 6, dtype=torch.long)}, {}, "batch: expected input_ids"),
-    ({"input_ids": torch.ones(1, 6, dtype=torch.long)}, {"group": "cp"}, "group: expected a torch.distributed"),
-    ({"input_ids": torch.ones(1, 6, dtype=torch.long)}, {"pad_to_multiple_of": 0}, "pad_to_multiple_of: expected"),
-    ({"input_ids": torch.ones(1, 6, dtype=torch.long)}, {"strategy": "nope"}, "strategy: expected one of"),
-])
+@pytest.mark.parametrize(
+    "batch, kwargs, message",
+    [
+        (
+            {"input_ids": torch.ones(1, 6, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]])},
+            {},
+            "attention_mask: ringattn takes documents, not padding masks",
+        ),
+        (
+            {"input_ids": torch.ones(1, 6, dtype=torch.long), "cu_seq_lens_q": torch.tensor([0, 2, 5])},
+            {},
+            "cu_seq_lens_q: expected boundaries from 0 to 6",
+        ),
+        (
+            {"input_ids": torch.ones(2, 4, dtype=torch.long), "cu_seq_lens_q": torch.tensor([0, 2, 5, 8])},
+            {},
+            "cu_seq_lens_q: every sample boundary must be a document boundary; missing [4]",
+        ),
+        (
+            {"input_ids": torch.ones(1, 6, dtype=torch.long), "labels": torch.ones(1, 5, dtype=torch.long)},
+            {},
+            "labels: expected shape (1, 6) (as input_ids), got (1, 5)",
+        ),
+        ({"input_ids": torch.ones(1, 6)}, {}, "input_ids: expected an integer tensor"),
+        ({"labels": torch.ones(1, 6, dtype=torch.long)}, {}, "batch: expected input_ids"),
+        ({"input_ids": torch.ones(1, 6, dtype=torch.long)}, {"group": "cp"}, "group: expected a torch.distributed"),
+        ({"input_ids": torch.ones(1, 6, dtype=torch.long)}, {"pad_to_multiple_of": 0}, "pad_to_multiple_of: expected"),
+        ({"input_ids": torch.ones(1, 6, dtype=torch.long)}, {"strategy": "nope"}, "strategy: expected one of"),
+    ],
+)
 def test_shard_batch_refuses(batch, kwargs, message):
     from ringattn.adapters.transformers import shard_batch
 
@@ -274,29 +318,62 @@ def test_example_trains_at_cp2_with_the_losses_of_cp1(rank_pools):
 # ---------------------------------------------------------------------------------------------- Ulysses x ring
 HYBRID_ROWS = [  # (label, case, batch kind, padded sample length): all at CP=4 on the 4-rank pool, one job
     ("hybrid 2x2 qwen3 zigzag", dict(kind="qwen3", strategy="zigzag", ulysses=2), "collator", 36),
-    ("hybrid 2x2 qwen3 balanced EoD [2, 24]", dict(kind="qwen3", strategy="balanced", eod_id=tc.EOD, ulysses=2), "eod",
-     24),
-    ("hybrid 2x2 llama zigzag checkpointing", dict(kind="llama", strategy="zigzag", ulysses=2, checkpointing=True),
-     "collator", 36),
+    (
+        "hybrid 2x2 qwen3 balanced EoD [2, 24]",
+        dict(kind="qwen3", strategy="balanced", eod_id=tc.EOD, ulysses=2),
+        "eod",
+        24,
+    ),
+    (
+        "hybrid 2x2 llama zigzag checkpointing",
+        dict(kind="llama", strategy="zigzag", ulysses=2, checkpointing=True),
+        "collator",
+        36,
+    ),
     # pure Ulysses: 4 query heads, 2 KV heads, each KV head replicated on 2 of the 4 Ulysses ranks
-    ("ulysses 4x1 llama zigzag (KV heads replicated)", dict(kind="llama", strategy="zigzag", ulysses=4), "collator", 36),
-    ("ulysses 4x1 qwen3 zigzag (KV heads replicated)", dict(kind="qwen3", strategy="zigzag", ulysses=4), "collator", 36),
+    (
+        "ulysses 4x1 llama zigzag (KV heads replicated)",
+        dict(kind="llama", strategy="zigzag", ulysses=4),
+        "collator",
+        36,
+    ),
+    (
+        "ulysses 4x1 qwen3 zigzag (KV heads replicated)",
+        dict(kind="qwen3", strategy="zigzag", ulysses=4),
+        "collator",
+        36,
+    ),
     ("ulysses 4x1 llama zigzag, 37 tokens", dict(kind="llama", strategy="zigzag", ulysses=4), "odd", 40),
-    ("ulysses 1x4 llama zigzag (CPGroups of the plain ring)", dict(kind="llama", strategy="zigzag", ulysses=1),
-     "collator", 40),
+    (
+        "ulysses 1x4 llama zigzag (CPGroups of the plain ring)",
+        dict(kind="llama", strategy="zigzag", ulysses=1),
+        "collator",
+        40,
+    ),
 ]
 
 HYBRID_REFUSALS = [  # (label, ulysses, llama config overrides, ranks that get them), expected message
-    (("q heads % U, every rank", 4, dict(num_attention_heads=6, hidden_size=48), (0, 1, 2, 3)),
-     "heads: q heads (6) must be a multiple of ulysses_size=4; use a Ulysses size that divides the query heads (the "
-     "all-to-all scatters heads); this layer has 6 query and 2 KV heads (config num_attention_heads=6, "
-     "num_key_value_heads=2) and the CP groups have ulysses_size=4"),
-    (("kv heads vs U, every rank", 2, dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48), (0, 1, 2, 3)),
-     "heads: k/v heads (3) must be a multiple or a divisor of ulysses_size=2 (split or replicated over the Ulysses "
-     "ranks); use a Ulysses size that divides, or is a multiple of, the KV heads; this layer has 6 query and 3 KV "
-     "heads (config num_attention_heads=6, num_key_value_heads=3)"),
-    (("q heads % U, rank 2 only", 4, dict(num_attention_heads=6, hidden_size=48), (2,)),
-     "rank 2: heads: q heads (6) must be a multiple of ulysses_size=4"),
+    (
+        ("q heads % U, every rank", 4, dict(num_attention_heads=6, hidden_size=48), (0, 1, 2, 3)),
+        "heads: q heads (6) must be a multiple of ulysses_size=4; use a Ulysses size that divides the query heads (the "
+        "all-to-all scatters heads); this layer has 6 query and 2 KV heads (config num_attention_heads=6, "
+        "num_key_value_heads=2) and the CP groups have ulysses_size=4",
+    ),
+    (
+        (
+            "kv heads vs U, every rank",
+            2,
+            dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48),
+            (0, 1, 2, 3),
+        ),
+        "heads: k/v heads (3) must be a multiple or a divisor of ulysses_size=2 (split or replicated over the Ulysses "
+        "ranks); use a Ulysses size that divides, or is a multiple of, the KV heads; this layer has 6 query and 3 KV "
+        "heads (config num_attention_heads=6, num_key_value_heads=3)",
+    ),
+    (
+        ("q heads % U, rank 2 only", 4, dict(num_attention_heads=6, hidden_size=48), (2,)),
+        "rank 2: heads: q heads (6) must be a multiple of ulysses_size=4",
+    ),
 ]
 
 
@@ -345,8 +422,12 @@ def test_shard_batch_hybrid_split_comes_from_the_groups():
     """Without a process group (CP size 1) an explicit ulysses_size that is not the groups' is refused."""
     from ringattn.adapters.transformers import shard_batch
 
-    with pytest.raises(ValueError, match=re.escape("ulysses_size: shard_batch takes the Ulysses split from the group "
-                                                   "(here 1), got ulysses_size=2")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "ulysses_size: shard_batch takes the Ulysses split from the group (here 1), got ulysses_size=2"
+        ),
+    ):
         shard_batch({"input_ids": torch.ones(1, 8, dtype=torch.long)}, ulysses_size=2)
 
 
@@ -370,13 +451,23 @@ def _silent_path(what, setups):
     return out.loss.backward
 
 
-@pytest.mark.parametrize("what, when, message", [
-    ("unprepared", "backward", "ringattn_context: this step's shard_batch output went through an attention that is "
-                               "not ringattn's"),
-    ("sdpa", "forward", "attn_implementation: the model runs 'sdpa' attention, not ringattn's 'ringattn'"),
-    ("eager", "forward", "attn_implementation: the model runs 'eager' attention, not ringattn's 'ringattn'"),
-    ("register without position_ids", "forward", "position_ids: the model did not get shard_batch's reset position"),
-])
+@pytest.mark.parametrize(
+    "what, when, message",
+    [
+        (
+            "unprepared",
+            "backward",
+            "ringattn_context: this step's shard_batch output went through an attention that is not ringattn's",
+        ),
+        ("sdpa", "forward", "attn_implementation: the model runs 'sdpa' attention, not ringattn's 'ringattn'"),
+        ("eager", "forward", "attn_implementation: the model runs 'eager' attention, not ringattn's 'ringattn'"),
+        (
+            "register without position_ids",
+            "forward",
+            "position_ids: the model did not get shard_batch's reset position",
+        ),
+    ],
+)
 def test_no_silent_wrong_training(what, when, message, setups):
     """Each way shard_batch's output could train through the wrong attention raises, naming the cause and the fix:
     in the forward where the model has ringattn's hook or attention, else in the backward of that step's loss."""

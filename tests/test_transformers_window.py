@@ -5,6 +5,7 @@ learned sinks ``s_aux`` on every layer): a packed batch at CP 2 and 4 and as Uly
 CP-summed gradients (the sinks' included) of the same weights run in float64 with transformers' own attention
 (sdpa's, or gpt-oss's eager one with its sinks) on every document as its own unpacked sequence, within 1e-5.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -29,8 +30,11 @@ def setups():
 
 
 def _cases(setups, ulysses=None):
-    return [dict(kind=kind, strategy=strategy, state=setups[kind][0], batch=setups[kind][1], ulysses=ulysses)
-            for kind in KINDS for strategy in (("zigzag", "balanced") if ulysses is None else ("zigzag",))]
+    return [
+        dict(kind=kind, strategy=strategy, state=setups[kind][0], batch=setups[kind][1], ulysses=ulysses)
+        for kind in KINDS
+        for strategy in (("zigzag", "balanced") if ulysses is None else ("zigzag",))
+    ]
 
 
 @pytest.mark.parametrize("cp", [2, 4])
@@ -55,7 +59,7 @@ def test_the_reference_sees_the_window_and_the_sinks(setups):
     docs = tc.documents()
     for kind in KINDS:
         state, _, (loss, _, _) = setups[kind]
-        model = tc.build(kind, state, sliding_window=10 ** 6).double()  # every window longer than every document
+        model = tc.build(kind, state, sliding_window=10**6).double()  # every window longer than every document
         if kind == "gpt_oss":
             with torch.no_grad():
                 for layer in model.model.layers:
@@ -63,6 +67,7 @@ def test_the_reference_sees_the_window_and_the_sinks(setups):
         total = 0.0
         for doc in docs:
             ids = torch.tensor([doc])
-            total += model(input_ids=ids, labels=ids, num_items_in_batch=sum(len(d) - 1 for d in docs),
-                           use_cache=False).loss.item()
+            total += model(
+                input_ids=ids, labels=ids, num_items_in_batch=sum(len(d) - 1 for d in docs), use_cache=False
+            ).loss.item()
         assert abs(total - loss) > 10 * TOL, f"{kind}: the window/sinks do not change the loss beyond the tolerance"

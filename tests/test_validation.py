@@ -1,4 +1,5 @@
 """Malformed input raises ValueError naming the problem, before any communication."""
+
 from __future__ import annotations
 
 import pytest
@@ -44,7 +45,11 @@ LAYOUT = DocLayout.from_cu_seqlens([0, 5, 16], 2)
 
 
 def qkv(tq=8, tk=8, hq=4, hkv=2, d=16, dtype=torch.float32):
-    return torch.randn(tq, hq, d, dtype=dtype), torch.randn(tk, hkv, d, dtype=dtype), torch.randn(tk, hkv, d, dtype=dtype)
+    return (
+        torch.randn(tq, hq, d, dtype=dtype),
+        torch.randn(tk, hkv, d, dtype=dtype),
+        torch.randn(tk, hkv, d, dtype=dtype),
+    )
 
 
 @pytest.mark.parametrize(
@@ -104,8 +109,12 @@ def _bad_inputs_worker(rank, cp, payload):
         (torch.randn(n + 1, 4, 8), torch.randn(n + 1, 2, 8), torch.randn(n + 1, 2, 8), layout),
         (torch.randn(n, 4, 8), torch.randn(n, 3, 8), torch.randn(n, 3, 8), layout),
         (torch.randn(n, 4, 8), torch.randn(n, 2, 8).double(), torch.randn(n, 2, 8), layout),
-        (torch.randn(n, 4, 8), torch.randn(n, 2, 8), torch.randn(n, 2, 8),
-         DocLayout.from_cu_seqlens([0, 5, 16], cp * 2 if 16 % (4 * cp) == 0 else 1)),
+        (
+            torch.randn(n, 4, 8),
+            torch.randn(n, 2, 8),
+            torch.randn(n, 2, 8),
+            DocLayout.from_cu_seqlens([0, 5, 16], cp * 2 if 16 % (4 * cp) == 0 else 1),
+        ),
     ]:
         try:
             ringattn.ring_eod_attention(q, k, v, lay)

@@ -6,6 +6,7 @@ per head to every softmax row; it shares nothing with the planner. The multi-ran
 2 x ring 2, every comm shape, MHA / GQA / MQA, windows 1, 2, sizes that cut chunks mid-document and one longer
 than every document; the plan tests check that a window removes exactly the masked work and traffic.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -62,15 +63,21 @@ def _run_case(rank, cp, case):
     sl = sinks.float().requires_grad_() if use_sinks else None
     out = ringattn.ring_eod_attention(ql, kl, vl, layout, group, window=window, sinks=sl, comm=comm, backend=backend)
     out.backward(dout[idx].to(dt))
-    return (idx, out.detach().double(), ql.grad.double(), kl.grad.double(), vl.grad.double(),
-            None if sl is None else sl.grad.double())
+    return (
+        idx,
+        out.detach().double(),
+        ql.grad.double(),
+        kl.grad.double(),
+        vl.grad.double(),
+        None if sl is None else sl.grad.double(),
+    )
 
 
 def _check(case, per_rank, tol):
     cu, hq, hkv, d, window, use_sinks, *_, seed = case
     q, k, v, dout, sinks = _global(seed, cu[-1], hq, hkv, d, use_sinks)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)] + ([sinks.clone().requires_grad_()] if use_sinks else [])
-    ref = window_reference(*leaves[:3], cu, d ** -0.5, window, leaves[3] if use_sinks else None)
+    ref = window_reference(*leaves[:3], cu, d**-0.5, window, leaves[3] if use_sinks else None)
     ref.backward(dout)
     got = [torch.zeros_like(x) for x in (q, q, k, v)]
     dsinks = torch.zeros(hq, dtype=torch.float64)
@@ -95,7 +102,9 @@ def _cases(cp: int, ulysses: int = 1) -> list[tuple]:
     for n, (window, (hq, hkv)) in enumerate(itertools.product(WINDOWS, heads)):
         comm = ("direct", "ring", "plain")[n % 3]
         strategy = ("zigzag", "balanced", "auto")[(n // 3) % 3]
-        out.append((CU, hq, hkv, 16, window, n % 2 == 0, comm, strategy, ulysses, "float32", "cpu", rng.randrange(1000)))
+        out.append(
+            (CU, hq, hkv, 16, window, n % 2 == 0, comm, strategy, ulysses, "float32", "cpu", rng.randrange(1000))
+        )
     return out
 
 
@@ -180,7 +189,7 @@ def test_window_shrinks_work_and_traffic_and_a_long_one_changes_nothing():
         assert all(a <= b for a, b in zip(st.kv_recv_tokens, full.kv_recv_tokens))
         assert all(a <= b for a, b in zip(st.pairs_computed, full.pairs_computed))
     assert rank_plan(layout, 1, "direct", LONGEST) is rank_plan(layout, 1, "direct")
-    assert build_plan(layout, "ring", 10 ** 6).stats == build_plan(layout, "ring").stats
+    assert build_plan(layout, "ring", 10**6).stats == build_plan(layout, "ring").stats
     one = build_plan(layout, "direct", 1).stats
     assert one.num_steps == 0 and sum(one.kv_recv_tokens) == 0 and sum(one.work) == CU[-1]
 
@@ -190,7 +199,7 @@ def _no_window_worker(rank, cp, _):
     idx = layout.local_indices(rank)
     q, k, v, dout, _ = _global(3, CU[-1], 4, 2, 16, False)
     outs = []
-    for window in (None, LONGEST, 10 ** 6):
+    for window in (None, LONGEST, 10**6):
         ql, kl, vl = (x[idx].float().requires_grad_() for x in (q, k, v))
         out = ringattn.ring_eod_attention(ql, kl, vl, layout, window=window)
         out.backward(dout[idx].float())
@@ -229,15 +238,18 @@ def _bad_worker(rank, cp, what):
     return None
 
 
-@pytest.mark.parametrize("what, expect", [
-    ("window not positive", "rank 1: window: expected a positive int"),
-    ("window not int", "window: expected a positive int"),
-    ("sinks shape", "sinks: expected shape [4]"),
-    ("sinks dtype", "sinks: expected a floating dtype"),
-    ("sinks device", "sinks: expected to be on q's device"),
-    ("ranks disagree on window", "ranks disagree on window (ranks [0]: 5; ranks [1, 2]: 6)"),
-    ("ranks disagree on sinks", "ranks disagree on sinks (ranks [0, 1]: 'none'; ranks [2]: 'given')"),
-])
+@pytest.mark.parametrize(
+    "what, expect",
+    [
+        ("window not positive", "rank 1: window: expected a positive int"),
+        ("window not int", "window: expected a positive int"),
+        ("sinks shape", "sinks: expected shape [4]"),
+        ("sinks dtype", "sinks: expected a floating dtype"),
+        ("sinks device", "sinks: expected to be on q's device"),
+        ("ranks disagree on window", "ranks disagree on window (ranks [0]: 5; ranks [1, 2]: 6)"),
+        ("ranks disagree on sinks", "ranks disagree on sinks (ranks [0, 1]: 'none'; ranks [2]: 'given')"),
+    ],
+)
 def test_bad_window_or_sinks_raise_the_same_error_on_every_rank(rank_pools, what, expect):
     messages = unwrap(rank_pools(3).run(_bad_worker, what, timeout_s=60))
     assert messages[0] is not None and len(set(messages)) == 1, messages

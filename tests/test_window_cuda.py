@@ -13,6 +13,7 @@ give out 0 and LSE +inf). Here:
   longer than every document, with and without sinks, fp16/bf16, every provider, against the float64
   ``window_reference`` of tests/test_window.py within the device-path error analysis (tests/rounding.py).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -45,11 +46,23 @@ def _fwd(provider, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window):
         return res[0], res[1]
     _, iface = flash_standin.flash_attn_module(provider)
     left, right = (-1, -1) if window is None else window
-    kw = ({"window_size_left": left, "window_size_right": right} if provider >= "2.7"
-          else {"window_size": (left, right)})
-    res = iface._flash_attn_varlen_forward(q=q, k=k, v=v, cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=max_q,
-                                           max_seqlen_k=max_k, dropout_p=0.0, softmax_scale=scale, causal=causal,
-                                           softcap=0.0, alibi_slopes=None, return_softmax=False, **kw)
+    kw = {"window_size_left": left, "window_size_right": right} if provider >= "2.7" else {"window_size": (left, right)}
+    res = iface._flash_attn_varlen_forward(
+        q=q,
+        k=k,
+        v=v,
+        cu_seqlens_q=cq,
+        cu_seqlens_k=ck,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+        dropout_p=0.0,
+        softmax_scale=scale,
+        causal=causal,
+        softcap=0.0,
+        alibi_slopes=None,
+        return_softmax=False,
+        **kw,
+    )
     return res[0], res[1] if provider >= "2.7" else res[5]
 
 
@@ -58,17 +71,50 @@ def _bwd(provider, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, cau
     if provider is None:
         _, bwd = flash_standin.aten_flash_ops()
         kw = {} if window is None else {"window_size_left": window[0], "window_size_right": window[1]}
-        return bwd(dout, q, k, v, out, lse, cq, ck, max_q, max_k, 0.0, causal, torch.zeros(2, dtype=torch.int64),
-                   torch.empty(0), scale=scale, **kw)
+        return bwd(
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cq,
+            ck,
+            max_q,
+            max_k,
+            0.0,
+            causal,
+            torch.zeros(2, dtype=torch.int64),
+            torch.empty(0),
+            scale=scale,
+            **kw,
+        )
     _, iface = flash_standin.flash_attn_module(provider)
     left, right = (-1, -1) if window is None else window
-    kw = ({"window_size_left": left, "window_size_right": right} if provider >= "2.7"
-          else {"window_size": (left, right)})
+    kw = {"window_size_left": left, "window_size_right": right} if provider >= "2.7" else {"window_size": (left, right)}
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    iface._flash_attn_varlen_backward(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse, dq=dq, dk=dk, dv=dv,
-                                      cu_seqlens_q=cq, cu_seqlens_k=ck, max_seqlen_q=max_q, max_seqlen_k=max_k,
-                                      dropout_p=0.0, softmax_scale=scale, causal=causal, softcap=0.0,
-                                      alibi_slopes=None, deterministic=False, **kw)
+    iface._flash_attn_varlen_backward(
+        dout=dout,
+        q=q,
+        k=k,
+        v=v,
+        out=out,
+        softmax_lse=lse,
+        dq=dq,
+        dk=dk,
+        dv=dv,
+        cu_seqlens_q=cq,
+        cu_seqlens_k=ck,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+        dropout_p=0.0,
+        softmax_scale=scale,
+        causal=causal,
+        softcap=0.0,
+        alibi_slopes=None,
+        deterministic=False,
+        **kw,
+    )
     return dq, dk, dv
 
 
@@ -99,24 +145,42 @@ def _block_mask(cu_q, cu_k, blocks) -> torch.Tensor:
 #: (what, cu_q, cu_k, causal, window, max_k or None (the longest key segment), per-segment masks written by hand)
 HAND_MASKS = [
     ("causal 2x5, flash's docstring", (0, 2), (0, 5), True, None, None, [["11110", "11111"]]),
-    ("causal 5x2, flash's docstring: three rows see nothing", (0, 5), (0, 2), True, None, None,
-     [["00", "00", "00", "10", "11"]]),
+    (
+        "causal 5x2, flash's docstring: three rows see nothing",
+        (0, 5),
+        (0, 2),
+        True,
+        None,
+        None,
+        [["00", "00", "00", "10", "11"]],
+    ),
     ("(1, 0) on 3x5: keys [i+1, i+2]", (0, 3), (0, 5), False, (1, 0), None, [["01100", "00110", "00011"]]),
     ("(0, 2) on 3x3: keys [i, i+2]", (0, 3), (0, 3), False, (0, 2), None, [["111", "011", "001"]]),
     ("(2, -1): right infinite", (0, 4), (0, 4), False, (2, -1), None, [["1111", "1111", "1111", "0111"]]),
     ("(-1, 1): left infinite", (0, 4), (0, 4), False, (-1, 1), None, [["1100", "1110", "1111", "1111"]]),
-    ("causal (1, 5): causal forces right to 0", (0, 4), (0, 4), True, (1, 5), None,
-     [["1000", "1100", "0110", "0011"]]),
-    ("(5, 0) on 3x3: left >= max_seqlen_k is -1, so plain causal", (0, 3), (0, 3), False, (5, 0), None,
-     [["100", "110", "111"]]),
-    ("(0, 1) on two segments, each aligned to its own bottom-right corner", (0, 2, 5), (0, 3, 4), False, (0, 1),
-     None, [["011", "001"], ["0", "1", "1"]]),
+    ("causal (1, 5): causal forces right to 0", (0, 4), (0, 4), True, (1, 5), None, [["1000", "1100", "0110", "0011"]]),
+    (
+        "(5, 0) on 3x3: left >= max_seqlen_k is -1, so plain causal",
+        (0, 3),
+        (0, 3),
+        False,
+        (5, 0),
+        None,
+        [["100", "110", "111"]],
+    ),
+    (
+        "(0, 1) on two segments, each aligned to its own bottom-right corner",
+        (0, 2, 5),
+        (0, 3, 4),
+        False,
+        (0, 1),
+        None,
+        [["011", "001"], ["0", "1", "1"]],
+    ),
     # flash_api.cpp clamps right >= max_seqlen_k to -1, then set_params_fprop makes it max_seqlen_k again: with more
     # queries than max_seqlen_k + 1 the top rows lose keys the documented rule keeps (all four rows see key 0)
-    ("(0, 4) on 4x1, max_seqlen_k 1: right clamped to 1", (0, 4), (0, 1), False, (0, 4), None,
-     [["0", "0", "1", "1"]]),
-    ("(0, 4) on 4x1, max_seqlen_k 4: the documented rule", (0, 4), (0, 1), False, (0, 4), 4,
-     [["1", "1", "1", "1"]]),
+    ("(0, 4) on 4x1, max_seqlen_k 1: right clamped to 1", (0, 4), (0, 1), False, (0, 4), None, [["0", "0", "1", "1"]]),
+    ("(0, 4) on 4x1, max_seqlen_k 4: the documented rule", (0, 4), (0, 1), False, (0, 4), 4, [["1", "1", "1", "1"]]),
 ]
 
 
@@ -141,8 +205,22 @@ def test_standin_window_masks_match_hand_built_masks(provider, what, cu_q, cu_k,
     assert ((out.double() - out_r).abs() <= half_ulp(out_r, dtype) * 1.001 + 1e-12).all(), what
     # backward reads the LSE and out it is handed (here the exact LSE, +inf on the key-less rows, and out in fp16):
     # the rounded out moves rowsum(dout * out) by at most e = sum_d |dout| h(out), so dS by scale * P * e
-    got = _bwd(provider, dout, q, k, v, out_r.to(dtype), lse_r.float().contiguous(), cu_q, cu_k, max_q, max_k,
-               scale, causal, window)
+    got = _bwd(
+        provider,
+        dout,
+        q,
+        k,
+        v,
+        out_r.to(dtype),
+        lse_r.float().contiguous(),
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        scale,
+        causal,
+        window,
+    )
     e = (dout.double().abs() * half_ulp(out_r, dtype)).sum(-1).t()  # [H, Tq]
     e_ds = scale * p * e.unsqueeze(-1)  # [H, Tq, Tk]
     k1, q1 = k.double().abs().repeat_interleave(2, 1), q.double().abs()
@@ -176,10 +254,16 @@ def test_cuda_window_pair_binds_to_each_providers_parameters(tag):
     fwd_names, bwd_names = flash_standin.FLASH_ATTN_SIGNATURES[tag]
     version = cuda._version(tag)
     x = [object() for _ in range(11)]
-    f = flash_standin._signature(fwd_names).bind(*cuda.flash_forward_args(version, *x[:5], 7, 9, 0.125, False,
-                                                                           (5, 2))).arguments
-    b = flash_standin._signature(bwd_names).bind(*cuda.flash_backward_args(version, *x, 7, 9, 0.125, False,
-                                                                           window=(5, 2))).arguments
+    f = (
+        flash_standin._signature(fwd_names)
+        .bind(*cuda.flash_forward_args(version, *x[:5], 7, 9, 0.125, False, (5, 2)))
+        .arguments
+    )
+    b = (
+        flash_standin._signature(bwd_names)
+        .bind(*cuda.flash_backward_args(version, *x, 7, 9, 0.125, False, window=(5, 2)))
+        .arguments
+    )
     for a in (f, b):
         pair = (a["window_size_left"], a["window_size_right"]) if version >= (2, 7) else tuple(a["window_size"])
         assert pair == (5, 2), (tag, pair)
@@ -251,8 +335,9 @@ def _globals(case):
     cu, hq, hkv, d, window, use_sinks, *_, dtype, _, seed = case
     g = torch.Generator().manual_seed(seed)
     dt = getattr(torch, dtype)
-    q, k, v, dout = (torch.randn(cu[-1], h, d, generator=g, dtype=torch.float64).to(dt).double()
-                     for h in (hq, hkv, hkv, hq))
+    q, k, v, dout = (
+        torch.randn(cu[-1], h, d, generator=g, dtype=torch.float64).to(dt).double() for h in (hq, hkv, hkv, hq)
+    )
     sinks = torch.randn(hq, generator=g, dtype=torch.float64).float().double() if use_sinks else None
     return q, k, v, dout, sinks
 
@@ -267,11 +352,16 @@ def _run(rank, cp, case):
     ql, kl, vl = (x[idx].to(dt).requires_grad_() for x in (q, k, v))
     sl = sinks.float().requires_grad_() if use_sinks else None
     with flash_standin.installed(CUDA_STANDINS[provider]):
-        out = ringattn.ring_eod_attention(ql, kl, vl, layout, group, window=window, sinks=sl, comm=comm,
-                                          backend="cuda")
+        out = ringattn.ring_eod_attention(ql, kl, vl, layout, group, window=window, sinks=sl, comm=comm, backend="cuda")
         out.backward(dout[idx].to(dt))
-    return (idx, out.detach().double(), ql.grad.double(), kl.grad.double(), vl.grad.double(),
-            None if sl is None else sl.grad.double())
+    return (
+        idx,
+        out.detach().double(),
+        ql.grad.double(),
+        kl.grad.double(),
+        vl.grad.double(),
+        None if sl is None else sl.grad.double(),
+    )
 
 
 def _run_all(rank, cp, cases):
@@ -284,12 +374,13 @@ def _check(case, cp, per_rank):
     cu, hq, hkv, d, window, use_sinks, comm, strategy, ulysses, dtype, provider, _ = case
     q, k, v, dout, sinks = _globals(case)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)] + ([sinks.clone().requires_grad_()] if use_sinks else [])
-    ref = window_reference(*leaves[:3], cu, d ** -0.5, window, leaves[3] if use_sinks else None)
+    ref = window_reference(*leaves[:3], cu, d**-0.5, window, leaves[3] if use_sinks else None)
     ref.backward(dout)
     layout = DocLayout.from_cu_seqlens(cu, cp, strategy=strategy, ulysses_size=ulysses)
     calls = kernel_calls(layout, build_plan(layout, comm, window))
-    bounds = device_bounds(q, k, v, dout, doc_window_mask(cu, window), calls, d ** -0.5, getattr(torch, dtype),
-                           sinks=sinks, ulysses=ulysses)
+    bounds = device_bounds(
+        q, k, v, dout, doc_window_mask(cu, window), calls, d**-0.5, getattr(torch, dtype), sinks=sinks, ulysses=ulysses
+    )
     got = [torch.full_like(x, float("nan")) for x in (q, q, k, v)]
     dsinks = torch.zeros(hq, dtype=torch.float64)
     for idx, *parts, ds in per_rank:
@@ -302,8 +393,10 @@ def _check(case, cp, per_rank):
     for name, x, r, b in zip(names, got + ([dsinks] if use_sinks else []), want, bounds):
         assert not torch.isnan(x).any(), f"{case}: {name} has rows no rank produced"
         worst = ((x - r).abs() / b).max().item()
-        assert worst <= 1.0, (f"{case}: {name} error {(x - r).abs().max().item():.3e} at {worst:.2f}x the device-path "
-                              f"bound (tests/rounding.py)")
+        assert worst <= 1.0, (
+            f"{case}: {name} error {(x - r).abs().max().item():.3e} at {worst:.2f}x the device-path "
+            f"bound (tests/rounding.py)"
+        )
 
 
 def _cases(cp: int, ulysses: int = 1) -> list[tuple]:
@@ -315,9 +408,22 @@ def _cases(cp: int, ulysses: int = 1) -> list[tuple]:
     out = []
     for n, window in enumerate(windows):
         hq, hkv = heads[n % len(heads)]
-        out.append((CU, hq, hkv, 20 if n == 2 else 16, window, (n + cp) % 2 == 0, ("direct", "ring", "plain")[n % 3],
-                    ("zigzag", "balanced", "auto")[(n + cp) % 3], ulysses, ("bfloat16", "float16")[n % 2],
-                    providers[(n + cp) % len(providers)], 100 * cp + n))
+        out.append(
+            (
+                CU,
+                hq,
+                hkv,
+                20 if n == 2 else 16,
+                window,
+                (n + cp) % 2 == 0,
+                ("direct", "ring", "plain")[n % 3],
+                ("zigzag", "balanced", "auto")[(n + cp) % 3],
+                ulysses,
+                ("bfloat16", "float16")[n % 2],
+                providers[(n + cp) % len(providers)],
+                100 * cp + n,
+            )
+        )
     return out
 
 

@@ -10,6 +10,7 @@ the elementwise device-path bound of tests/rounding.py (the suite's rule for emu
 windowed plan's kernel calls and the windowed mask; sinks are not part of that analysis, so the bf16 cases have
 none).
 """
+
 from __future__ import annotations
 
 import random
@@ -56,8 +57,22 @@ def _cases(cp: int, ulysses: int = 1, dtype: str = "float32") -> list[tuple]:
         comm = ("direct", "ring", "plain")[(n + cp) % 3]
         strategy = ("zigzag", "balanced", "auto")[n % 3]
         sinks = dtype == "float32" and (n + cp) % 2 == 0
-        out.append((CU, hq, hkv, D, window, sinks, comm, strategy, ulysses, dtype, GENERATIONS[(n + cp) % 4],
-                    rng.randrange(1000)))
+        out.append(
+            (
+                CU,
+                hq,
+                hkv,
+                D,
+                window,
+                sinks,
+                comm,
+                strategy,
+                ulysses,
+                dtype,
+                GENERATIONS[(n + cp) % 4],
+                rng.randrange(1000),
+            )
+        )
     return out
 
 
@@ -101,12 +116,12 @@ def _check_bf16(case, cp, per_rank):
     cu, hq, hkv, d, window, _, comm, strategy, ulysses, *_, seed = case
     q, k, v, dout, _ = (x if x is None else x.to(torch.bfloat16) for x in _global(seed, cu[-1], hq, hkv, d, False))
     leaves = [x.double().requires_grad_() for x in (q, k, v)]
-    ref = window_reference(*leaves, cu, d ** -0.5, window)
+    ref = window_reference(*leaves, cu, d**-0.5, window)
     ref.backward(dout.double())
     want = [ref.detach()] + [x.grad for x in leaves]
     layout = DocLayout.from_cu_seqlens(cu, cp, strategy=strategy, ulysses_size=ulysses)
     calls = kernel_calls(layout, build_plan(layout, comm, window))
-    bounds = device_bounds(q, k, v, dout, _window_mask(cu, window), calls, d ** -0.5, torch.bfloat16)
+    bounds = device_bounds(q, k, v, dout, _window_mask(cu, window), calls, d**-0.5, torch.bfloat16)
     got = [torch.full_like(w, float("nan")) for w in want]
     for idx, *parts, _ in per_rank:
         for full, part in zip(got, parts):
@@ -135,8 +150,20 @@ def _masked_attention(q, k, v, keep, scale):
 
 def _band(fwd, q, k, v, pre, nxt, seq_q, seq_k, mask=None, mode=4):
     mask = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), 1) if mask is None else mask
-    return fwd(q, k, v, q.shape[1], "TND", atten_mask=mask, scale=0.5, pre_tockens=pre, next_tockens=nxt,
-               actual_seq_qlen=seq_q, actual_seq_kvlen=seq_k, sparse_mode=mode)
+    return fwd(
+        q,
+        k,
+        v,
+        q.shape[1],
+        "TND",
+        atten_mask=mask,
+        scale=0.5,
+        pre_tockens=pre,
+        next_tockens=nxt,
+        actual_seq_qlen=seq_q,
+        actual_seq_kvlen=seq_k,
+        sparse_mode=mode,
+    )
 
 
 @pytest.mark.parametrize("generation", emu.GENERATIONS)
@@ -189,16 +216,42 @@ def test_emulated_band_enforces_the_documented_checks():
     with pytest.raises(TypeError):
         _band(fwd, q, q, q, 2.0, 0, [6], [6])
     # the mask is what turns the band on: without it pre/next are ignored and everything is computed (doc)
-    full = fwd(q, q, q, 2, "TND", scale=0.5, pre_tockens=0, next_tockens=0, actual_seq_qlen=[6], actual_seq_kvlen=[6],
-               sparse_mode=4)[0]
+    full = fwd(
+        q,
+        q,
+        q,
+        2,
+        "TND",
+        scale=0.5,
+        pre_tockens=0,
+        next_tockens=0,
+        actual_seq_qlen=[6],
+        actual_seq_kvlen=[6],
+        sparse_mode=4,
+    )[0]
     assert (full.double() - _masked_attention(q, q, q, torch.ones(6, 6, dtype=torch.bool), 0.5)).abs().max() < 1e-6
     # the grad op reads the same pair: a band of width 1 (pre 0, next 0) has dq = 0 (softmax over one key)
     out, smax, ssum = _band(fwd, q, q, q, 0, 0, [6], [6])[:3]
     assert torch.allclose(out, q)
     mask = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), 1)
-    dq = bwd(q, q, q, torch.randn(6, 2, 16), 2, "TND", atten_mask=mask, softmax_max=smax, softmax_sum=ssum,
-             attention_in=out, scale_value=0.5, pre_tockens=0, next_tockens=0, actual_seq_qlen=[6],
-             actual_seq_kvlen=[6], sparse_mode=4)[0]
+    dq = bwd(
+        q,
+        q,
+        q,
+        torch.randn(6, 2, 16),
+        2,
+        "TND",
+        atten_mask=mask,
+        softmax_max=smax,
+        softmax_sum=ssum,
+        attention_in=out,
+        scale_value=0.5,
+        pre_tockens=0,
+        next_tockens=0,
+        actual_seq_qlen=[6],
+        actual_seq_kvlen=[6],
+        sparse_mode=4,
+    )[0]
     assert dq.abs().max() < 1e-6
 
 

@@ -6,6 +6,7 @@ models from configs (tests.transformers_cases), no hub access. The reference is 
 attention masking the packed documents from their restarting position ids) on the global batches:
 ``per_device_train_batch_size`` times the number of data-parallel groups.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,18 +40,35 @@ def tokenizer():
 
 def set_rank_env(rank: int, world: int) -> None:
     """What torchrun exports, for accelerate's MULTI_CPU detection in a pool rank (its group is initialised)."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
-                      OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+    )
 
 
 def args_for(case: dict, output_dir: str, per_device: int, distributed: bool):
     """TrainingArguments (or SFTConfig) of a case, fp32 on CPU, a loss logged every step."""
-    common = dict(output_dir=output_dir, use_cpu=True, per_device_train_batch_size=per_device,
-                  per_device_eval_batch_size=per_device, gradient_accumulation_steps=case["ga"],
-                  max_steps=case.get("steps", 3), learning_rate=case.get("lr", 1e-3), logging_steps=1,
-                  save_strategy="no", report_to=[], disable_tqdm=True, seed=case.get("seed", 11),
-                  dataloader_drop_last=True)
+    common = dict(
+        output_dir=output_dir,
+        use_cpu=True,
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=per_device,
+        gradient_accumulation_steps=case["ga"],
+        max_steps=case.get("steps", 3),
+        learning_rate=case.get("lr", 1e-3),
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=case.get("seed", 11),
+        dataloader_drop_last=True,
+    )
     if distributed:  # (a backend named without a process group makes accelerate ask for one)
         common["ddp_backend"] = "gloo"
     common.update(case.get("args", {}))
@@ -61,8 +79,14 @@ def args_for(case: dict, output_dir: str, per_device: int, distributed: bool):
     if case["trainer"] == "sft":
         from trl import SFTConfig
 
-        sft = dict(packing=True, max_length=case.get("max_length", 32), padding_free=case.get("padding_free", False),
-                   dataset_num_proc=None, eval_packing=True, bf16=False)  # SFTConfig defaults to bf16
+        sft = dict(
+            packing=True,
+            max_length=case.get("max_length", 32),
+            padding_free=case.get("padding_free", False),
+            dataset_num_proc=None,
+            eval_packing=True,
+            bf16=False,
+        )  # SFTConfig defaults to bf16
         sft.update(case.get("sft_args", {}))
         return SFTConfig(**common, **sft)
     from transformers import TrainingArguments
@@ -98,8 +122,9 @@ def trainer_for(case: dict, output_dir: str, per_device: int, ringattn: bool, **
         kwargs["train_dataset"] = [{"input_ids": d} for d in case["train"]]
         if case.get("eval") is not None:
             kwargs["eval_dataset"] = [{"input_ids": d} for d in case["eval"]]
-        kwargs.setdefault("data_collator", DataCollatorWithFlattening(
-            return_flash_attn_kwargs=case.get("flash_kwargs", False)))
+        kwargs.setdefault(
+            "data_collator", DataCollatorWithFlattening(return_flash_attn_kwargs=case.get("flash_kwargs", False))
+        )
         if ringattn:
             from ringattn.adapters.trainer import RingAttnTrainer as cls
         else:
@@ -122,8 +147,11 @@ def grad_capture(store: dict):
 
 def _summary(trainer, evaluate: bool, store: dict) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    out = {"losses": losses, "state": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
-           "grads": store["grads"]}
+    out = {
+        "losses": losses,
+        "state": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+        "grads": store["grads"],
+    }
     if evaluate:
         out["eval_loss"] = trainer.evaluate()["eval_loss"]
     return out
@@ -250,10 +278,21 @@ def refusal(rank: int, world: int, what: str, base: dict) -> tuple[str | None, i
         from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
         torch.manual_seed(0)
-        extra["model"] = Qwen3MoeForCausalLM(Qwen3MoeConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=1,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=2, num_experts_per_tok=1,
-            output_router_logits=True))
+        extra["model"] = Qwen3MoeForCausalLM(
+            Qwen3MoeConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                intermediate_size=48,
+                moe_intermediate_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                num_experts=2,
+                num_experts_per_tok=1,
+                output_router_logits=True,
+            )
+        )
     elif what == "not_pretrained":
         extra["model"] = _Wrapped(tc.build("llama", base["state"]))
     elif what == "loss_without_shift_labels":
@@ -292,8 +331,13 @@ def _iterable_trainer(case, out):
 
     from ringattn.adapters.trainer import RingAttnTrainer
 
-    return RingAttnTrainer(model=tc.build(case["model"], case["state"]), args=args_for(case, out, 2, True),
-                           train_dataset=case["train"], data_collator=DataCollatorWithFlattening(), cp_size=case["cp"])
+    return RingAttnTrainer(
+        model=tc.build(case["model"], case["state"]),
+        args=args_for(case, out, 2, True),
+        train_dataset=case["train"],
+        data_collator=DataCollatorWithFlattening(),
+        cp_size=case["cp"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------- pool jobs

@@ -4,6 +4,7 @@ The reference is independent of ringattn: the same weights in float64 with trans
 ``sdpa`` attention, every document run as its own unpacked sequence (positions from 0, plain
 causal attention), the loss summed over documents with the packed batch's ``num_items_in_batch``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,17 @@ DOC_LENS = (5, 11, 1, 9, 3, 7)  # uneven, a single-token document, 36 tokens: pa
 
 
 def config(kind: str, **overrides):
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, max_position_embeddings=128, attention_dropout=0.0)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        attention_dropout=0.0,
+    )
     common.update(overrides)
     if kind == "llama":
         from transformers import LlamaConfig
@@ -33,14 +43,22 @@ def config(kind: str, **overrides):
     if kind == "gemma3":
         from transformers import Gemma3TextConfig
 
-        return Gemma3TextConfig(**{"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"],
-                                   **common})
+        return Gemma3TextConfig(
+            **{"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"], **common}
+        )
     if kind == "gpt_oss":  # learned sinks on every layer; a tiny mixture of experts
         from transformers import GptOssConfig
 
-        return GptOssConfig(**{"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"],
-                               "num_local_experts": 2, "num_experts_per_tok": 1, "experts_implementation": "eager",
-                               **common})
+        return GptOssConfig(
+            **{
+                "sliding_window": 4,
+                "layer_types": ["sliding_attention", "full_attention"],
+                "num_local_experts": 2,
+                "num_experts_per_tok": 1,
+                "experts_implementation": "eager",
+                **common,
+            }
+        )
     raise ValueError(kind)
 
 

@@ -12,6 +12,7 @@ accepted for compatibility with the Ascend stack (the layout replaces the mask).
 --hierarchical-context-parallel-sizes U R`` the hybrid (e.g. CP=4 as 2 x 2 on 4 processes).
 Synthetic EoD-packed data; prints the loss of every step (it should fall).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,13 @@ def main() -> int:
     p.add_argument("--eod-mask-loss", action="store_true")
     p.add_argument("--attention-mask-type", default="general", choices=["general", "causal"])
     p.add_argument("--cp-comm-type", default="p2p", help="p2p (ring), a2a (Ulysses) or a2a+p2p (hybrid)")
-    p.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs="+", default=None,
-                   help="[U, R] for --cp-comm-type a2a+p2p (the a2a group size first)")
+    p.add_argument(
+        "--hierarchical-context-parallel-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="[U, R] for --cp-comm-type a2a+p2p (the a2a group size first)",
+    )
     p.add_argument("--seq-length", type=int, default=64)
     p.add_argument("--micro-batch-size", type=int, default=2)
     p.add_argument("--train-iters", type=int, default=5)
@@ -77,25 +83,47 @@ def main() -> int:
 
     torch.manual_seed(0)  # same initial weights on every CP rank
     config = TransformerConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups, use_cpu_initialization=True, attention_dropout=0.0,
-        hidden_dropout=0.0, context_parallel_size=cp, params_dtype=torch.float32, cp_comm_type=args.cp_comm_type,
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        use_cpu_initialization=True,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        context_parallel_size=cp,
+        params_dtype=torch.float32,
+        cp_comm_type=args.cp_comm_type,
         hierarchical_context_parallel_sizes=hcp,
     )
     ulysses = cp_ulysses_size(config)  # the batch is sharded for the split attention runs
-    model = GPTModel(config=config, transformer_layer_spec=ringattn_layer_spec(), vocab_size=args.vocab_size,
-                     max_sequence_length=args.seq_length, position_embedding_type="rope")
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=ringattn_layer_spec(),
+        vocab_size=args.vocab_size,
+        max_sequence_length=args.seq_length,
+        position_embedding_type="rope",
+    )
     use_reset_position_rope(model)  # RoPE rotates by the (reset) position_ids given to forward
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     data = synthetic_batches(args.micro_batch_size, args.seq_length, args.vocab_size, seed=1)
 
     losses = []
     for it in range(args.train_iters):
-        batch = get_batch(data, EOD, reset_attention_mask=args.reset_attention_mask,
-                          reset_position_ids=args.reset_position_ids, eod_mask_loss=args.eod_mask_loss,
-                          ulysses_size=ulysses)
-        out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                    packed_seq_params=batch["packed_seq_params"])
+        batch = get_batch(
+            data,
+            EOD,
+            reset_attention_mask=args.reset_attention_mask,
+            reset_position_ids=args.reset_position_ids,
+            eod_mask_loss=args.eod_mask_loss,
+            ulysses_size=ulysses,
+        )
+        out = model(
+            batch["tokens"],
+            batch["position_ids"],
+            None,
+            labels=batch["labels"],
+            packed_seq_params=batch["packed_seq_params"],
+        )
         num = (out * batch["loss_mask"]).sum()
         den = batch["loss_mask"].sum().detach().clone()
         dist.all_reduce(den, group=cp_group)

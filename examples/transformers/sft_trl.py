@@ -18,6 +18,7 @@ both losses of every step and the largest weight difference at the end: float32 
 update ``lr * g / (|g| + eps)`` magnifies in gradient elements near ``eps`` (about 1e-5 at the default ``--lr``,
 a few 1e-6 at ``--lr 1e-3``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,9 @@ def tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"t{i}": i for i in range(VOCAB)}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t2")), pad_token="t0",
-                                   eos_token="t1", unk_token="t2")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t2")), pad_token="t0", eos_token="t1", unk_token="t2"
+    )
 
 
 def parse_args(argv=None):
@@ -78,8 +80,13 @@ def reference_losses(args, targs, model, dataset, collator, dp_size) -> list[flo
 
     opt_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(targs, model)
     opt = opt_cls(model.parameters(), weight_decay=targs.weight_decay, **opt_kwargs)
-    sched = get_scheduler(targs.lr_scheduler_type, opt, num_warmup_steps=targs.get_warmup_steps(args.steps),
-                          num_training_steps=args.steps, scheduler_specific_kwargs=targs.lr_scheduler_kwargs)
+    sched = get_scheduler(
+        targs.lr_scheduler_type,
+        opt,
+        num_warmup_steps=targs.get_warmup_steps(args.steps),
+        num_training_steps=args.steps,
+        scheduler_specific_kwargs=targs.lr_scheduler_kwargs,
+    )
     size = args.per_device * dp_size  # sequential sampler: the D per-device batches of a micro-batch in a row
     losses = []
     for step in range(args.steps):
@@ -113,8 +120,16 @@ def train(args, log=print) -> tuple[list[tuple[float, float]], float]:
     from ringattn.adapters.trainer import RingAttnSFTTrainer
 
     torch.set_num_threads(1)
-    config = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    config = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = Qwen3ForCausalLM(config)
     reference = Qwen3ForCausalLM(config)
@@ -123,26 +138,45 @@ def train(args, log=print) -> tuple[list[tuple[float, float]], float]:
 
     with tempfile.TemporaryDirectory() as out:
         targs = SFTConfig(
-            output_dir=out, use_cpu=True, per_device_train_batch_size=args.per_device,
-            gradient_accumulation_steps=args.ga, max_steps=args.steps, learning_rate=args.lr, weight_decay=0.0,
-            logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=args.seed,
-            packing=True, padding_free=True, max_length=args.max_length,  # TRL's packing, one flat row per batch
+            output_dir=out,
+            use_cpu=True,
+            per_device_train_batch_size=args.per_device,
+            gradient_accumulation_steps=args.ga,
+            max_steps=args.steps,
+            learning_rate=args.lr,
+            weight_decay=0.0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            seed=args.seed,
+            packing=True,
+            padding_free=True,
+            max_length=args.max_length,  # TRL's packing, one flat row per batch
             bf16=False,  # float32, to compare with the reference to rounding (bf16 mixed precision works too)
             train_sampling_strategy="sequential",  # the reference below replays the same order
-            **({"ddp_backend": "gloo"} if "LOCAL_RANK" in os.environ else {}))  # torchrun: gloo on CPU
-        trainer = RingAttnSFTTrainer(model=model, args=targs, train_dataset=Dataset.from_dict({"input_ids": docs}),
-                                     processing_class=tokenizer(), cp_size=args.cp, ulysses_size=args.ulysses)
+            **({"ddp_backend": "gloo"} if "LOCAL_RANK" in os.environ else {}),
+        )  # torchrun: gloo on CPU
+        trainer = RingAttnSFTTrainer(
+            model=model,
+            args=targs,
+            train_dataset=Dataset.from_dict({"input_ids": docs}),
+            processing_class=tokenizer(),
+            cp_size=args.cp,
+            ulysses_size=args.ulysses,
+        )
         trainer.train()
     setup = trainer.ringattn
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     ref = reference_losses(args, targs, reference, trainer.train_dataset, trainer.data_collator, setup.dp_size)
-    diff = max((p - q).abs().max().item() for p, q in zip(model.state_dict().values(),
-                                                          reference.state_dict().values()))
+    diff = max((p - q).abs().max().item() for p, q in zip(model.state_dict().values(), reference.state_dict().values()))
     if log is not None and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         ring = setup.cp_size // setup.ulysses_size
         split = f" (Ulysses {setup.ulysses_size} x ring {ring})" if setup.ulysses_size > 1 else ""
-        log(f"{setup.dp_size} DP x CP {setup.cp_size}{split}, {args.per_device} packed rows of {args.max_length} "
-            f"tokens per batch, gradient accumulation {args.ga}")
+        log(
+            f"{setup.dp_size} DP x CP {setup.cp_size}{split}, {args.per_device} packed rows of {args.max_length} "
+            f"tokens per batch, gradient accumulation {args.ga}"
+        )
         for step, (a, b) in enumerate(zip(losses, ref)):
             log(f"step {step}: loss {a:.6f} | single process {b:.6f}  (diff {abs(a - b):.1e})")
         log(f"final weights: max |difference| {diff:.2e}")

@@ -18,6 +18,7 @@ restarting position ids. Both copies are built from one config object: ``prepare
 CP model its own copy, so the reference keeps ``sdpa``. Rank 0 prints both losses of every step:
 they agree to float32 rounding. ``--nproc-per-node 1`` runs the same code at CP=1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,12 @@ def parse_args(argv=None):
     p.add_argument("--strategy", default="zigzag", choices=["zigzag", "balanced"])
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ulysses", type=int, default=1,
-                   help="Ulysses size U: CP = U x ring (hybrid; pure Ulysses when U is the number of ranks)")
+    p.add_argument(
+        "--ulysses",
+        type=int,
+        default=1,
+        help="Ulysses size U: CP = U x ring (hybrid; pure Ulysses when U is the number of ranks)",
+    )
     return p.parse_args(argv)
 
 
@@ -67,8 +72,15 @@ def train(args, log=print) -> list[tuple[float, float]]:
     # the CP group shard_batch and the attention use: a ProcessGroup (ring) or its Ulysses x ring split (collective)
     cp_groups = ringattn.new_cp_groups(args.ulysses, group) if args.ulysses > 1 else group
 
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = LlamaForCausalLM(config)
     reference = LlamaForCausalLM(config)  # the CP=1 run: same weights, same config object
@@ -101,9 +113,11 @@ def train(args, log=print) -> list[tuple[float, float]]:
         if rank == 0 and log is not None:
             layout = inputs["ringattn_context"].layout
             split = f", Ulysses {layout.ulysses_size} x ring {layout.ring_size}" if layout.ulysses_size > 1 else ""
-            log(f"step {step}: loss {total:.6f} | CP=1 loss {ref_loss.item():.6f}  ({len(docs)} documents, "
+            log(
+                f"step {step}: loss {total:.6f} | CP=1 loss {ref_loss.item():.6f}  ({len(docs)} documents, "
                 f"{batch['input_ids'].shape[1]} tokens padded to {layout.total_tokens}, {layout.local_tokens(rank)} per rank"
-                f"{split})")
+                f"{split})"
+            )
     return losses
 
 

@@ -20,6 +20,7 @@ Rank 0 prints both losses of every step and the largest weight difference at the
 AdamW's first update ``lr * g / (|g| + eps)`` magnifies in gradient elements near ``eps`` (up to ~1e-4 at the
 default ``--lr`` with data parallelism, where the global batch is summed in another order; ~1e-6 at CP only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,14 +63,21 @@ def reference_losses(args, targs, model, dataset, collator, dp_size) -> list[flo
 
     opt_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(targs, model)
     opt = opt_cls(model.parameters(), weight_decay=targs.weight_decay, **opt_kwargs)
-    sched = get_scheduler(targs.lr_scheduler_type, opt, num_warmup_steps=targs.get_warmup_steps(args.steps),
-                          num_training_steps=args.steps, scheduler_specific_kwargs=targs.lr_scheduler_kwargs)
+    sched = get_scheduler(
+        targs.lr_scheduler_type,
+        opt,
+        num_warmup_steps=targs.get_warmup_steps(args.steps),
+        num_training_steps=args.steps,
+        scheduler_specific_kwargs=targs.lr_scheduler_kwargs,
+    )
     # the sequential sampler: micro-batch j of data-parallel group d is dataset batch j * D + d, so the global
     # micro-batch j is the D per-device batches in a row
     size = args.per_device * dp_size
     losses = []
     for step in range(args.steps):
-        micro = [collator(dataset[(step * args.ga + m) * size:(step * args.ga + m + 1) * size]) for m in range(args.ga)]
+        micro = [
+            collator(dataset[(step * args.ga + m) * size : (step * args.ga + m + 1) * size]) for m in range(args.ga)
+        ]
         num_items = sum(int((b["labels"][..., 1:] != -100).sum()) for b in micro)  # the Trainer's count
         total = 0.0
         for batch in micro:
@@ -92,8 +100,15 @@ def train(args, log=print) -> tuple[list[tuple[float, float]], float]:
     from ringattn.adapters.trainer import RingAttnTrainer
 
     torch.set_num_threads(1)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = LlamaForCausalLM(config)
     reference = LlamaForCausalLM(config)  # the single-device run: same weights, transformers' sdpa attention
@@ -104,24 +119,42 @@ def train(args, log=print) -> tuple[list[tuple[float, float]], float]:
 
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(
-            output_dir=out, use_cpu=True, per_device_train_batch_size=args.per_device,
-            gradient_accumulation_steps=args.ga, max_steps=args.steps, learning_rate=args.lr, weight_decay=0.0,
-            logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=args.seed,
+            output_dir=out,
+            use_cpu=True,
+            per_device_train_batch_size=args.per_device,
+            gradient_accumulation_steps=args.ga,
+            max_steps=args.steps,
+            learning_rate=args.lr,
+            weight_decay=0.0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            seed=args.seed,
             train_sampling_strategy="sequential",  # the reference below replays the same order
-            **({"ddp_backend": "gloo"} if "LOCAL_RANK" in os.environ else {}))  # torchrun: gloo on CPU
-        trainer = RingAttnTrainer(model=model, args=targs, train_dataset=dataset, data_collator=collator,
-                                  cp_size=args.cp, ulysses_size=args.ulysses, strategy=args.strategy)
+            **({"ddp_backend": "gloo"} if "LOCAL_RANK" in os.environ else {}),
+        )  # torchrun: gloo on CPU
+        trainer = RingAttnTrainer(
+            model=model,
+            args=targs,
+            train_dataset=dataset,
+            data_collator=collator,
+            cp_size=args.cp,
+            ulysses_size=args.ulysses,
+            strategy=args.strategy,
+        )
         trainer.train()
     setup = trainer.ringattn
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     ref = reference_losses(args, targs, reference, dataset, collator, setup.dp_size)
-    diff = max((p - q).abs().max().item() for p, q in zip(model.state_dict().values(),
-                                                          reference.state_dict().values()))
+    diff = max((p - q).abs().max().item() for p, q in zip(model.state_dict().values(), reference.state_dict().values()))
     if log is not None and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         ring = setup.cp_size // setup.ulysses_size
         split = f" (Ulysses {setup.ulysses_size} x ring {ring})" if setup.ulysses_size > 1 else ""
-        log(f"{setup.dp_size} DP x CP {setup.cp_size}{split}, {args.per_device} documents per batch, "
-            f"gradient accumulation {args.ga}")
+        log(
+            f"{setup.dp_size} DP x CP {setup.cp_size}{split}, {args.per_device} documents per batch, "
+            f"gradient accumulation {args.ga}"
+        )
         for step, (a, b) in enumerate(zip(losses, ref)):
             log(f"step {step}: loss {a:.6f} | single process {b:.6f}  (diff {abs(a - b):.1e})")
         log(f"final weights: max |difference| {diff:.2e}")

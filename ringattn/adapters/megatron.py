@@ -29,6 +29,7 @@ attention head of the TP partition, named and initialised as ``DotProductAttenti
 
 Attention dropout is not implemented (``config.attention_dropout`` must be 0).
 """
+
 from __future__ import annotations
 
 import copy
@@ -63,8 +64,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without megatron
     raise ImportError("ringattn.adapters.megatron needs megatron-core (pip install 'ringattn[megatron]')") from exc
 
 __all__ = [
-    "RingEoDCoreAttention", "RingEoDPackedSeqParams", "ResetRotaryEmbedding", "use_reset_position_rope",
-    "ringattn_layer_spec", "get_batch_on_this_cp_rank", "get_batch", "is_dataset_built_on_rank", "cp_ulysses_size",
+    "RingEoDCoreAttention",
+    "RingEoDPackedSeqParams",
+    "ResetRotaryEmbedding",
+    "use_reset_position_rope",
+    "ringattn_layer_spec",
+    "get_batch_on_this_cp_rank",
+    "get_batch",
+    "is_dataset_built_on_rank",
+    "cp_ulysses_size",
     "layer_window",
 ]
 
@@ -101,11 +109,15 @@ def _check_cp_comm_type(config, cp_comm_type) -> None:
     """Refuse what ringattn does not run, before any group is touched."""
     if config.context_parallel_size > 1 and isinstance(config.cp_comm_type, (list, tuple)):
         # megatron-core 0.16.1 TransformerLayer indexes the list with the 1-based layer number
-        raise ValueError(f"cp_comm_type: per-layer lists are not supported (megatron-core 0.16.1 indexes them with the "
-                         f"1-based layer number); use one of {CP_COMM_TYPES[1:]} for all layers, got {config.cp_comm_type}")
+        raise ValueError(
+            f"cp_comm_type: per-layer lists are not supported (megatron-core 0.16.1 indexes them with the "
+            f"1-based layer number); use one of {CP_COMM_TYPES[1:]} for all layers, got {config.cp_comm_type}"
+        )
     if cp_comm_type == "all_gather":
-        raise ValueError("cp_comm_type='all_gather' is not supported by ringattn (it gathers the whole sequence's KV); "
-                         "use 'p2p' (ring), 'a2a' (Ulysses) or 'a2a+p2p' (hybrid)")
+        raise ValueError(
+            "cp_comm_type='all_gather' is not supported by ringattn (it gathers the whole sequence's KV); "
+            "use 'p2p' (ring), 'a2a' (Ulysses) or 'a2a+p2p' (hybrid)"
+        )
     if cp_comm_type not in CP_COMM_TYPES:
         raise ValueError(f"cp_comm_type: expected one of {CP_COMM_TYPES}, got {cp_comm_type!r}")
 
@@ -117,12 +129,16 @@ def _hierarchical_groups(pg_collection, config):
         hcp = parallel_state.get_hierarchical_context_parallel_groups(check_initialized=False)
     sizes = config.hierarchical_context_parallel_sizes
     if not hcp or len(hcp) != 2:
-        raise ValueError("cp_comm_type='a2a+p2p' needs megatron's two hierarchical CP groups (initialize_model_parallel("
-                         f"hierarchical_context_parallel_sizes=[U, R]) or pg_collection.hcp), got {hcp!r}")
+        raise ValueError(
+            "cp_comm_type='a2a+p2p' needs megatron's two hierarchical CP groups (initialize_model_parallel("
+            f"hierarchical_context_parallel_sizes=[U, R]) or pg_collection.hcp), got {hcp!r}"
+        )
     got = [g.size() for g in hcp]
     if sizes is not None and list(sizes) != got:
-        raise ValueError(f"hierarchical_context_parallel_sizes: the config says {list(sizes)}, megatron's hierarchical "
-                         f"CP groups have sizes {got}; initialise megatron's groups with the config's sizes")
+        raise ValueError(
+            f"hierarchical_context_parallel_sizes: the config says {list(sizes)}, megatron's hierarchical "
+            f"CP groups have sizes {got}; initialise megatron's groups with the config's sizes"
+        )
     return hcp
 
 
@@ -142,8 +158,10 @@ def cp_ulysses_size(config: TransformerConfig) -> int:
         return cp
     sizes = config.hierarchical_context_parallel_sizes
     if not sizes or len(sizes) != 2 or sizes[0] * sizes[1] != cp:
-        raise ValueError(f"hierarchical_context_parallel_sizes: cp_comm_type='a2a+p2p' needs [U, R] with U * R = "
-                         f"context_parallel_size={cp}, got {sizes}")
+        raise ValueError(
+            f"hierarchical_context_parallel_sizes: cp_comm_type='a2a+p2p' needs [U, R] with U * R = "
+            f"context_parallel_size={cp}, got {sizes}"
+        )
     return sizes[0]
 
 
@@ -159,8 +177,10 @@ def layer_window(config: TransformerConfig, layer_number: int) -> int | None:
         return None
     left, right = window_size
     if right != 0:
-        raise ValueError(f"window_size: ringattn runs causal sliding windows, (left, 0) in flash_attn's convention; "
-                         f"got {tuple(window_size)} (set window_size=({left}, 0))")
+        raise ValueError(
+            f"window_size: ringattn runs causal sliding windows, (left, 0) in flash_attn's convention; "
+            f"got {tuple(window_size)} (set window_size=({left}, 0))"
+        )
     return None if left < 0 else left + 1
 
 
@@ -173,15 +193,25 @@ class RingEoDCoreAttention(nn.Module):
     (:func:`layer_window`) and sinks (``config.softmax_type``) are the config's, as in ``DotProductAttention``.
     """
 
-    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
-                 attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection: ProcessGroupCollection | None = None,
-                 comm: str | None = None) -> None:
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
+        comm: str | None = None,
+    ) -> None:
         super().__init__()
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
-            raise ValueError(f"attention_dropout: ringattn implements no attention dropout; expected 0, got {dropout}; "
-                             "set attention_dropout=0.0 in the TransformerConfig")
+            raise ValueError(
+                f"attention_dropout: ringattn implements no attention dropout; expected 0, got {dropout}; "
+                "set attention_dropout=0.0 in the TransformerConfig"
+            )
         self.config, self.layer_number, self.attention_type = config, layer_number, attention_type
         _check_cp_comm_type(config, cp_comm_type)
         self.cp_comm_type = cp_comm_type
@@ -194,14 +224,15 @@ class RingEoDCoreAttention(nn.Module):
         elif cp > 1 and cp_comm_type == "a2a+p2p":
             inner, outer = _hierarchical_groups(pg_collection, config)
             # size 1 on either level degrades to the plain mode; from_groups checks sizes and rank order
-            self.group = CPGroups.from_groups(self.cp_group, inner if inner.size() > 1 else None,
-                                              outer if outer.size() > 1 else None)
+            self.group = CPGroups.from_groups(
+                self.cp_group, inner if inner.size() > 1 else None, outer if outer.size() > 1 else None
+            )
         if isinstance(self.group, CPGroups):
             self.ulysses_size = self.group.ulysses_size
             if self.ulysses_size == 1:
                 self.group = self.cp_group
         head_dim = config.kv_channels
-        self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
+        self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
         self.comm = comm
         self.window = layer_window(config, layer_number)
         self._sinks(config, pg_collection)
@@ -217,10 +248,19 @@ class RingEoDCoreAttention(nn.Module):
         if softmax_type == "vanilla":
             return
         tp = getattr(pg_collection, "tp", None) if pg_collection is not None else None
-        tp_size = tp.size() if tp is not None else (parallel_state.get_tensor_model_parallel_world_size()
-                                                   if parallel_state.model_parallel_is_initialized() else 1)
+        tp_size = (
+            tp.size()
+            if tp is not None
+            else (
+                parallel_state.get_tensor_model_parallel_world_size()
+                if parallel_state.model_parallel_is_initialized()
+                else 1
+            )
+        )
         heads = config.num_attention_heads // tp_size
-        device = "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
+        device = (
+            "cpu" if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
+        )
         offset = torch.zeros(heads, device=device, dtype=config.params_dtype)
         if softmax_type == "off-by-one":  # a fixed zero logit: moves with the module, not in its state dict
             del self.softmax_offset
@@ -242,32 +282,47 @@ class RingEoDCoreAttention(nn.Module):
             if cached[0] == key and cached[1] is packed_seq_params.cu_seqlens_q:
                 layout = cached[2]
             else:
-                layout = DocLayout.from_cu_seqlens(packed_seq_params.cu_seqlens_q.cpu(), cp, strategy="zigzag",
-                                                   ulysses_size=self.ulysses_size)
+                layout = DocLayout.from_cu_seqlens(
+                    packed_seq_params.cu_seqlens_q.cpu(), cp, strategy="zigzag", ulysses_size=self.ulysses_size
+                )
                 cached[:] = [key, packed_seq_params.cu_seqlens_q, layout]
         if layout is None:
-            raise ValueError("packed_seq_params: ringattn needs the documents; pass RingEoDPackedSeqParams(layout=...) "
-                             "(see get_batch_on_this_cp_rank) or thd PackedSeqParams with cu_seqlens_q")
+            raise ValueError(
+                "packed_seq_params: ringattn needs the documents; pass RingEoDPackedSeqParams(layout=...) "
+                "(see get_batch_on_this_cp_rank) or thd PackedSeqParams with cu_seqlens_q"
+            )
         if layout.cp_size != cp:
-            raise ValueError(f"packed_seq_params.layout: cp_size {layout.cp_size} but the CP group has {cp} ranks; "
-                             "build the batch's layout with get_batch (it takes the CP size from parallel_state)")
+            raise ValueError(
+                f"packed_seq_params.layout: cp_size {layout.cp_size} but the CP group has {cp} ranks; "
+                "build the batch's layout with get_batch (it takes the CP size from parallel_state)"
+            )
         if layout.ulysses_size != self.ulysses_size:
-            raise ValueError(f"packed_seq_params.layout: ulysses_size {layout.ulysses_size}, but cp_comm_type="
-                             f"{self.cp_comm_type!r} runs ulysses_size {self.ulysses_size}; shard the batch with "
-                             "get_batch(..., ulysses_size=cp_ulysses_size(config))")
+            raise ValueError(
+                f"packed_seq_params.layout: ulysses_size {layout.ulysses_size}, but cp_comm_type="
+                f"{self.cp_comm_type!r} runs ulysses_size {self.ulysses_size}; shard the batch with "
+                "get_batch(..., ulysses_size=cp_ulysses_size(config))"
+            )
         return layout
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, attn_mask_type: AttnMaskType | None = None,
-                attention_bias: torch.Tensor | None = None,
-                packed_seq_params: PackedSeqParams | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
         """sbhd: q ``[s, b, hq, d]``, k/v ``[s, b, hkv, d]`` -> ``[s, b, hq*d]``; thd: ``[t, h, d]`` -> ``[t, hq*d]``.
 
         ``attention_mask`` is ignored: the layout defines the document-causal mask.
         """
         if attention_bias is not None:
-            raise ValueError("attention_bias: not supported by ringattn; use a model without an additive attention bias "
-                             "(or megatron's own core attention)")
+            raise ValueError(
+                "attention_bias: not supported by ringattn; use a model without an additive attention bias "
+                "(or megatron's own core attention)"
+            )
         thd = query.dim() == 3
         if thd:
             q, k, v = query, key, value
@@ -276,8 +331,17 @@ class RingEoDCoreAttention(nn.Module):
             q, k, v = (rearrange(x, "s b h d -> (b s) h d") for x in (query, key, value))
         layout = self._layout(packed_seq_params, q.shape[0])
         group = self.group if layout.cp_size > 1 else None
-        out = ring_eod_attention(q, k, v, layout, group=group, softmax_scale=self.softmax_scale, window=self.window,
-                                 sinks=self.softmax_offset, comm=self.comm)
+        out = ring_eod_attention(
+            q,
+            k,
+            v,
+            layout,
+            group=group,
+            softmax_scale=self.softmax_scale,
+            window=self.window,
+            sinks=self.softmax_offset,
+            comm=self.comm,
+        )
         if thd:
             return rearrange(out, "t h d -> t (h d)")
         return rearrange(out, "(b s) h d -> s b (h d)", b=b)
@@ -309,11 +373,14 @@ class ResetRotaryEmbedding(RotaryEmbedding):
 
     position_ids: torch.Tensor | None = None
 
-    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False,
-                cp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    def forward(
+        self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group: dist.ProcessGroup | None = None
+    ) -> torch.Tensor:
         if self.position_ids is None:
-            raise ValueError("position_ids: ResetRotaryEmbedding needs the batch's position ids "
-                             "(pass position_ids to GPTModel.forward after use_reset_position_rope)")
+            raise ValueError(
+                "position_ids: ResetRotaryEmbedding needs the batch's position ids "
+                "(pass position_ids to GPTModel.forward after use_reset_position_rope)"
+            )
         pos = self.position_ids.to(self.inv_freq.device, self.inv_freq.dtype)
         if self.seq_len_interpolation_factor is not None:
             pos = pos / self.seq_len_interpolation_factor
@@ -366,8 +433,7 @@ def get_batch_on_this_cp_rank(batch: dict[str, Any], layout: DocLayout, cp_rank:
         elif key != "attention_mask":
             out[key] = val
     n = layout.local_tokens(cp_rank)
-    out["packed_seq_params"] = RingEoDPackedSeqParams(qkv_format="sbhd", layout=layout, max_seqlen_q=n,
-                                                      max_seqlen_kv=n)
+    out["packed_seq_params"] = RingEoDPackedSeqParams(qkv_format="sbhd", layout=layout, max_seqlen_q=n, max_seqlen_kv=n)
     return out
 
 
@@ -376,10 +442,18 @@ def is_dataset_built_on_rank() -> bool:
     return parallel_state.get_tensor_model_parallel_rank() == 0
 
 
-def get_batch(data_iterator: Iterator[dict[str, Any]], eod_id: int, *, reset_attention_mask: bool = True,
-              reset_position_ids: bool = True, eod_mask_loss: bool = False,
-              get_batch_on_this_tp_rank: Callable[[Iterator[dict[str, Any]]], dict[str, Any]] | None = None,
-              strategy: str = "zigzag", ulysses_size: int = 1, cost: CostModel | None = None) -> dict[str, Any]:
+def get_batch(
+    data_iterator: Iterator[dict[str, Any]],
+    eod_id: int,
+    *,
+    reset_attention_mask: bool = True,
+    reset_position_ids: bool = True,
+    eod_mask_loss: bool = False,
+    get_batch_on_this_tp_rank: Callable[[Iterator[dict[str, Any]]], dict[str, Any]] | None = None,
+    strategy: str = "zigzag",
+    ulysses_size: int = 1,
+    cost: CostModel | None = None,
+) -> dict[str, Any]:
     """Megatron's ``get_batch`` for EoD reset with ring attention.
 
     1. the TP-rank batch (``get_batch_on_this_tp_rank(data_iterator)`` or ``next(data_iterator)``,
@@ -404,8 +478,7 @@ def get_batch(data_iterator: Iterator[dict[str, Any]], eod_id: int, *, reset_att
     if batch.get("loss_mask") is None:
         batch["loss_mask"] = meta.loss_mask
     cp = parallel_state.get_context_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
-    layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=s, strategy=strategy, ulysses_size=ulysses_size,
-                                       cost=cost)
+    layout = DocLayout.from_cu_seqlens(cu, cp, sample_len=s, strategy=strategy, ulysses_size=ulysses_size, cost=cost)
     batch = get_batch_on_this_cp_rank(batch, layout)
     if parallel_state.model_parallel_is_initialized() and not (
         parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()

@@ -78,6 +78,7 @@ What this relies on, in the installed versions (transformers 5.24.0, accelerate 
   ``seq_idx``; ``SFTTrainer.__init__`` refuses packing with accelerate's own CP (``cp_enabled``), which
   this mixin does not use.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -94,16 +95,29 @@ try:
     from accelerate.data_loader import BatchSamplerShard, IterableDatasetShard
     from transformers import PreTrainedModel, Trainer
 except ImportError as exc:  # pragma: no cover - exercised only without the packages
-    raise ImportError("ringattn.adapters.trainer needs transformers>=5 and accelerate "
-                      "(pip install 'ringattn[transformers,trainer]')") from exc
+    raise ImportError(
+        "ringattn.adapters.trainer needs transformers>=5 and accelerate (pip install 'ringattn[transformers,trainer]')"
+    ) from exc
 
 __all__ = ["RingAttnTrainerMixin", "RingAttnTrainer", "ringattn_trainer", "RingAttnSetup", "BATCH_KEYS"]
 
 #: the collator outputs a batch may hold: what shard_batch reads, plus the document boundaries and lengths that
 #: DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_seq_idx=True) and TRL's padding-free
 #: DataCollatorForLanguageModeling add for varlen kernels (replaced by the shards' own context)
-BATCH_KEYS = frozenset({"input_ids", "labels", "shift_labels", "position_ids", "attention_mask", "cu_seq_lens_q",
-                        "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"})
+BATCH_KEYS = frozenset(
+    {
+        "input_ids",
+        "labels",
+        "shift_labels",
+        "position_ids",
+        "attention_mask",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+        "seq_idx",
+    }
+)
 _SHARD_KEYS = ("input_ids", "labels", "shift_labels", "position_ids", "attention_mask", "cu_seq_lens_q")
 
 
@@ -166,9 +180,17 @@ class RingAttnTrainerMixin:
     refusal, then build the groups. See the module docstring for the loss rule and what it relies on.
     """
 
-    def __init__(self, *args: Any, cp_size: int | None = None, ulysses_size: int = 1,
-                 cp_groups: dist.ProcessGroup | CPGroups | None = None, strategy: str = "zigzag",
-                 comm: str | None = None, backend: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        cp_size: int | None = None,
+        ulysses_size: int = 1,
+        cp_groups: dist.ProcessGroup | CPGroups | None = None,
+        strategy: str = "zigzag",
+        comm: str | None = None,
+        backend: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         world, rank = _world()
         problem = self._ringattn_refusal(cp_size, ulysses_size, cp_groups, world)
@@ -176,8 +198,9 @@ class RingAttnTrainerMixin:
         if world > 1:  # one exchange: every rank sees every rank's request, so all decide alike
             given = None
             if problem is None and cp_groups is not None:
-                given = tuple(dist.get_process_group_ranks(cp_groups.cp if isinstance(cp_groups, CPGroups)
-                                                           else cp_groups))
+                given = tuple(
+                    dist.get_process_group_ranks(cp_groups.cp if isinstance(cp_groups, CPGroups) else cp_groups)
+                )
             every: list = [None] * world
             dist.all_gather_object(every, (problem, c, ulysses_size, strategy, given))
             if any(r[0] is not None for r in every):
@@ -188,9 +211,17 @@ class RingAttnTrainerMixin:
             raise ValueError(problem)
         if world > 1 and cp_groups is None:
             cp_groups = _build_groups(c, ulysses_size, world, rank)
-        self.ringattn = RingAttnSetup(group=cp_groups if world > 1 else None, cp_size=c, ulysses_size=ulysses_size,
-                                      dp_size=world // c, dp_rank=rank // c, world_size=world, strategy=strategy,
-                                      comm=comm, backend=backend)
+        self.ringattn = RingAttnSetup(
+            group=cp_groups if world > 1 else None,
+            cp_size=c,
+            ulysses_size=ulysses_size,
+            dp_size=world // c,
+            dp_rank=rank // c,
+            world_size=world,
+            strategy=strategy,
+            comm=comm,
+            backend=backend,
+        )
 
     # ------------------------------------------------------------------------------------------ refusals
     def _ringattn_refusal(self, cp_size: int | None, ulysses_size: int, cp_groups: Any, world: int) -> str | None:
@@ -200,60 +231,98 @@ class RingAttnTrainerMixin:
                 return f"{name}: expected a positive int, got {v!r}"
         c = world if cp_size is None else cp_size
         if world % c:
-            return (f"cp_size: {c} does not divide the {world} processes; launch a multiple of cp_size processes "
-                    "(the CP groups are consecutive ranks, data parallelism runs across them)")
+            return (
+                f"cp_size: {c} does not divide the {world} processes; launch a multiple of cp_size processes "
+                "(the CP groups are consecutive ranks, data parallelism runs across them)"
+            )
         if c % ulysses_size:
             return f"ulysses_size: {ulysses_size} does not divide cp_size={c}; pick a divisor (U x ring = cp_size)"
         if cp_groups is not None:
-            size = (cp_groups.cp_size if isinstance(cp_groups, CPGroups)
-                    else dist.get_world_size(cp_groups) if isinstance(cp_groups, dist.ProcessGroup) else None)
+            size = (
+                cp_groups.cp_size
+                if isinstance(cp_groups, CPGroups)
+                else dist.get_world_size(cp_groups)
+                if isinstance(cp_groups, dist.ProcessGroup)
+                else None
+            )
             if size is None:
                 return f"cp_groups: expected a ProcessGroup or a ringattn.CPGroups, got {type(cp_groups).__name__}"
             u = cp_groups.ulysses_size if isinstance(cp_groups, CPGroups) else 1
             if (size, u) != (c, ulysses_size):
-                return (f"cp_groups: a group of {size} ranks with ulysses_size={u} does not match cp_size={c}, "
-                        f"ulysses_size={ulysses_size}; pass matching sizes or leave cp_groups out")
+                return (
+                    f"cp_groups: a group of {size} ranks with ulysses_size={u} does not match cp_size={c}, "
+                    f"ulysses_size={ulysses_size}; pass matching sizes or leave cp_groups out"
+                )
         args = self.args
         model = self.model
         if not isinstance(model, PreTrainedModel):
-            return (f"model: expected a transformers PreTrainedModel (ringattn selects its attention through "
-                    f"attn_implementation), got {type(model).__name__}; PEFT-wrapped models are not supported yet")
+            return (
+                f"model: expected a transformers PreTrainedModel (ringattn selects its attention through "
+                f"attn_implementation), got {type(model).__name__}; PEFT-wrapped models are not supported yet"
+            )
         if getattr(self, "compute_metrics", None) is not None:
-            return ("compute_metrics: under context parallelism each rank holds a shard of the logits; ringattn's "
-                    "Trainer evaluates the loss only (compute_metrics=None), or gather the logits yourself with "
-                    "ringattn.adapters.transformers.gather_logits in a custom loop")
+            return (
+                "compute_metrics: under context parallelism each rank holds a shard of the logits; ringattn's "
+                "Trainer evaluates the loss only (compute_metrics=None), or gather the logits yourself with "
+                "ringattn.adapters.transformers.gather_logits in a custom loop"
+            )
         if getattr(args, "predict_with_generate", False):
-            return ("predict_with_generate: generation runs the model without a packed batch and with a KV cache, "
-                    "which ringattn's attention refuses; evaluate the loss only (predict_with_generate=False)")
+            return (
+                "predict_with_generate: generation runs the model without a packed batch and with a KV cache, "
+                "which ringattn's attention refuses; evaluate the loss only (predict_with_generate=False)"
+            )
         if getattr(self, "compute_loss_func", None) is not None:
-            return ("compute_loss_func: a custom loss gets this rank's shard of the outputs and the unshifted labels; "
-                    "ringattn's Trainer uses the model's loss (shift_labels, num_items_in_batch); "
-                    "drop compute_loss_func")
+            return (
+                "compute_loss_func: a custom loss gets this rank's shard of the outputs and the unshifted labels; "
+                "ringattn's Trainer uses the model's loss (shift_labels, num_items_in_batch); "
+                "drop compute_loss_func"
+            )
         if getattr(self, "label_smoother", None) is not None or getattr(args, "label_smoothing_factor", 0):
-            return ("label_smoothing_factor: the label smoother shifts this rank's shard of the labels locally, which "
-                    "pairs tokens across shard boundaries; set label_smoothing_factor=0")
+            return (
+                "label_smoothing_factor: the label smoother shifts this rank's shard of the labels locally, which "
+                "pairs tokens across shard boundaries; set label_smoothing_factor=0"
+            )
         if getattr(args, "n_gpu", 1) > 1:
-            return (f"n_gpu: torch.nn.DataParallel over {args.n_gpu} GPUs in one process is not supported; launch one "
-                    "process per GPU (torchrun)")
-        if (getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False)
-                or getattr(args, "deepspeed", None) or getattr(args, "fsdp", None)):
-            return ("deepspeed/fsdp: ringattn's Trainer supports DistributedDataParallel only (its loss rule relies on "
-                    "DDP averaging the gradients over the world); drop the deepspeed/fsdp arguments")
+            return (
+                f"n_gpu: torch.nn.DataParallel over {args.n_gpu} GPUs in one process is not supported; launch one "
+                "process per GPU (torchrun)"
+            )
+        if (
+            getattr(self, "is_deepspeed_enabled", False)
+            or getattr(self, "is_fsdp_enabled", False)
+            or getattr(args, "deepspeed", None)
+            or getattr(args, "fsdp", None)
+        ):
+            return (
+                "deepspeed/fsdp: ringattn's Trainer supports DistributedDataParallel only (its loss rule relies on "
+                "DDP averaging the gradients over the world); drop the deepspeed/fsdp arguments"
+            )
         pc = getattr(getattr(self, "accelerator", None), "parallelism_config", None)
-        if pc is not None and getattr(pc, "total_size", 1) > 1 and (pc.tp_enabled or pc.cp_enabled or pc.sp_enabled
-                                                                     or pc.dp_shard_enabled):
-            return ("parallelism_config: accelerate's tensor/context/sequence parallelism or FSDP cannot be combined "
-                    "with ringattn's context parallelism; drop parallelism_config (ringattn builds its own groups)")
+        if (
+            pc is not None
+            and getattr(pc, "total_size", 1) > 1
+            and (pc.tp_enabled or pc.cp_enabled or pc.sp_enabled or pc.dp_shard_enabled)
+        ):
+            return (
+                "parallelism_config: accelerate's tensor/context/sequence parallelism or FSDP cannot be combined "
+                "with ringattn's context parallelism; drop parallelism_config (ringattn builds its own groups)"
+            )
         if getattr(args, "train_sampling_strategy", None) == "batch_rebalance":
-            return ("train_sampling_strategy: 'batch_rebalance' balances batches over every rank as data parallel; "
-                    "under context parallelism the CP ranks share a batch; use 'random', 'sequential' or "
-                    "'group_by_length'")
+            return (
+                "train_sampling_strategy: 'batch_rebalance' balances batches over every rank as data parallel; "
+                "under context parallelism the CP ranks share a batch; use 'random', 'sequential' or "
+                "'group_by_length'"
+            )
         if not getattr(self, "model_accepts_loss_kwargs", True):
-            return ("model: its forward takes no loss kwargs (num_items_in_batch); ringattn's loss rule needs the "
-                    "global label count passed to the loss")
+            return (
+                "model: its forward takes no loss kwargs (num_items_in_batch); ringattn's loss rule needs the "
+                "global label count passed to the loss"
+            )
         if getattr(self, "aux_loss_enabled", False) or getattr(model.config, "output_router_logits", False):
-            return ("output_router_logits: a mixture-of-experts load-balancing loss is a per-rank mean over this "
-                    "rank's tokens, not the batch's; disable it (router_aux_loss_coef=0 / output_router_logits=False)")
+            return (
+                "output_router_logits: a mixture-of-experts load-balancing loss is a per-rank mean over this "
+                "rank's tokens, not the batch's; disable it (router_aux_loss_coef=0 / output_router_logits=False)"
+            )
         try:  # last: it selects the attention (the model is the trainer's; a refusal on any rank stops them all)
             prepare_model(model)
         except ValueError as exc:
@@ -282,21 +351,30 @@ class RingAttnTrainerMixin:
         s = self.ringattn
         if s.world_size == 1 or s.cp_size == 1:
             return loader
-        targets = [x for x in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None),
-                               getattr(loader, "dataset", None))
-                   if isinstance(x, (BatchSamplerShard, IterableDatasetShard))]
+        targets = [
+            x
+            for x in (
+                getattr(loader, "batch_sampler", None),
+                getattr(loader, "sampler", None),
+                getattr(loader, "dataset", None),
+            )
+            if isinstance(x, (BatchSamplerShard, IterableDatasetShard))
+        ]
         if not targets:
             raise ValueError(
                 f"dataloader: accelerate prepared a {type(loader).__name__} over a "
                 f"{type(getattr(loader, 'dataset', None)).__name__} "
                 "that ringattn cannot make the CP ranks share (it shards by process through a BatchSamplerShard or an "
                 "IterableDatasetShard); use a map-style dataset, or an IterableDataset with "
-                "accelerator_config={'dispatch_batches': False} and fewer dataset shards than processes")
+                "accelerator_config={'dispatch_batches': False} and fewer dataset shards than processes"
+            )
         t = targets[0]
         if (t.num_processes, t.process_index) not in ((s.world_size, dist.get_rank()), (s.dp_size, s.dp_rank)):
-            raise ValueError(f"dataloader: sharded over {t.num_processes} processes as index {t.process_index}, "
-                             f"expected the world ({s.world_size}); ringattn re-points accelerate's default sharding "
-                             "only")
+            raise ValueError(
+                f"dataloader: sharded over {t.num_processes} processes as index {t.process_index}, "
+                f"expected the world ({s.world_size}); ringattn re-points accelerate's default sharding "
+                "only"
+            )
         t.num_processes, t.process_index = s.dp_size, s.dp_rank
         return loader
 
@@ -307,14 +385,21 @@ class RingAttnTrainerMixin:
             raise ValueError(f"batch: expected a dict of tensors from the collator, got {type(batch).__name__}")
         extra = sorted(set(batch.keys()) - BATCH_KEYS)
         if extra:
-            raise ValueError(f"batch: ringattn shards packed token batches ({', '.join(sorted(BATCH_KEYS))}); got "
-                             f"{extra}, which it would drop or could not shard; remove them from the collator output")
+            raise ValueError(
+                f"batch: ringattn shards packed token batches ({', '.join(sorted(BATCH_KEYS))}); got "
+                f"{extra}, which it would drop or could not shard; remove them from the collator output"
+            )
         q, k = batch.get("cu_seq_lens_q"), batch.get("cu_seq_lens_k")
         if k is not None and (q is None or not torch.equal(torch.as_tensor(q).cpu(), torch.as_tensor(k).cpu())):
-            raise ValueError("cu_seq_lens_k: ringattn runs self-attention over the packed documents; expected the same "
-                             "boundaries as cu_seq_lens_q")
-        cpu = {key: (batch[key].detach().cpu() if isinstance(batch[key], torch.Tensor) else batch[key])
-               for key in _SHARD_KEYS if batch.get(key) is not None}
+            raise ValueError(
+                "cu_seq_lens_k: ringattn runs self-attention over the packed documents; expected the same "
+                "boundaries as cu_seq_lens_q"
+            )
+        cpu = {
+            key: (batch[key].detach().cpu() if isinstance(batch[key], torch.Tensor) else batch[key])
+            for key in _SHARD_KEYS
+            if batch.get(key) is not None
+        }
         s = self.ringattn
         return shard_batch(cpu, s.group, strategy=s.strategy, comm=s.comm, backend=s.backend, device=device)
 
@@ -361,8 +446,9 @@ class RingAttnTrainerMixin:
             inputs["num_items_in_batch"] = num_items
         return sharded, num_items
 
-    def get_batch_samples(self, epoch_iterator: Any, num_batches: int,
-                          device: torch.device | str) -> tuple[list, torch.Tensor | None]:
+    def get_batch_samples(
+        self, epoch_iterator: Any, num_batches: int, device: torch.device | str
+    ) -> tuple[list, torch.Tensor | None]:
         """One optimizer step's micro-batches, sharded for this CP rank, and the step's ``num_items_in_batch``."""
         batches = []
         for _ in range(num_batches):
@@ -373,12 +459,19 @@ class RingAttnTrainerMixin:
         return self._ringattn_batches(batches, device)
 
     # ------------------------------------------------------------------------------------------ evaluation
-    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
-                        ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:
+    def prediction_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor, None, None]:
         """The eval loss of one batch (the same value on every rank); logits and labels are not returned."""
         if not prediction_loss_only:
-            raise ValueError("prediction_loss_only: under context parallelism each rank holds a shard of the logits; "
-                             "ringattn's Trainer evaluates the loss only (evaluate() without compute_metrics)")
+            raise ValueError(
+                "prediction_loss_only: under context parallelism each rank holds a shard of the logits; "
+                "ringattn's Trainer evaluates the loss only (evaluate() without compute_metrics)"
+            )
         s = self.ringattn
         (sharded,), num_items = self._ringattn_batches([inputs], self.args.device)
         sharded = self._prepare_inputs(sharded)
@@ -392,9 +485,11 @@ class RingAttnTrainerMixin:
 
     def predict(self, *args: Any, **kwargs: Any) -> None:
         """Refused: under context parallelism each rank holds a shard of the logits."""
-        raise ValueError("predict: under context parallelism each rank holds a shard of the logits; ringattn's Trainer "
-                         "evaluates the loss only (trainer.evaluate()); gather logits with "
-                         "ringattn.adapters.transformers.gather_logits in a custom loop")
+        raise ValueError(
+            "predict: under context parallelism each rank holds a shard of the logits; ringattn's Trainer "
+            "evaluates the loss only (trainer.evaluate()); gather logits with "
+            "ringattn.adapters.transformers.gather_logits in a custom loop"
+        )
 
 
 def _check_requests(every: list) -> str | None:
@@ -410,8 +505,10 @@ def _check_requests(every: list) -> str | None:
         for r, g in enumerate(given):
             start = r - r % c
             if list(g) != list(range(start, start + c)):
-                return (f"cp_groups: rank {r}'s CP group has ranks {list(g)}, expected {list(range(start, start + c))} "
-                        "(CP groups of consecutive ranks; data parallelism across them)")
+                return (
+                    f"cp_groups: rank {r}'s CP group has ranks {list(g)}, expected {list(range(start, start + c))} "
+                    "(CP groups of consecutive ranks; data parallelism across them)"
+                )
     return None
 
 
@@ -434,8 +531,11 @@ def ringattn_trainer(trainer_cls: type) -> type:
     """``trainer_cls`` (a ``transformers.Trainer`` subclass) with :class:`RingAttnTrainerMixin` in front."""
     if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, Trainer)):
         raise ValueError(f"trainer_cls: expected a transformers.Trainer subclass, got {trainer_cls!r}")
-    return type(f"RingAttn{trainer_cls.__name__}", (RingAttnTrainerMixin, trainer_cls),
-                {"__doc__": f"{trainer_cls.__name__} with ringattn context parallelism (RingAttnTrainerMixin)."})
+    return type(
+        f"RingAttn{trainer_cls.__name__}",
+        (RingAttnTrainerMixin, trainer_cls),
+        {"__doc__": f"{trainer_cls.__name__} with ringattn context parallelism (RingAttnTrainerMixin)."},
+    )
 
 
 class RingAttnTrainer(RingAttnTrainerMixin, Trainer):
@@ -447,6 +547,7 @@ try:  # TRL is optional: RingAttnSFTTrainer exists where it is installed
 except ImportError:  # pragma: no cover - exercised only without trl
     _SFTTrainer = None
 else:
+
     class RingAttnSFTTrainer(RingAttnTrainerMixin, _SFTTrainer):
         """TRL ``SFTTrainer`` with ringattn context parallelism (``packing=True`` / ``padding_free=True`` batches)."""
 

@@ -15,6 +15,7 @@ waiting (a peer that raised, died or hangs, within the group's timeout) becomes 
 memory (gloo's ``alltoall_base`` takes CPU and CUDA tensors only), as P2P messages do
 (:func:`ringattn.comm.p2p.host_staging`).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,9 @@ def all_to_all(x: torch.Tensor, group, what: str) -> torch.Tensor:
     try:
         work = dist.all_to_all_single(recv, send, group=group, async_op=True)
     except Exception as exc:  # a peer that already failed can make posting itself raise
-        raise RuntimeError(f"ringattn: posting the {what} with Ulysses peer rank(s) {peers} failed: {exc} "
-                           f"{p2p.PEER_HINT}") from exc
+        raise RuntimeError(
+            f"ringattn: posting the {what} with Ulysses peer rank(s) {peers} failed: {exc} {p2p.PEER_HINT}"
+        ) from exc
     try:
         work.wait()
     except Exception as exc:  # gloo/NCCL raise RuntimeError (or DistBackendError) on timeout / peer loss
@@ -88,7 +90,7 @@ def unpack_rows(buf: torch.Tensor, likes: list[tuple[tuple[int, ...], torch.dtyp
     out, off = [], 0
     for shape, dtype in likes:
         width = math.prod(shape) * (dtype.itemsize if raw else 1)
-        piece = buf[:, :, off:off + width]
+        piece = buf[:, :, off : off + width]
         off += width
         out.append((piece.contiguous().view(dtype) if raw else piece).reshape((m, u) + tuple(shape)))
     return out

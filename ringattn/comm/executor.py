@@ -22,6 +22,7 @@ contiguous run (the causal segments of a rank's own pieces always are), otherwis
 the host work of a call grows with the number of plan steps, never with documents or segments, and
 nothing in forward or backward reads a device tensor back to the host.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,8 +35,17 @@ from ..merge import merge as _torch_merge
 from ..plan import RankPlan, Step
 from .p2p import TAG_GRAD, TAG_KV, Batch, post
 
-__all__ = ["run_forward", "run_backward", "forward_step", "backward_step", "plan_exec", "PlanExec", "StepExec",
-           "Rows", "EXECS"]
+__all__ = [
+    "run_forward",
+    "run_backward",
+    "forward_step",
+    "backward_step",
+    "plan_exec",
+    "PlanExec",
+    "StepExec",
+    "Rows",
+    "EXECS",
+]
 
 Range = tuple[int, int]
 
@@ -83,20 +93,20 @@ class Rows:
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """The rows of ``x`` in order (a view for a span)."""
         if self.span is not None:
-            return x[self.span[0]:self.span[1]]
+            return x[self.span[0] : self.span[1]]
         return x.index_select(0, self.index(x.device))
 
     def put(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Write packed ``src`` to these rows of ``dst`` (rows must be distinct)."""
         if self.span is not None:
-            dst[self.span[0]:self.span[1]].copy_(src)
+            dst[self.span[0] : self.span[1]].copy_(src)
         else:
             dst.index_copy_(0, self.index(dst.device), src.to(dst.dtype))
 
     def add(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Add packed ``src`` to these rows of ``dst`` (repeated rows accumulate)."""
         if self.span is not None:
-            dst[self.span[0]:self.span[1]].add_(src)
+            dst[self.span[0] : self.span[1]].add_(src)
         else:
             dst.index_add_(0, self.index(dst.device), src.to(dst.dtype))
 
@@ -154,8 +164,9 @@ def _calls(step: Step, local_tokens: int) -> tuple[Call, ...]:
         init = step.distance == 0 and causal
         if init and q_rows.span != (0, local_tokens):
             raise AssertionError(f"planner: step 0's causal segments must cover rows [0, {local_tokens}) in order")
-        calls.append(Call(q_rows, Rows(tuple(s.kv for s in segs)), VarlenCall(tuple(cu_q), tuple(cu_k), causal, window),
-                          init))
+        calls.append(
+            Call(q_rows, Rows(tuple(s.kv for s in segs)), VarlenCall(tuple(cu_q), tuple(cu_k), causal, window), init)
+        )
     return tuple(calls)
 
 
@@ -181,8 +192,15 @@ def plan_exec(plan: RankPlan) -> PlanExec:
     >>> plan_exec(rank_plan(layout, 1)) is ex           # the same plan object, the same PlanExec
     True
     """
-    return EXECS.get(plan, lambda: PlanExec(tuple(
-        StepExec(_calls(s, plan.local_tokens), _rows(s.send), _rows(s.grad_send), _rows(s.grad_recv)) for s in plan.steps)))
+    return EXECS.get(
+        plan,
+        lambda: PlanExec(
+            tuple(
+                StepExec(_calls(s, plan.local_tokens), _rows(s.send), _rows(s.grad_send), _rows(s.grad_recv))
+                for s in plan.steps
+            )
+        ),
+    )
 
 
 def _kv_stream(plan: RankPlan, ex: PlanExec, kv: torch.Tensor, group):
@@ -234,8 +252,14 @@ def backward_step(step: StepExec, dout, q, src, out, lse, dq, dsrc, kernel, scal
     """Add one step's gradients: dq into fp32 ``dq``, dK/dV into fp32 ``dsrc`` (rows of ``src``)."""
     for call in step.calls:
         g_q, g_k, g_v = kernel.backward(
-            call.q.take(dout), call.q.take(q), call.kv.take(src[:, 0]), call.kv.take(src[:, 1]),
-            call.q.take(out), call.q.take(lse), call.varlen, scale,
+            call.q.take(dout),
+            call.q.take(q),
+            call.kv.take(src[:, 0]),
+            call.kv.take(src[:, 1]),
+            call.q.take(out),
+            call.q.take(lse),
+            call.varlen,
+            scale,
         )
         call.q.add(dq, g_q)
         call.kv.add(dsrc[:, 0], g_k)

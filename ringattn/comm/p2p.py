@@ -4,6 +4,7 @@ One :class:`Batch` is the set of isend/irecv a rank posts at one point of a plan
 posts its batches in the same global order, so matching never depends on timing. Errors
 while waiting name the plan step and the peers.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,8 +33,9 @@ class Batch:
             for w in self.works:
                 w.wait()
         except Exception as exc:  # gloo/NCCL raise RuntimeError (or DistBackendError) on timeout / peer loss
-            raise RuntimeError(f"ringattn: {self.what} with peer rank(s) {list(self.peers)} failed: {exc} "
-                               f"{PEER_HINT}") from exc
+            raise RuntimeError(
+                f"ringattn: {self.what} with peer rank(s) {list(self.peers)} failed: {exc} {PEER_HINT}"
+            ) from exc
         finally:
             self.works = []
         for dst, host in self.unstage:
@@ -42,8 +44,10 @@ class Batch:
 
 
 #: appended to exchange failures: what usually causes them and how to get a clean error instead
-PEER_HINT = ("(a peer that raised - e.g. a ValueError on input that changed after the layout's first call -, died "
-             "or hangs leaves this rank waiting; validate=True makes the ranks agree on every call)")
+PEER_HINT = (
+    "(a peer that raised - e.g. a ValueError on input that changed after the layout's first call -, died "
+    "or hangs leaves this rank waiting; validate=True makes the ranks agree on every call)"
+)
 
 
 def host_staging(group, device: torch.device) -> bool:
@@ -80,5 +84,7 @@ def post(group, what: str, sends, recvs, tag: int) -> Batch:
     try:
         works = dist.batch_isend_irecv(ops)
     except Exception as exc:  # a peer that already failed can make posting itself raise
-        raise RuntimeError(f"ringattn: posting {what} with peer rank(s) {list(peers)} failed: {exc} {PEER_HINT}") from exc
+        raise RuntimeError(
+            f"ringattn: posting {what} with peer rank(s) {list(peers)} failed: {exc} {PEER_HINT}"
+        ) from exc
     return Batch(what, works, peers, [t for _, t in sends] + [t for _, t in recvs], unstage)

@@ -56,9 +56,18 @@ transfer that crosses nodes, which gates it). ``node_size = 0`` (the default, al
 not depend on how many peers it talks to); calibrate a full-mesh node (HCCS) with the all-to-all
 over the ranks you will use as Ulysses group (``--calibrate --node-size``).
 """
+
 from .model import A2A_PER_LAYER, EXCHANGES_PER_STEP, FWD_BWD_FACTOR  # noqa: F401  (the model's constants)
 from .model import CostModel, Prediction, default_cost_model, flops_per_entry
 from .profiles import DEFAULT_PROFILE, PRESETS, HardwareProfile, preset
 
-__all__ = ["HardwareProfile", "CostModel", "Prediction", "PRESETS", "DEFAULT_PROFILE", "preset", "default_cost_model",
-           "flops_per_entry"]
+__all__ = [
+    "HardwareProfile",
+    "CostModel",
+    "Prediction",
+    "PRESETS",
+    "DEFAULT_PROFILE",
+    "preset",
+    "default_cost_model",
+    "flops_per_entry",
+]

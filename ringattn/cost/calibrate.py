@@ -3,6 +3,7 @@
 ``python -m ringattn.cost --calibrate`` (under torchrun, on the ranks, devices and interconnect you train on).
 It sits above the cost model and uses the library's own kernels and P2P path, the way training runs them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ def _timed(fn, sync, repeat: int) -> float:
     return statistics.median(times)
 
 
-def measure_kernel(kernel, device, heads: int, kv_heads: int, head_dim: int, dtype, seq: int, docs: int,
-                   repeat: int, sync) -> tuple[int, float]:
+def measure_kernel(
+    kernel, device, heads: int, kv_heads: int, head_dim: int, dtype, seq: int, docs: int, repeat: int, sync
+) -> tuple[int, float]:
     """``(unmasked entries, seconds)`` of ``kernel`` forward + backward on ``docs`` causal segments
     of ``seq // docs`` tokens each, the way the executor calls it (one :class:`VarlenCall`, built once)."""
     g = torch.Generator().manual_seed(0)
@@ -47,7 +49,7 @@ def measure_kernel(kernel, device, heads: int, kv_heads: int, head_dim: int, dty
     k, v = mk(total, kv_heads, head_dim), mk(total, kv_heads, head_dim)
     cu = tuple(range(0, total + 1, n))
     call = VarlenCall(cu, cu, True)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
 
     def run():
         out, lse = kernel.forward(q, k, v, call, scale)
@@ -69,6 +71,7 @@ def measure_p2p(group, device, nbytes: int, repeat: int, sync) -> tuple[float, f
 
         def run():
             post(group, "calibration exchange", [(nxt, send)], [(prv, recv)], 99).wait()
+
         return run
 
     def slowest(seconds: float) -> float:
@@ -125,8 +128,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m ringattn.cost",
         description="Measure the attention kernel rate (the selected backend) and the P2P bandwidth over the "
-                    "current group and write a HardwareProfile JSON. Run it under torchrun with the ranks, devices "
-                    "and interconnect you train on, e.g. torchrun --nproc-per-node 8 -m ringattn.cost --calibrate.")
+        "current group and write a HardwareProfile JSON. Run it under torchrun with the ranks, devices "
+        "and interconnect you train on, e.g. torchrun --nproc-per-node 8 -m ringattn.cost --calibrate.",
+    )
     p.add_argument("--calibrate", action="store_true", required=True)
     p.add_argument("--out", default="ringattn_profile.json", help="where rank 0 writes the profile")
     p.add_argument("--device", default=None, help="cpu, cuda or npu (default: cuda/npu where available)")
@@ -137,22 +141,37 @@ def main(argv=None) -> None:
     p.add_argument("--head-dim", type=int, default=None, help="head dim (default 128, 64 on cpu)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--seq", type=int, default=None, help="tokens per kernel call (default 8192, 2048 on cpu)")
-    p.add_argument("--short", type=int, default=128,
-                   help="segment length of the second measurement (many short segments), for segment_overhead")
+    p.add_argument(
+        "--short",
+        type=int,
+        default=128,
+        help="segment length of the second measurement (many short segments), for segment_overhead",
+    )
     p.add_argument("--p2p-bytes", type=int, default=None, help="message size (default 64 MiB, 8 MiB on cpu)")
-    p.add_argument("--p2p-bandwidth", type=float, default=None,
-                   help="bytes/s to record instead of measuring (needed without a group of 2+ ranks)")
-    p.add_argument("--node-size", type=int, default=0,
-                   help="ranks per node of a two-level cluster (recorded in the profile): the all-to-all is measured "
-                        "inside each node (a2a_bandwidth), the P2P ring over all ranks (p2p_bandwidth: between nodes, "
-                        "so run over 2+ nodes or give --p2p-bandwidth); default 0: one level")
+    p.add_argument(
+        "--p2p-bandwidth",
+        type=float,
+        default=None,
+        help="bytes/s to record instead of measuring (needed without a group of 2+ ranks)",
+    )
+    p.add_argument(
+        "--node-size",
+        type=int,
+        default=0,
+        help="ranks per node of a two-level cluster (recorded in the profile): the all-to-all is measured "
+        "inside each node (a2a_bandwidth), the P2P ring over all ranks (p2p_bandwidth: between nodes, "
+        "so run over 2+ nodes or give --p2p-bandwidth); default 0: one level",
+    )
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per rank (cpu)")
     args = p.parse_args(argv)
 
     if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else ("npu" if hasattr(torch, "npu") and torch.npu.is_available()
-                                                                  else "cpu")
+        args.device = (
+            "cuda"
+            if torch.cuda.is_available()
+            else ("npu" if hasattr(torch, "npu") and torch.npu.is_available() else "cpu")
+        )
     cpu = args.device == "cpu"
     heads = args.heads or (8 if cpu else 32)
     kv_heads = args.kv_heads or max(1, heads // 4)
@@ -173,7 +192,9 @@ def main(argv=None) -> None:
     if args.device != "cpu":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         getattr(torch, args.device).set_device(local)
-    device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device(args.device)
+    device = (
+        torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device(args.device)
+    )
 
     def sync():
         if device.type == "cuda":
@@ -205,11 +226,15 @@ def main(argv=None) -> None:
             _, small, a2a = measure_links(group, device, nbytes, args.repeat, sync, node)
             how += f"; all-to-all inside nodes of {node} ranks"
     elif group is None:
-        raise SystemExit("--calibrate: measuring P2P bandwidth needs a group of 2+ ranks: run under torchrun "
-                         "--nproc-per-node 2 (or more), or pass --p2p-bandwidth BYTES_PER_S")
+        raise SystemExit(
+            "--calibrate: measuring P2P bandwidth needs a group of 2+ ranks: run under torchrun "
+            "--nproc-per-node 2 (or more), or pass --p2p-bandwidth BYTES_PER_S"
+        )
     elif node and world <= node:
-        raise SystemExit(f"--calibrate --node-size {node}: the {world} ranks are one node, so the P2P ring measures "
-                         "no link between nodes: run over 2+ nodes, or pass --p2p-bandwidth BYTES_PER_S")
+        raise SystemExit(
+            f"--calibrate --node-size {node}: the {world} ranks are one node, so the P2P ring measures "
+            "no link between nodes: run over 2+ nodes, or pass --p2p-bandwidth BYTES_PER_S"
+        )
     else:
         bw, small, a2a = measure_links(group, device, nbytes, args.repeat, sync, node)
         how = f"P2P: ring exchange of {nbytes} B over {world} ranks ({dist.get_backend(group)})"
@@ -217,21 +242,28 @@ def main(argv=None) -> None:
             how += f", crossing nodes of {node} ranks; all-to-all inside each node"
     kind = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     profile = HardwareProfile(
-        flops=rate, p2p_bandwidth=bw, a2a_bandwidth=a2a,
+        flops=rate,
+        p2p_bandwidth=bw,
+        a2a_bandwidth=a2a,
         latency=3 * small,  # a step posts 3 exchanges: forward KV, backward KV, dK/dV
         segment_overhead=overhead,
         node_size=node,
         name=f"calibrated-{device.type}-{kernel.__name__.rsplit('.', 1)[-1]}",
-        source=(f"python -m ringattn.cost --calibrate, {datetime.date.today().isoformat()}, torch {torch.__version__}, "
-                f"{kind}, kernel backend {kernel.__name__.rsplit('.', 1)[-1]}: Hq={heads} Hkv={kv_heads} D={head_dim} "
-                f"{args.dtype}: one causal segment of {seq} tokens (rate) and {n_short} of {seq // n_short} (segment "
-                f"overhead), median rank of {world}; {how}; latency = 3 small exchanges per step"),
+        source=(
+            f"python -m ringattn.cost --calibrate, {datetime.date.today().isoformat()}, torch {torch.__version__}, "
+            f"{kind}, kernel backend {kernel.__name__.rsplit('.', 1)[-1]}: Hq={heads} Hkv={kv_heads} D={head_dim} "
+            f"{args.dtype}: one causal segment of {seq} tokens (rate) and {n_short} of {seq // n_short} (segment "
+            f"overhead), median rank of {world}; {how}; latency = 3 small exchanges per step"
+        ),
     )
     if rank == 0:
         profile.save(args.out)
-        print(f"kernel rate {rate / 1e12:.4g} TFLOP/s, {overhead * 1e6:.4g} us per segment, P2P {bw / 1e9:.4g} GB/s"
-              + (f", all-to-all {a2a / 1e9:.4g} GB/s" if a2a else "") + f", latency {profile.latency * 1e6:.4g} us/step"
-              + (f", {node} ranks per node" if node else ""))
+        print(
+            f"kernel rate {rate / 1e12:.4g} TFLOP/s, {overhead * 1e6:.4g} us per segment, P2P {bw / 1e9:.4g} GB/s"
+            + (f", all-to-all {a2a / 1e9:.4g} GB/s" if a2a else "")
+            + f", latency {profile.latency * 1e6:.4g} us/step"
+            + (f", {node} ranks per node" if node else "")
+        )
         print(f"wrote {args.out}")
     if group is not None:
         dist.destroy_process_group()

@@ -1,4 +1,5 @@
 """The cost model: prices a layout's forward + backward attention from its plan's exact counts (see :mod:`ringattn.cost`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -10,8 +11,15 @@ from ..plan import DEFAULT_COMM, CPStats, PlanStats, build_plan, cp_stats, ulyss
 from ..ranges import PieceLayout
 from .profiles import DEFAULT_PROFILE, HardwareProfile, preset
 
-__all__ = ["CostModel", "Prediction", "default_cost_model", "flops_per_entry", "FWD_BWD_FACTOR", "A2A_PER_LAYER",
-           "EXCHANGES_PER_STEP"]
+__all__ = [
+    "CostModel",
+    "Prediction",
+    "default_cost_model",
+    "flops_per_entry",
+    "FWD_BWD_FACTOR",
+    "A2A_PER_LAYER",
+    "EXCHANGES_PER_STEP",
+]
 
 
 def flops_per_entry(num_heads: int, head_dim: int) -> int:
@@ -65,10 +73,12 @@ class Prediction:
         b = self.busiest
         split = f", {self.ulysses_size}x{self.ring_size}" if self.ulysses_size > 1 else ""
         a2a = f", all-to-all {self.a2a_s[b] * 1e3:.3f} ms" if self.ulysses_size > 1 else ""
-        return (f"Prediction(comm={self.comm!r}{split}, step={self.step_s * 1e3:.3f} ms, "
-                f"efficiency={self.efficiency:.3f}, "
-                f"busiest rank {b}: compute {self.compute_s[b] * 1e3:.3f} ms, comm {self.comm_s[b] * 1e3:.3f} ms{a2a}, "
-                f"steps {self.steps})")
+        return (
+            f"Prediction(comm={self.comm!r}{split}, step={self.step_s * 1e3:.3f} ms, "
+            f"efficiency={self.efficiency:.3f}, "
+            f"busiest rank {b}: compute {self.compute_s[b] * 1e3:.3f} ms, comm {self.comm_s[b] * 1e3:.3f} ms{a2a}, "
+            f"steps {self.steps})"
+        )
 
 
 def _spans_nodes(ranks, node_size: int) -> bool:
@@ -94,20 +104,26 @@ class CostModel:
         if isinstance(prof, str):
             prof = preset(prof)
         if not isinstance(prof, HardwareProfile):
-            raise ValueError(f"profile: expected a HardwareProfile or a preset name, got {type(prof).__name__}; pass "
-                             "a name of ringattn.cost.PRESETS or HardwareProfile.load(path)")
+            raise ValueError(
+                f"profile: expected a HardwareProfile or a preset name, got {type(prof).__name__}; pass "
+                "a name of ringattn.cost.PRESETS or HardwareProfile.load(path)"
+            )
         object.__setattr__(self, "profile", prof)
         for name in ("num_heads", "num_kv_heads", "head_dim"):
             positive_int(name, getattr(self, name))
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"heads: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-                             f"({self.num_kv_heads}); pass your model's attention heads and KV heads")
+            raise ValueError(
+                f"heads: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads}); pass your model's attention heads and KV heads"
+            )
         dt = self.dtype
         if isinstance(dt, str):
             dt = getattr(torch, dt, None)
         if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-            raise ValueError(f"dtype: expected a floating torch dtype or its name, got {self.dtype!r}; pass e.g. "
-                             "torch.bfloat16 or 'bfloat16'")
+            raise ValueError(
+                f"dtype: expected a floating torch dtype or its name, got {self.dtype!r}; pass e.g. "
+                "torch.bfloat16 or 'bfloat16'"
+            )
         object.__setattr__(self, "dtype", dt)
 
     # ------------------------------------------------------------------ unit prices
@@ -125,8 +141,9 @@ class CostModel:
         """fp32 dK/dV bytes of one KV token."""
         return PlanStats.kv_bytes_per_token(self.num_kv_heads, self.head_dim, 4)
 
-    def rank_seconds(self, work: int, kv_recv: int, kv_send: int, grad_recv: int, grad_send: int,
-                     steps: int, segments: int = 0) -> tuple[float, float, float]:
+    def rank_seconds(
+        self, work: int, kv_recv: int, kv_send: int, grad_recv: int, grad_send: int, steps: int, segments: int = 0
+    ) -> tuple[float, float, float]:
         """``(compute, communication, time)`` seconds of one rank from its exact counts."""
         compute = work * self.seconds_per_entry + segments * self.profile.segment_overhead
         kvb, gb = self.kv_bytes_per_token, self.grad_bytes_per_token
@@ -160,9 +177,11 @@ class CostModel:
         try:
             hq, hkv, _ = ulysses_heads(self.num_heads, self.num_kv_heads, u)
         except ValueError as exc:
-            raise ValueError(f"cost: the model's heads (num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}) "
-                             f"cannot run ulysses_size={u}: {exc}; price it with a CostModel of your model's "
-                             "heads") from exc
+            raise ValueError(
+                f"cost: the model's heads (num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}) "
+                f"cannot run ulysses_size={u}: {exc}; price it with a CostModel of your model's "
+                "heads"
+            ) from exc
         prof = replace(self.profile, p2p_bandwidth=self.ring_bandwidth(u, cp_size), node_size=0)
         return CostModel(prof, hq, hkv, self.head_dim, self.dtype)
 
@@ -181,8 +200,10 @@ class CostModel:
         positive_int("ulysses_size", ulysses_size)
         if cp_size is None:
             if need_cp and self.profile.node_size:
-                raise ValueError(f"cp_size: needed to price a split on the two-level profile {self.profile.name!r} "
-                                 f"(node_size={self.profile.node_size}); pass cp_size=")
+                raise ValueError(
+                    f"cp_size: needed to price a split on the two-level profile {self.profile.name!r} "
+                    f"(node_size={self.profile.node_size}); pass cp_size="
+                )
             return ulysses_size, 0
         if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1 or cp_size % ulysses_size:
             raise ValueError(f"cp_size: expected a positive multiple of ulysses_size={ulysses_size}, got {cp_size!r}")
@@ -196,8 +217,18 @@ class CostModel:
         grad_recv = stats.grad_recv_tokens or (0,) * cp
         grad_send = stats.grad_send_tokens or (0,) * cp
         segments = stats.segments or (0,) * cp
-        per = [self.rank_seconds(stats.work[r], stats.kv_recv_tokens[r], stats.kv_send_tokens[r], grad_recv[r],
-                                 grad_send[r], stats.num_steps, segments[r]) for r in range(cp)]
+        per = [
+            self.rank_seconds(
+                stats.work[r],
+                stats.kv_recv_tokens[r],
+                stats.kv_send_tokens[r],
+                grad_recv[r],
+                grad_send[r],
+                stats.num_steps,
+                segments[r],
+            )
+            for r in range(cp)
+        ]
         kvb, gb = self.kv_bytes_per_token, self.grad_bytes_per_token
         compute = tuple(p[0] for p in per)
         step = max(p[2] for p in per)
@@ -220,11 +251,17 @@ class CostModel:
     def predict_cp_stats(self, st: CPStats) -> Prediction:
         """The prediction of a (hybrid) layout from its exact per-CP-rank accounting
         (:func:`ringattn.plan.cp_stats` with this model's heads, head dim and dtype)."""
-        if (st.heads, st.kv_heads, st.head_dim, st.itemsize) != (self.num_heads, self.num_kv_heads, self.head_dim,
-                                                                  self.dtype.itemsize):
-            raise ValueError(f"stats: counted for Hq={st.heads} Hkv={st.kv_heads} D={st.head_dim} itemsize "
-                             f"{st.itemsize}, the model has Hq={self.num_heads} Hkv={self.num_kv_heads} "
-                             f"D={self.head_dim} itemsize {self.dtype.itemsize}")
+        if (st.heads, st.kv_heads, st.head_dim, st.itemsize) != (
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.dtype.itemsize,
+        ):
+            raise ValueError(
+                f"stats: counted for Hq={st.heads} Hkv={st.kv_heads} D={st.head_dim} itemsize "
+                f"{st.itemsize}, the model has Hq={self.num_heads} Hkv={self.num_kv_heads} "
+                f"D={self.head_dim} itemsize {self.dtype.itemsize}"
+            )
         u, cp = st.ulysses_size, st.cp_size
         ring = self.ring_model(u, cp).predict_stats(st.ring)  # per ring rank, on Hq/U heads and the ring's link
         n = self.profile.node_size
@@ -241,9 +278,20 @@ class CostModel:
         step = max(time)
         ideal = sum(compute) / cp
         return Prediction(
-            comm=st.comm, compute_s=compute, comm_s=per(ring.comm_s), time_s=tuple(time), bytes_in=per(ring.bytes_in),
-            bytes_out=per(ring.bytes_out), steps=ring.steps, step_s=step, ideal_s=ideal,
-            efficiency=ideal / step if step > 0 else 1.0, ulysses_size=u, a2a_s=tuple(a2a), a2a_bytes=a2a_bytes)
+            comm=st.comm,
+            compute_s=compute,
+            comm_s=per(ring.comm_s),
+            time_s=tuple(time),
+            bytes_in=per(ring.bytes_in),
+            bytes_out=per(ring.bytes_out),
+            steps=ring.steps,
+            step_s=step,
+            ideal_s=ideal,
+            efficiency=ideal / step if step > 0 else 1.0,
+            ulysses_size=u,
+            a2a_s=tuple(a2a),
+            a2a_bytes=a2a_bytes,
+        )
 
     def predict(self, layout: PieceLayout, comm: str | None = None, window: int | None = None) -> Prediction:
         """Per-CP-rank compute, exchange, all-to-all (hybrid layouts) and predicted seconds of
@@ -251,14 +299,16 @@ class CostModel:
         and efficiency, under a sliding ``window`` (its exact work and traffic). ``ValueError`` if the model's
         heads cannot be split over the layout's ``ulysses_size``."""
         if not isinstance(layout, PieceLayout):
-            raise ValueError(f"layout: expected a DocLayout, got {type(layout).__name__}; build one with "
-                             "DocLayout.from_cu_seqlens")
+            raise ValueError(
+                f"layout: expected a DocLayout, got {type(layout).__name__}; build one with DocLayout.from_cu_seqlens"
+            )
         comm = comm or DEFAULT_COMM
         if layout.ulysses_size == 1 and not self.profile.node_size:
             return self.predict_stats(build_plan(layout, comm, window).stats)
         self.ring_model(layout.ulysses_size, layout.cp_size)  # the heads' ValueError names the model
-        return self.predict_cp_stats(cp_stats(layout, self.num_heads, self.num_kv_heads, self.head_dim,
-                                              self.dtype.itemsize, comm, window=window))
+        return self.predict_cp_stats(
+            cp_stats(layout, self.num_heads, self.num_kv_heads, self.head_dim, self.dtype.itemsize, comm, window=window)
+        )
 
 
 def default_cost_model(ulysses_size: int = 1) -> CostModel:
@@ -273,4 +323,3 @@ def default_cost_model(ulysses_size: int = 1) -> CostModel:
     except ValueError:
         return CostModel(DEFAULT_PROFILE, 4 * ulysses_size, ulysses_size)
     return CostModel(DEFAULT_PROFILE)
-

@@ -51,6 +51,7 @@ VarlenCall(cu_q=(0, 3, 8), cu_k=(0, 3, 8), causal=True, window=None, max_q=5, ma
 >>> torch.allclose(out, out_m, atol=1e-6) and torch.allclose(lse, lse_m, atol=1e-6)
 True
 """
+
 from __future__ import annotations
 
 import importlib
@@ -114,6 +115,8 @@ def get_backend(device_type: str, override: str | None = None) -> ModuleType:
     """The kernel module for ``device_type`` (or the ``override`` backend name)."""
     name = override or device_type
     if name not in BACKENDS:
-        raise ValueError(f"backend: expected one of {sorted(BACKENDS)}, got {name!r}; pass one of them (or None: "
-                         "from the tensors' device), or register yours in ringattn.kernels.BACKENDS")
+        raise ValueError(
+            f"backend: expected one of {sorted(BACKENDS)}, got {name!r}; pass one of them (or None: "
+            "from the tensors' device), or register yours in ringattn.kernels.BACKENDS"
+        )
     return importlib.import_module(BACKENDS[name])

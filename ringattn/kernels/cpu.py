@@ -14,6 +14,7 @@ partial result is merged (forward) or summed over steps (backward) before the on
 rounding, so bf16 CP results stay as accurate as a single-device bf16 kernel, whose own
 fp32 accumulators are rounded once.
 """
+
 from __future__ import annotations
 
 import torch
@@ -92,8 +93,16 @@ def backward(dout, q, k, v, out, lse, call, scale):
         for q0, q1, k0, k1, shift in call.cached(("cpu tiles",), lambda: _tiles(call)):
             mask = _band(q1 - q0, k1 - k0, shift, call.window, q.dtype, q.device)
             g_q, g_k, g_v = _bwd(
-                _bhld(dout[q0:q1]), _bhld(q[q0:q1]), _bhld(k[k0:k1]), _bhld(v[k0:k1]),
-                _bhld(out[q0:q1]), lse[q0:q1].t().unsqueeze(0), 0.0, False, attn_mask=mask, scale=scale,
+                _bhld(dout[q0:q1]),
+                _bhld(q[q0:q1]),
+                _bhld(k[k0:k1]),
+                _bhld(v[k0:k1]),
+                _bhld(out[q0:q1]),
+                lse[q0:q1].t().unsqueeze(0),
+                0.0,
+                False,
+                attn_mask=mask,
+                scale=scale,
             )
             dq[q0:q1] = g_q[0].transpose(0, 1)
             dk[k0:k1] += g_k[0].transpose(0, 1)
@@ -102,8 +111,15 @@ def backward(dout, q, k, v, out, lse, call, scale):
     for i in range(call.num_segments):
         qs, qe, ks, ke = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
         g_q, g_k, g_v = _bwd(
-            _bhld(dout[qs:qe]), _bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]),
-            _bhld(out[qs:qe]), lse[qs:qe].t().unsqueeze(0), 0.0, causal, scale=scale,
+            _bhld(dout[qs:qe]),
+            _bhld(q[qs:qe]),
+            _bhld(k[ks:ke]),
+            _bhld(v[ks:ke]),
+            _bhld(out[qs:qe]),
+            lse[qs:qe].t().unsqueeze(0),
+            0.0,
+            causal,
+            scale=scale,
         )
         dq[qs:qe] = g_q[0].transpose(0, 1)
         dk[ks:ke] = g_k[0].transpose(0, 1)

@@ -39,6 +39,7 @@ calls pass ``max_seqlen_k = max(max_k, max_q)`` (:func:`flash_max_k`): every cla
 cuDNN varlen (``aten._cudnn_attention_forward`` with ``cum_seq_q/k``) is faster on Hopper but is not
 offered until its backward is shown to work on a GPU.
 """
+
 from __future__ import annotations
 
 import functools
@@ -71,8 +72,11 @@ def flash_attn_api():
         return None
     version = _version(getattr(flash_attn, "__version__", "0.0"))
     if version < MIN_FLASH_ATTN:
-        warnings.warn(f"ringattn: flash_attn {flash_attn.__version__} returns a padded varlen LSE; using torch's "
-                      f"built-in flash kernels instead (install flash_attn>=2.6 to use it)", stacklevel=2)
+        warnings.warn(
+            f"ringattn: flash_attn {flash_attn.__version__} returns a padded varlen LSE; using torch's "
+            f"built-in flash kernels instead (install flash_attn>=2.6 to use it)",
+            stacklevel=2,
+        )
         return None
     return version, fai._flash_attn_varlen_forward, fai._flash_attn_varlen_backward
 
@@ -99,8 +103,26 @@ def flash_forward_lse(version, result) -> torch.Tensor:
     return result[1] if version >= (2, 7) else result[5]
 
 
-def flash_backward_args(version, dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, scale, causal,
-                        deterministic=False, window=None) -> tuple:
+def flash_backward_args(
+    version,
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dq,
+    dk,
+    dv,
+    cu_q,
+    cu_k,
+    max_q,
+    max_k,
+    scale,
+    causal,
+    deterministic=False,
+    window=None,
+) -> tuple:
     """Positional arguments of ``_flash_attn_varlen_backward`` for flash_attn ``version``.
 
     ``(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -132,8 +154,13 @@ def _aten_window(window) -> dict:
 
 def _device_cu(call, device) -> tuple[torch.Tensor, torch.Tensor]:
     """int32 ``cu_seqlens`` on ``device``, built once per call and device."""
-    return call.cached(("cuda-cu", torch.device(device)), lambda: (
-        torch.tensor(call.cu_q, dtype=torch.int32).to(device), torch.tensor(call.cu_k, dtype=torch.int32).to(device)))
+    return call.cached(
+        ("cuda-cu", torch.device(device)),
+        lambda: (
+            torch.tensor(call.cu_q, dtype=torch.int32).to(device),
+            torch.tensor(call.cu_k, dtype=torch.int32).to(device),
+        ),
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -152,9 +179,12 @@ def _fallback(q) -> bool:
     """True when the flash kernels cannot take ``q`` (fp32, head dim > 256, a pre-Ampere GPU): warn once, use math."""
     if q.dtype in _FLASH_DTYPES and q.shape[-1] <= MAX_HEAD_DIM and not _pre_ampere(q.device):
         return False
-    warnings.warn(f"ringattn: the CUDA flash kernels take fp16/bf16 with head_dim <= {MAX_HEAD_DIM} on GPUs of compute "
-                  f"capability >= 8.0; dtype {q.dtype}, head_dim {q.shape[-1]} on {q.device} run on the math backend "
-                  f"(exact, O(L^2) memory per segment)", stacklevel=3)
+    warnings.warn(
+        f"ringattn: the CUDA flash kernels take fp16/bf16 with head_dim <= {MAX_HEAD_DIM} on GPUs of compute "
+        f"capability >= 8.0; dtype {q.dtype}, head_dim {q.shape[-1]} on {q.device} run on the math backend "
+        f"(exact, O(L^2) memory per segment)",
+        stacklevel=3,
+    )
     return True
 
 
@@ -174,13 +204,27 @@ def forward(q, k, v, call, scale):
     api = flash_attn_api()
     if api is not None:
         version, fwd, _ = api
-        res = fwd(*flash_forward_args(version, q, k, v, cq, ck, call.max_q, flash_max_k(call), scale, call.causal,
-                                      call.window))
+        res = fwd(
+            *flash_forward_args(
+                version, q, k, v, cq, ck, call.max_q, flash_max_k(call), scale, call.causal, call.window
+            )
+        )
         out, lse = res[0], flash_forward_lse(version, res)
     else:
-        out, lse = torch.ops.aten._flash_attention_forward(q, k, v, cq, ck, call.max_q, flash_max_k(call), 0.0,
-                                                           call.causal, False, scale=scale,
-                                                           **_aten_window(call.window))[:2]
+        out, lse = torch.ops.aten._flash_attention_forward(
+            q,
+            k,
+            v,
+            cq,
+            ck,
+            call.max_q,
+            flash_max_k(call),
+            0.0,
+            call.causal,
+            False,
+            scale=scale,
+            **_aten_window(call.window),
+        )[:2]
     return out[..., :d], lse.t()
 
 
@@ -195,11 +239,45 @@ def backward(dout, q, k, v, out, lse, call, scale):
     if api is not None:
         version, _, bwd = api
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        bwd(*flash_backward_args(version, dout, q, k, v, out, lse_ht, dq, dk, dv, cq, ck, call.max_q,
-                                 flash_max_k(call), scale, call.causal, window=call.window))
+        bwd(
+            *flash_backward_args(
+                version,
+                dout,
+                q,
+                k,
+                v,
+                out,
+                lse_ht,
+                dq,
+                dk,
+                dv,
+                cq,
+                ck,
+                call.max_q,
+                flash_max_k(call),
+                scale,
+                call.causal,
+                window=call.window,
+            )
+        )
     else:
         rng, unused = _no_rng(q.device)
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(dout, q, k, v, out, lse_ht, cq, ck, call.max_q,
-                                                              flash_max_k(call), 0.0, call.causal, rng, unused,
-                                                              scale=scale, **_aten_window(call.window))
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse_ht,
+            cq,
+            ck,
+            call.max_q,
+            flash_max_k(call),
+            0.0,
+            call.causal,
+            rng,
+            unused,
+            scale=scale,
+            **_aten_window(call.window),
+        )
     return dq[..., :d], dk[..., :d], dv[..., :d]

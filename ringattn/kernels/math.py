@@ -3,6 +3,7 @@
 Used for dtypes the fused kernels lack (fp32 on CUDA) and where no fused kernel exists.
 Memory is ``O(Lq * Lk)`` per segment and head; it is a correctness path, not a fast one.
 """
+
 from __future__ import annotations
 
 import torch

@@ -92,6 +92,7 @@ Ascend's CANN libraries importing it raises RuntimeError, not only ImportError, 
 Tested only against ``tests/npu_emulation.py``, an emulation of the documented contract in four
 torch_npu/CANN generations — not on Ascend hardware.
 """
+
 from __future__ import annotations
 
 import functools
@@ -178,19 +179,26 @@ def _mask_args(call, device) -> dict:
     """The operator's mask keywords for ``call``, derived once per call and device (see the module docstring):
     band (``sparse_mode=4``, ``pre_tockens``/``next_tockens`` = the window pair) under a window, else right-down causal
     (3) or no mask (0). Do not mutate the returned dict: it is reused on every step."""
+
     def build():
         if call.window is None:
             if call.causal:
                 return {"atten_mask": _causal_mask(torch.device(device)), "sparse_mode": 3}
             return {"atten_mask": None, "sparse_mode": 0}
         left, right = call.window
-        bad = [i for i in range(call.num_segments)
-               if call.cu_q[i + 1] - call.cu_q[i] - right > call.cu_k[i + 1] - call.cu_k[i]]
+        bad = [
+            i
+            for i in range(call.num_segments)
+            if call.cu_q[i + 1] - call.cu_q[i] - right > call.cu_k[i + 1] - call.cu_k[i]
+        ]
         if left < 0 or right < 0 or bad:  # the planner's invariants; the operator refuses these (module docstring)
-            raise AssertionError(f"planner: window pair {call.window} must be non-negative and leave no fully masked "
-                                 f"row (segments {bad[:5]} have Sq - next_tockens > Skv)")
+            raise AssertionError(
+                f"planner: window pair {call.window} must be non-negative and leave no fully masked "
+                f"row (segments {bad[:5]} have Sq - next_tockens > Skv)"
+            )
         mask = _causal_mask(torch.device(device))  # sparse_mode 4 takes the compressed mask too (doc, 参考资源)
         return {"atten_mask": mask, "sparse_mode": 4, "pre_tockens": left, "next_tockens": right}
+
     return call.cached(("npu-mask", torch.device(device)), build)
 
 
@@ -209,21 +217,35 @@ class _Chunk:
 
 def _chunks(call) -> tuple[_Chunk, ...]:
     """The call split into operator-sized chunks (at most 1024 segments and 1M q/kv tokens each)."""
+
     def build():
         cu_q, cu_k = call.cu_q, call.cu_k
         out, a = [], 0
         n = call.num_segments
         while a < n:
             b = a + 1
-            while (b < n and b - a < MAX_SEGMENTS and cu_q[b + 1] - cu_q[a] <= MAX_TOKENS
-                   and cu_k[b + 1] - cu_k[a] <= MAX_TOKENS):
+            while (
+                b < n
+                and b - a < MAX_SEGMENTS
+                and cu_q[b + 1] - cu_q[a] <= MAX_TOKENS
+                and cu_k[b + 1] - cu_k[a] <= MAX_TOKENS
+            ):
                 b += 1
             q0, k0 = cu_q[a], cu_k[a]
-            out.append(_Chunk(q0, cu_q[b], k0, cu_k[b], [x - q0 for x in cu_q[a + 1:b + 1]],
-                              [x - k0 for x in cu_k[a + 1:b + 1]],
-                              tuple(y - x for x, y in zip(cu_q[a:b], cu_q[a + 1:b + 1]))))
+            out.append(
+                _Chunk(
+                    q0,
+                    cu_q[b],
+                    k0,
+                    cu_k[b],
+                    [x - q0 for x in cu_q[a + 1 : b + 1]],
+                    [x - k0 for x in cu_k[a + 1 : b + 1]],
+                    tuple(y - x for x, y in zip(cu_q[a:b], cu_q[a + 1 : b + 1])),
+                )
+            )
             a = b
         return tuple(out)
+
     return call.cached("npu-chunks", build)
 
 
@@ -234,6 +256,7 @@ def _head_major_index(call, chunk: _Chunk, heads: int, device) -> tuple[torch.Te
     (segment ``i`` starting at token ``s_i`` with length ``L_i``: ``N*s_i + n*L_i + (t - s_i)``);
     ``inverse`` is its inverse permutation. Built once per (chunk, heads, device), vectorised.
     """
+
     def build():
         lengths = torch.tensor(chunk.lengths, dtype=torch.int64)
         starts = torch.cumsum(lengths, 0) - lengths
@@ -245,6 +268,7 @@ def _head_major_index(call, chunk: _Chunk, heads: int, device) -> tuple[torch.Te
         inverse = torch.empty_like(gather)
         inverse[gather] = torch.arange(gather.numel(), dtype=torch.int64)
         return gather.to(device), inverse.to(device)
+
     return call.cached(("npu-head-major", id(chunk), heads, torch.device(device)), build)
 
 
@@ -260,9 +284,22 @@ def forward(q, k, v, call, scale):
     outs, lses = [], []
     for ch in _chunks(call):
         (out, smax, ssum), token_major = _try_tnd(
-            caps, "tnd_forward", lambda **kw: npu.npu_fusion_attention(
-                q[ch.q0:ch.q1], k[ch.k0:ch.k1], v[ch.k0:ch.k1], heads, "TND", scale=scale, keep_prob=1.0,
-                actual_seq_qlen=ch.seq_q, actual_seq_kvlen=ch.seq_k, **_mask_args(call, q.device), **kw)[:3])
+            caps,
+            "tnd_forward",
+            lambda **kw: npu.npu_fusion_attention(
+                q[ch.q0 : ch.q1],
+                k[ch.k0 : ch.k1],
+                v[ch.k0 : ch.k1],
+                heads,
+                "TND",
+                scale=scale,
+                keep_prob=1.0,
+                actual_seq_qlen=ch.seq_q,
+                actual_seq_kvlen=ch.seq_k,
+                **_mask_args(call, q.device),
+                **kw,
+            )[:3],
+        )
         t = ch.q1 - ch.q0
         if token_major:
             lse = smax[..., 0] + torch.log(ssum[..., 0])
@@ -294,10 +331,22 @@ def backward(dout, q, k, v, out, lse, call, scale):
                 stats = _replicate8(_l.reshape(-1)[inverse]).view(_l.shape[0], heads, 8)
             extra = {} if softmax_layout is None else {"softmax_layout": softmax_layout}
             return npu.npu_fusion_attention_grad(
-                q[_rows], k[_ch.k0:_ch.k1], v[_ch.k0:_ch.k1], dout[_rows], heads, "TND", softmax_max=stats,
-                softmax_sum=torch.ones_like(stats), attention_in=attention_in[_rows], scale_value=scale,
-                keep_prob=1.0, actual_seq_qlen=_ch.seq_q, actual_seq_kvlen=_ch.seq_k,
-                **_mask_args(call, q.device), **extra)[:3]
+                q[_rows],
+                k[_ch.k0 : _ch.k1],
+                v[_ch.k0 : _ch.k1],
+                dout[_rows],
+                heads,
+                "TND",
+                softmax_max=stats,
+                softmax_sum=torch.ones_like(stats),
+                attention_in=attention_in[_rows],
+                scale_value=scale,
+                keep_prob=1.0,
+                actual_seq_qlen=_ch.seq_q,
+                actual_seq_kvlen=_ch.seq_k,
+                **_mask_args(call, q.device),
+                **extra,
+            )[:3]
 
         grads.append(_try_tnd(caps, "tnd_backward", grad)[0])
     if len(grads) == 1:
@@ -313,19 +362,32 @@ def merge(out_acc, lse_acc, out, lse, call):
     t, n, d = out_acc.shape
     if fused is None or caps.fused_merge is False or d % 64 or d > 768 or n > 256 or t == 0:
         return _torch_merge(out_acc, lse_acc, out, lse)
-    seq = call.cached(("npu-update-seq", t, out_acc.device), lambda: torch.tensor([0, t], dtype=torch.int64,
-                                                                                   device=out_acc.device))
+    seq = call.cached(
+        ("npu-update-seq", t, out_acc.device), lambda: torch.tensor([0, t], dtype=torch.int64, device=out_acc.device)
+    )
     prev_max, cur_max = _replicate8(lse_acc), _replicate8(lse.float())
     ones = torch.ones_like(prev_max)
     try:
-        new_out, new_max, new_sum = fused(out_acc, prev_max, ones, out.to(out_acc.dtype), cur_max, ones,
-                                          actual_seq_qlen=seq, input_layout="TND", input_softmax_layout="TND")
+        new_out, new_max, new_sum = fused(
+            out_acc,
+            prev_max,
+            ones,
+            out.to(out_acc.dtype),
+            cur_max,
+            ones,
+            actual_seq_qlen=seq,
+            input_layout="TND",
+            input_softmax_layout="TND",
+        )
     except RuntimeError as exc:  # missing aclnn kernel (first call) or a rejected input (any call): same handling
         when = "on its first call" if caps.fused_merge is None else "after earlier calls succeeded"
         caps.fused_merge = False
-        warnings.warn(f"ringattn: npu_ring_attention_update failed {when} ({type(exc).__name__}: {exc}); the NPU "
-                      f"backend merges with torch from now on (exact, a few more kernel launches per step)",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"ringattn: npu_ring_attention_update failed {when} ({type(exc).__name__}: {exc}); the NPU "
+            f"backend merges with torch from now on (exact, a few more kernel launches per step)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return _torch_merge(out_acc, lse_acc, out, lse)
     caps.fused_merge = True
     return new_out, new_max[..., 0] + torch.log(new_sum[..., 0])

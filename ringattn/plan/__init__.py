@@ -76,11 +76,28 @@ rank   tokens          work work/mean  pairs skipped   KV recv x local recv step
 >>> print(summary_line(build_plan(layout, "direct")))
 direct: steps 1, imbalance 1.263, KV recv total 8 tokens, max/rank 4 (0.500x local), critical path 4 tokens
 """
+
 from __future__ import annotations
 
 from .build import Accounting, build_plan, direct_accounting, pieces_accounting, rank_plan
 from .hybrid import CPStats, cp_stats, ulysses_heads
 from .types import COMM_SHAPES, DEFAULT_COMM, Plan, PlanStats, RankPlan, Segment, Step, Transfer
 
-__all__ = ["COMM_SHAPES", "DEFAULT_COMM", "Segment", "Transfer", "Step", "RankPlan", "PlanStats", "Plan", "build_plan",
-           "rank_plan", "CPStats", "cp_stats", "ulysses_heads", "direct_accounting", "pieces_accounting", "Accounting"]
+__all__ = [
+    "COMM_SHAPES",
+    "DEFAULT_COMM",
+    "Segment",
+    "Transfer",
+    "Step",
+    "RankPlan",
+    "PlanStats",
+    "Plan",
+    "build_plan",
+    "rank_plan",
+    "CPStats",
+    "cp_stats",
+    "ulysses_heads",
+    "direct_accounting",
+    "pieces_accounting",
+    "Accounting",
+]

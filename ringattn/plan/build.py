@@ -19,6 +19,7 @@ token, iff ``x`` has a piece starting inside ``d`` at or after ``b``'s end; it r
 part inside ``d``. The start of ``x``'s last piece in ``d`` therefore decides everything ``x``
 reads of ``d``.
 """
+
 from __future__ import annotations
 
 from bisect import bisect_right
@@ -100,7 +101,14 @@ class _Index:
                 lo[i] = lo_d
                 readers.setdefault(d, {})[r] = s
             first_end.setdefault(dl, {}).setdefault(r, e)
-        self.of_rank, self.local, self.dfirst, self.dlast, self.cstart, self.lo = of_rank, local, dfirst, dlast, cstart, lo
+        self.of_rank, self.local, self.dfirst, self.dlast, self.cstart, self.lo = (
+            of_rank,
+            local,
+            dfirst,
+            dlast,
+            cstart,
+            lo,
+        )
         self.readers = readers
         self.first_end = first_end
         # pieces per sample (pair counts of PlanStats)
@@ -205,8 +213,16 @@ class _Index:
                 q = (q_off, q_off + min(e, cu[d + 1]) - s)
                 for o, f in first.items():
                     if o == x:
-                        own.append(Segment(q, (self.local[f] + self.cstart[f] - starts[f],
-                                               self.local[last[o]] + ends[last[o]] - starts[last[o]]), False))
+                        own.append(
+                            Segment(
+                                q,
+                                (
+                                    self.local[f] + self.cstart[f] - starts[f],
+                                    self.local[last[o]] + ends[last[o]] - starts[last[o]],
+                                ),
+                                False,
+                            )
+                        )
                     else:
                         remote.setdefault(o, []).append((q, f, last[o]))
             q_off += e - s
@@ -222,8 +238,12 @@ class _Index:
 
     def local_rows(self, pieces: list[int]) -> tuple[Range, ...]:
         """Rows, in the owner's local KV, of the readable parts of ``pieces`` (merged)."""
-        return _merged([(self.local[i] + self.cstart[i] - self.starts[i], self.local[i] + self.ends[i] - self.starts[i])
-                        for i in pieces])
+        return _merged(
+            [
+                (self.local[i] + self.cstart[i] - self.starts[i], self.local[i] + self.ends[i] - self.starts[i])
+                for i in pieces
+            ]
+        )
 
 
 @dataclass(frozen=True)
@@ -245,8 +265,9 @@ def direct_accounting(layout: PieceLayout) -> Accounting:
     return pieces_accounting(layout.cu_seqlens, layout.cp_size, layout.pieces, layout.sample_len)
 
 
-def pieces_accounting(cu_seqlens: Sequence[int], cp: int, pieces: Sequence[Iterable[Range]],
-                      sample_len: int | None = None) -> Accounting:
+def pieces_accounting(
+    cu_seqlens: Sequence[int], cp: int, pieces: Sequence[Iterable[Range]], sample_len: int | None = None
+) -> Accounting:
     """:func:`direct_accounting` of ``pieces`` (per rank, in any order). Touching pieces of a rank
     count as one, as a layout holds them, except across sample boundaries (``sample_len``;
     default: none merged across any boundary of ``cu_seqlens``' samples is assumed).
@@ -298,8 +319,11 @@ def pieces_accounting(cu_seqlens: Sequence[int], cp: int, pieces: Sequence[Itera
     np.add.at(recv, r_rank, last_start - cu[r_doc] - own_before)
     # sends: a readable part goes to every other rank whose last start is at or after its end
     ls_flat = np.sort(r_doc * big + last_start)
-    count = (np.searchsorted(ls_flat, (dl + 1) * big, "left") - np.searchsorted(ls_flat, dl * big + ends, "left")
-             - (own_ls >= ends))
+    count = (
+        np.searchsorted(ls_flat, (dl + 1) * big, "left")
+        - np.searchsorted(ls_flat, dl * big + ends, "left")
+        - (own_ls >= ends)
+    )
     send = np.zeros(cp, dtype=np.int64)
     np.add.at(send, owner, count * (ends - cstart))
     # one block per (reading piece, rank holding earlier KV of its document), itself included:
@@ -321,8 +345,9 @@ def pieces_accounting(cu_seqlens: Sequence[int], cp: int, pieces: Sequence[Itera
     dist_mask = np.zeros(cp, dtype=bool)
     dist_mask[(np.repeat(r_rank, n_read) - fe_rank[idx]) % cp] = True
     dist_mask[0] = False
-    return Accounting(tuple(work.tolist()), tuple(recv.tolist()), tuple(send.tolist()), int(dist_mask.sum()),
-                      tuple(segments.tolist()))
+    return Accounting(
+        tuple(work.tolist()), tuple(recv.tolist()), tuple(send.tolist()), int(dist_mask.sum()), tuple(segments.tolist())
+    )
 
 
 def _layout_cache(layout: PieceLayout) -> dict:
@@ -359,8 +384,9 @@ class _Buffer:
     def rows(self, ix: _Index, pieces, full: bool = False) -> tuple[Range, ...]:
         """Rows of the readable parts (``full``: the whole pieces) of ``pieces`` (merged)."""
         if full:
-            return _merged([(self.row[i] - ix.cstart[i] + ix.starts[i], self.row[i] + ix.ends[i] - ix.cstart[i])
-                            for i in pieces])
+            return _merged(
+                [(self.row[i] - ix.cstart[i] + ix.starts[i], self.row[i] + ix.ends[i] - ix.cstart[i]) for i in pieces]
+            )
         return _merged([(self.row[i], self.row[i] + ix.ends[i] - ix.cstart[i]) for i in pieces])
 
 
@@ -399,6 +425,7 @@ def _build_rank(layout: PieceLayout, ix: _Index, x: int, comm: str) -> RankPlan:
 
         def content(o: int, t: int) -> list[int]:
             return [i for i in ix.of_rank[o] if maxdist[i] >= t]
+
     prev: _Buffer | None = None  # the buffer received at the previous step (origin x + 1 - t)
     for t in range(1, last + 1):
         o, y = (x - t) % cp, (x + t) % cp
@@ -410,8 +437,18 @@ def _build_rank(layout: PieceLayout, ix: _Index, x: int, comm: str) -> RankPlan:
         if not out:
             send = None
         elif t == 1:  # from the local KV
-            send = Transfer((x + 1) % cp, _merged([(ix.local[i] + (0 if full else ix.cstart[i] - ix.starts[i]),
-                                                    ix.local[i] + ix.ends[i] - ix.starts[i]) for i in out]))
+            send = Transfer(
+                (x + 1) % cp,
+                _merged(
+                    [
+                        (
+                            ix.local[i] + (0 if full else ix.cstart[i] - ix.starts[i]),
+                            ix.local[i] + ix.ends[i] - ix.starts[i],
+                        )
+                        for i in out
+                    ]
+                ),
+            )
         else:  # forwarded from the previous step's buffer
             send = Transfer((x + 1) % cp, prev.rows(ix, out, full))
         mine = need.get(o)
@@ -449,8 +486,10 @@ def rank_plan(layout: PieceLayout, rank: int, comm: str = DEFAULT_COMM, window: 
         if comm not in COMM_SHAPES:
             raise ValueError(f"comm: expected one of {COMM_SHAPES}, got {comm!r}")
         if not 0 <= rank < layout.cp_size:
-            raise ValueError(f"rank: expected 0 <= rank < cp_size={layout.cp_size}, got {rank}; pass this process's "
-                             "rank in the CP group (dist.get_rank(cp_group))")
+            raise ValueError(
+                f"rank: expected 0 <= rank < cp_size={layout.cp_size}, got {rank}; pass this process's "
+                "rank in the CP group (dist.get_rank(cp_group))"
+            )
         w = effective_window(layout, window)
         if w is None and window is not None:
             rp = rank_plan(layout, rank, comm)

@@ -11,6 +11,7 @@ An all-to-all moves, from every rank to each of its ``U - 1`` peers, the rank's 
 peer's share of the heads, so sent and received bytes are equal. Bytes are exact for the
 implementation in :mod:`ringattn.comm.a2a` and :mod:`ringattn.comm.executor`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,15 +38,19 @@ def ulysses_heads(heads: int, kv_heads: int, ulysses_size: int) -> tuple[int, in
     """
     u = ulysses_size
     if heads % u:
-        raise ValueError(f"heads: q heads ({heads}) must be a multiple of ulysses_size={u}; use a Ulysses size that "
-                         "divides the query heads (the all-to-all scatters heads)")
+        raise ValueError(
+            f"heads: q heads ({heads}) must be a multiple of ulysses_size={u}; use a Ulysses size that "
+            "divides the query heads (the all-to-all scatters heads)"
+        )
     if kv_heads % u == 0:
         return heads // u, kv_heads // u, 1
     if u % kv_heads == 0:
         return heads // u, 1, u // kv_heads
-    raise ValueError(f"heads: k/v heads ({kv_heads}) must be a multiple or a divisor of ulysses_size={u} "
-                     "(split or replicated over the Ulysses ranks); use a Ulysses size that divides, or is a multiple "
-                     "of, the KV heads")
+    raise ValueError(
+        f"heads: k/v heads ({kv_heads}) must be a multiple or a divisor of ulysses_size={u} "
+        "(split or replicated over the Ulysses ranks); use a Ulysses size that divides, or is a multiple "
+        "of, the KV heads"
+    )
 
 
 @dataclass(frozen=True)
@@ -105,8 +110,10 @@ class CPStats:
     @property
     def total_bytes(self) -> tuple[int, ...]:
         """Forward plus backward bytes received per rank (all-to-all and ring)."""
-        return tuple(a + b + c + d for a, b, c, d in
-                     zip(self.a2a_fwd_bytes, self.a2a_bwd_bytes, self.ring_fwd_bytes, self.ring_bwd_bytes))
+        return tuple(
+            a + b + c + d
+            for a, b, c, d in zip(self.a2a_fwd_bytes, self.a2a_bwd_bytes, self.ring_fwd_bytes, self.ring_bwd_bytes)
+        )
 
     @property
     def inter_total_bytes(self) -> tuple[int, ...]:
@@ -114,13 +121,23 @@ class CPStats:
         return tuple(a + b for a, b in zip(self.inter_fwd_bytes, self.inter_bwd_bytes))
 
     def __repr__(self) -> str:
-        return (f"CPStats(comm={self.comm!r}, ulysses={self.ulysses_size}, ring={self.ring_size}, "
-                f"imbalance={self.imbalance:.3f}, steps={self.num_steps}, a2a_fwd_bytes={list(self.a2a_fwd_bytes)}, "
-                f"ring_fwd_bytes={list(self.ring_fwd_bytes)})")
+        return (
+            f"CPStats(comm={self.comm!r}, ulysses={self.ulysses_size}, ring={self.ring_size}, "
+            f"imbalance={self.imbalance:.3f}, steps={self.num_steps}, a2a_fwd_bytes={list(self.a2a_fwd_bytes)}, "
+            f"ring_fwd_bytes={list(self.ring_fwd_bytes)})"
+        )
 
 
-def cp_stats(layout: PieceLayout, heads: int, kv_heads: int, head_dim: int, itemsize: int, comm: str,
-             node_size: int | None = None, window: int | None = None) -> CPStats:
+def cp_stats(
+    layout: PieceLayout,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    itemsize: int,
+    comm: str,
+    node_size: int | None = None,
+    window: int | None = None,
+) -> CPStats:
     """:class:`CPStats` of ``layout`` (any ``ulysses_size``) for the given heads and element size.
 
     node_size: CP ranks per node (consecutive CP ranks share a node); bytes from a peer on
@@ -129,11 +146,12 @@ def cp_stats(layout: PieceLayout, heads: int, kv_heads: int, head_dim: int, item
     """
     u, r = layout.ulysses_size, layout.ring_size
     if heads % kv_heads:
-        raise ValueError(f"heads: q heads ({heads}) must be a multiple of k/v heads ({kv_heads}); pass the model's "
-                         "num_attention_heads and num_key_value_heads")
+        raise ValueError(
+            f"heads: q heads ({heads}) must be a multiple of k/v heads ({kv_heads}); pass the model's "
+            "num_attention_heads and num_key_value_heads"
+        )
     if node_size is not None and (not isinstance(node_size, int) or node_size < 1):
-        raise ValueError(f"node_size: expected a positive int, got {node_size!r}; pass the CP ranks per node, or "
-                         "None")
+        raise ValueError(f"node_size: expected a positive int, got {node_size!r}; pass the CP ranks per node, or None")
     hq, hkv, rep = ulysses_heads(heads, kv_heads, u)
     plan = build_plan(layout.ring_layout, comm, window)
     st = plan.stats
@@ -166,10 +184,36 @@ def cp_stats(layout: PieceLayout, heads: int, kv_heads: int, head_dim: int, item
                 b = step.grad_recv.tokens * grad_row
                 ring_b += b
                 inter_b += b if remote(c, step.grad_recv.peer * u + uu) else 0
-        for key, val in (("tokens", n), ("work", st.work[rr] * hq), ("a2a_f", (u - 1) * per_peer_f),
-                         ("a2a_b", (u - 1) * per_peer_b), ("ring_f", ring_f), ("ring_b", ring_b),
-                         ("inter_f", inter_f + far * per_peer_f), ("inter_b", inter_b + far * per_peer_b)):
+        for key, val in (
+            ("tokens", n),
+            ("work", st.work[rr] * hq),
+            ("a2a_f", (u - 1) * per_peer_f),
+            ("a2a_b", (u - 1) * per_peer_b),
+            ("ring_f", ring_f),
+            ("ring_b", ring_b),
+            ("inter_f", inter_f + far * per_peer_f),
+            ("inter_b", inter_b + far * per_peer_b),
+        ):
             cols[key].append(val)
     t = {k: tuple(v) for k, v in cols.items()}
-    return CPStats(comm, u, r, heads, kv_heads, head_dim, itemsize, hkv, rep, st, t["tokens"], t["work"], t["a2a_f"],
-                   t["a2a_b"], t["ring_f"], t["ring_b"], node_size or 0, t["inter_f"], t["inter_b"])
+    return CPStats(
+        comm,
+        u,
+        r,
+        heads,
+        kv_heads,
+        head_dim,
+        itemsize,
+        hkv,
+        rep,
+        st,
+        t["tokens"],
+        t["work"],
+        t["a2a_f"],
+        t["a2a_b"],
+        t["ring_f"],
+        t["ring_b"],
+        node_size or 0,
+        t["inter_f"],
+        t["inter_b"],
+    )

@@ -3,14 +3,25 @@
 Work is counted in unmasked score entries (one query-key product per head), tokens in
 KV tokens (one key and one value row per KV head).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from ..ranges import Range
 
-__all__ = ["COMM_SHAPES", "DEFAULT_COMM", "Range", "Segment", "Transfer", "Step", "RankPlan", "PlanStats", "Plan",
-           "band_entries"]
+__all__ = [
+    "COMM_SHAPES",
+    "DEFAULT_COMM",
+    "Range",
+    "Segment",
+    "Transfer",
+    "Step",
+    "RankPlan",
+    "PlanStats",
+    "Plan",
+    "band_entries",
+]
 
 COMM_SHAPES = ("plain", "ring", "direct")
 #: the default shape (see the README for the measurements behind the choice)

@@ -23,6 +23,7 @@ receives at most ``W - 1`` rows per document edge it reads across, whatever the 
 The window is part of the plan's cache key; a window at least as long as the longest document masks
 nothing and is planned as no window (:func:`effective_window`).
 """
+
 from __future__ import annotations
 
 from bisect import bisect_right
@@ -40,8 +41,10 @@ def effective_window(layout: PieceLayout, window: int | None) -> int | None:
     if window is None:
         return None
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window: expected a positive int (the keys a query may attend to, itself included) or "
-                         f"None, got {window!r}; pass the layer's sliding window, or None on full-attention layers")
+        raise ValueError(
+            f"window: expected a positive int (the keys a query may attend to, itself included) or "
+            f"None, got {window!r}; pass the layer's sliding window, or None on full-attention layers"
+        )
     return None if window >= layout.longest_document else window
 
 
@@ -195,12 +198,18 @@ def build_rank_windowed(layout: PieceLayout, ix: WindowIndex, x: int, comm: str)
             o, y = (x - t) % cp, (x + t) % cp
             buf = _Rows(_union(need[o])) if o in need else None
             out = ix.local_rows(_union(theirs[y]), mine) if y in theirs else None
-            steps.append(Step(
-                t, o, segments(o, buf) if buf else (),
-                Transfer(o, ((0, buf.tokens),)) if buf else None,
-                Transfer(y, out) if out else None, False,
-                Transfer(o, ((0, buf.tokens),)) if buf else None,
-                Transfer(y, out) if out else None))
+            steps.append(
+                Step(
+                    t,
+                    o,
+                    segments(o, buf) if buf else (),
+                    Transfer(o, ((0, buf.tokens),)) if buf else None,
+                    Transfer(y, out) if out else None,
+                    False,
+                    Transfer(o, ((0, buf.tokens),)) if buf else None,
+                    Transfer(y, out) if out else None,
+                )
+            )
         return RankPlan(x, cp, comm, layout.local_tokens(x), tuple(steps), w)
 
     # ring / plain: neighbour forwarding; content(o, t) is what arrives at rank o + t at step t
@@ -233,7 +242,17 @@ def build_rank_windowed(layout: PieceLayout, ix: WindowIndex, x: int, comm: str)
             send = Transfer((x + 1) % cp, prev.rows_of(outgoing))
         grad_send = Transfer(o, buf.rows_of(need[o])) if o in need else None
         grad_recv = Transfer(y, ix.local_rows(_union(theirs[y]), mine)) if y in theirs else None
-        steps.append(Step(t, o, segments(o, buf) if buf else (), Transfer((x - 1) % cp, ((0, buf.tokens),)) if buf else None,
-                          send, t > 1, grad_send, grad_recv))
+        steps.append(
+            Step(
+                t,
+                o,
+                segments(o, buf) if buf else (),
+                Transfer((x - 1) % cp, ((0, buf.tokens),)) if buf else None,
+                send,
+                t > 1,
+                grad_send,
+                grad_recv,
+            )
+        )
         prev = buf
     return RankPlan(x, cp, comm, layout.local_tokens(x), tuple(steps), w)

@@ -16,6 +16,7 @@ object that follows the :class:`Strategy` protocol can be passed as ``strategy=`
 Modules: :mod:`.base` (the protocol), :mod:`.zigzag`, :mod:`.balanced`, :mod:`.auto` (the cost-driven
 solver, formerly ``ringattn.solver``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -26,14 +27,25 @@ from .balanced import DEFAULT_CHUNKS_PER_RANK, Balanced
 from .base import Assignment, Rule, Strategy
 from .zigzag import Zigzag
 
-__all__ = ["Strategy", "Rule", "Assignment", "Zigzag", "Balanced", "Auto", "ALIASES", "STRATEGIES", "resolve",
-           "DEFAULT_CHUNKS_PER_RANK"]
+__all__ = [
+    "Strategy",
+    "Rule",
+    "Assignment",
+    "Zigzag",
+    "Balanced",
+    "Auto",
+    "ALIASES",
+    "STRATEGIES",
+    "resolve",
+    "DEFAULT_CHUNKS_PER_RANK",
+]
 
 #: strategy name -> the strategy object for ``(chunks_per_rank, cost)`` (each alias reads only what it uses)
 ALIASES: dict[str, Callable[[Any, Any], Strategy]] = {
     "zigzag": lambda chunks_per_rank, cost: Zigzag(),
-    "balanced": lambda chunks_per_rank, cost: Balanced(DEFAULT_CHUNKS_PER_RANK if chunks_per_rank is None
-                                                       else chunks_per_rank),
+    "balanced": lambda chunks_per_rank, cost: Balanced(
+        DEFAULT_CHUNKS_PER_RANK if chunks_per_rank is None else chunks_per_rank
+    ),
     "auto": lambda chunks_per_rank, cost: Auto(cost),
 }
 #: the strategy names ``strategy=`` accepts
@@ -48,14 +60,19 @@ def resolve(strategy: str | Strategy, chunks_per_rank: int | None = None, cost: 
     """
     if isinstance(strategy, str):
         if strategy not in ALIASES:
-            raise ValueError(f"strategy: expected one of {STRATEGIES} or a ringattn.sharding strategy object, "
-                             f"got {strategy!r}")
+            raise ValueError(
+                f"strategy: expected one of {STRATEGIES} or a ringattn.sharding strategy object, got {strategy!r}"
+            )
         return ALIASES[strategy](chunks_per_rank, cost)
     if not isinstance(strategy, Strategy):
-        raise ValueError(f"strategy: expected one of {STRATEGIES} or a ringattn.sharding strategy object, got "
-                         f"{type(strategy).__name__}")
-    for name, value, where in (("chunks_per_rank", chunks_per_rank, "Balanced(chunks_per_rank=...)"),
-                               ("cost", cost, "Auto(cost=...)")):
+        raise ValueError(
+            f"strategy: expected one of {STRATEGIES} or a ringattn.sharding strategy object, got "
+            f"{type(strategy).__name__}"
+        )
+    for name, value, where in (
+        ("chunks_per_rank", chunks_per_rank, "Balanced(chunks_per_rank=...)"),
+        ("cost", cost, "Auto(cost=...)"),
+    ):
         if value is not None:
             raise ValueError(f"{name}: give it to the strategy object ({where}), not beside strategy={strategy!r}")
     return strategy

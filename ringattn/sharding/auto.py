@@ -35,6 +35,7 @@ split to fit a rank at all.
 The full-attention work is what is priced (a sliding window, which the planner can also take, is
 not part of the choice).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -80,8 +81,16 @@ class Unit(NamedTuple):
 class Packer:
     """The ``packed`` construction (see the module docstring) for one ``split``."""
 
-    def __init__(self, cu: Sequence[int], prefix: Sequence[int], num_samples: int, sample_len: int, ring: int,
-                 cost: CostModel, min_chunk: int):
+    def __init__(
+        self,
+        cu: Sequence[int],
+        prefix: Sequence[int],
+        num_samples: int,
+        sample_len: int,
+        ring: int,
+        cost: CostModel,
+        min_chunk: int,
+    ):
         self.cu, self.prefix = cu, prefix
         self.num_samples, self.sample_len, self.ring = num_samples, sample_len, ring
         self.share = sample_len // ring  # tokens of a sample each rank holds
@@ -129,8 +138,17 @@ class Packer:
                 h0, h1, t0, t1 = cuts[p], cuts[p + 1], cuts[k - 1 - p], cuts[k - p]
                 w = self._work(a, h0, h1) + self._work(a, t0, t1)
                 ranges = [(h0, h1), (t0, t1)] if h1 < t0 else [(h0, t1)]
-                out.append(Unit(-w, h0, b, ranges, t0 - a - (h1 - h0), (h1 - h0) * (k // 2 - 1) + (t1 - t0) * p,
-                                h1 - h0 + t1 - t0))
+                out.append(
+                    Unit(
+                        -w,
+                        h0,
+                        b,
+                        ranges,
+                        t0 - a - (h1 - h0),
+                        (h1 - h0) * (k // 2 - 1) + (t1 - t0) * p,
+                        h1 - h0 + t1 - t0,
+                    )
+                )
             if k % 2:  # the middle chunk on its own
                 c0, c1 = cuts[k // 2], cuts[k // 2 + 1]
                 out.append(Unit(-self._work(a, c0, c1), c0, b, [(c0, c1)], c0 - a, (c1 - c0) * (k // 2), c1 - c0))
@@ -223,8 +241,9 @@ def merged_pieces(pieces, sample_len: int) -> tuple[tuple[Range, ...], ...]:
     return tuple(merge_adjacent(p, sample_len) for p in pieces)
 
 
-def candidates(cu: Sequence[int], ring: int, sample_len: int, cost: CostModel,
-               min_chunk: int = MIN_CHUNK) -> Iterator[tuple[str, Sequence, list[int]]]:
+def candidates(
+    cu: Sequence[int], ring: int, sample_len: int, cost: CostModel, min_chunk: int = MIN_CHUNK
+) -> Iterator[tuple[str, Sequence, list[int]]]:
     """Yield ``(name, pieces, work per rank)`` of the portfolio, in order (see the module docstring);
     a rank's pieces may be unsorted and touching ones unmerged (``merged_pieces`` fixes both)."""
     num_samples = cu[-1] // sample_len
@@ -247,7 +266,9 @@ def candidates(cu: Sequence[int], ring: int, sample_len: int, cost: CostModel,
         yield (f"packed({'none' if split is None else split})",) + packer.build(pairs)
 
 
-def auto_assignment(cu: Sequence[int], ring: int, sample_len: int, cost: CostModel, ulysses_size: int = 1) -> Assignment:
+def auto_assignment(
+    cu: Sequence[int], ring: int, sample_len: int, cost: CostModel, ulysses_size: int = 1
+) -> Assignment:
     """The candidate with the least predicted step time (``direct`` plan) for ``ring`` ring ranks, and its name.
 
     With ``ulysses_size = U > 1`` the ``ring`` ranks are the ring ranks of a ``U x ring`` hybrid
@@ -260,16 +281,22 @@ def auto_assignment(cu: Sequence[int], ring: int, sample_len: int, cost: CostMod
     """
     cost = cost.ring_model(ulysses_size, ring * ulysses_size)
     spe = cost.seconds_per_entry
-    scored = [(max(work) * spe, order, name, pieces)
-              for order, (name, pieces, work) in enumerate(candidates(cu, ring, sample_len, cost))]
+    scored = [
+        (max(work) * spe, order, name, pieces)
+        for order, (name, pieces, work) in enumerate(candidates(cu, ring, sample_len, cost))
+    ]
     scored.sort(key=lambda c: (c[0], c[1]))
     best = None
     for bound, order, name, pieces in scored:  # the busiest rank's compute bounds a candidate's step time
         if best is not None and bound > best[0]:
             break
         acc = pieces_accounting(cu, ring, pieces, sample_len)
-        step = max(cost.rank_seconds(acc.work[r], acc.kv_recv[r], acc.kv_send[r], acc.kv_send[r], acc.kv_recv[r],
-                                     acc.steps, acc.segments[r])[2] for r in range(ring))
+        step = max(
+            cost.rank_seconds(
+                acc.work[r], acc.kv_recv[r], acc.kv_send[r], acc.kv_send[r], acc.kv_recv[r], acc.steps, acc.segments[r]
+            )[2]
+            for r in range(ring)
+        )
         if best is None or (step, order) < (best[0], best[1]):
             best = (step, order, name, pieces)
     return Assignment(merged_pieces(best[3], sample_len), best[2])
@@ -288,8 +315,10 @@ class Auto:
 
     def __post_init__(self) -> None:
         if self.cost is not None and not isinstance(self.cost, CostModel):
-            raise ValueError(f"cost: expected a ringattn.cost.CostModel, got {type(self.cost).__name__}; pass "
-                             "CostModel(profile, num_heads, num_kv_heads, head_dim, dtype) or None for the default")
+            raise ValueError(
+                f"cost: expected a ringattn.cost.CostModel, got {type(self.cost).__name__}; pass "
+                "CostModel(profile, num_heads, num_kv_heads, head_dim, dtype) or None for the default"
+            )
 
     def rules(self, ring_size: int, ring_name: str) -> list[Rule]:
         return [chunk_rule(ring_size, ring_name)]  # its candidates need no more than zigzag's chunks

@@ -5,6 +5,7 @@ Every sample is cut into ``chunks_per_rank * R`` equal chunks, weighed by their 
 chunks of every sample (equal token counts) and about the same work: heaviest chunk first, to the rank
 with the least work so far that still has room (ties to the lower rank). Deterministic.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -21,8 +22,14 @@ __all__ = ["Balanced", "DEFAULT_CHUNKS_PER_RANK", "balanced_assignment"]
 DEFAULT_CHUNKS_PER_RANK = 4
 
 
-def balanced_assignment(cu: Sequence[int], num_samples: int, sample_len: int, ring: int, chunks_per_rank: int,
-                        prefix: Sequence[int] | None = None) -> tuple[list[list[Range]], list[int]]:
+def balanced_assignment(
+    cu: Sequence[int],
+    num_samples: int,
+    sample_len: int,
+    ring: int,
+    chunks_per_rank: int,
+    prefix: Sequence[int] | None = None,
+) -> tuple[list[list[Range]], list[int]]:
     """The dealing: per rank its chunks (unsorted) and its total work."""
     if prefix is None:
         prefix = work_prefix(cu)
@@ -63,11 +70,19 @@ class Balanced:
 
     def rules(self, ring_size: int, ring_name: str) -> list[Rule]:
         m = self.chunks_per_rank * ring_size
-        return [chunk_rule(ring_size, ring_name),
-                Rule(m, lambda s: f"sample_len: expected a multiple of chunks_per_rank*{ring_name}={m} for "
-                                  f"strategy='balanced', got {s}")]
+        return [
+            chunk_rule(ring_size, ring_name),
+            Rule(
+                m,
+                lambda s: (
+                    f"sample_len: expected a multiple of chunks_per_rank*{ring_name}={m} for "
+                    f"strategy='balanced', got {s}"
+                ),
+            ),
+        ]
 
     def assign(self, cu_seqlens: Sequence[int], sample_len: int, ring_size: int, ulysses_size: int) -> Assignment:
-        held, _ = balanced_assignment(cu_seqlens, cu_seqlens[-1] // sample_len, sample_len, ring_size,
-                                      self.chunks_per_rank)
+        held, _ = balanced_assignment(
+            cu_seqlens, cu_seqlens[-1] // sample_len, sample_len, ring_size, self.chunks_per_rank
+        )
         return Assignment(tuple(merge_adjacent(p, sample_len) for p in held))

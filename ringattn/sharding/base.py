@@ -14,6 +14,7 @@ A strategy is a small frozen object (:class:`ringattn.sharding.Zigzag`, :class:`
 :meth:`ringattn.DocLayout.from_cu_seqlens` validates the documents and the sample length against the
 rules, then builds the layout from the assignment: a strategy never builds a layout itself.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

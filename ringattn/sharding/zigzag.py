@@ -1,5 +1,6 @@
 """``zigzag``: Megatron's order. Every sample is cut into ``2R`` equal chunks; ring rank ``r`` holds chunks
 ``r`` and ``2R-1-r`` of every sample (``get_batch_on_this_cp_rank``)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -16,8 +17,14 @@ def zigzag_pieces(num_samples: int, sample_len: int, ring: int) -> tuple[tuple[R
     """Chunks ``r`` and ``2R-1-r`` of every sample; adjacent chunks (rank ``R-1``) form one piece."""
     chunk = sample_len // (2 * ring)
     return tuple(
-        merge_adjacent([(b * sample_len + c * chunk, b * sample_len + (c + 1) * chunk)
-                        for b in range(num_samples) for c in (r, 2 * ring - 1 - r)], sample_len)
+        merge_adjacent(
+            [
+                (b * sample_len + c * chunk, b * sample_len + (c + 1) * chunk)
+                for b in range(num_samples)
+                for c in (r, 2 * ring - 1 - r)
+            ],
+            sample_len,
+        )
         for r in range(ring)
     )
 

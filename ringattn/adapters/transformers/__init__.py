@@ -50,12 +50,15 @@ Behaviour of transformers 5.24.0 this module relies on (sources in the installed
   keyword arguments with ``functools.partial`` and replays the forward in backward, so the
   context is there for the recompute (the ranks replay in the same order).
 """
+
 from __future__ import annotations
 
 try:
     import transformers  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised only without transformers
-    raise ImportError("ringattn.adapters.transformers needs transformers>=5 (pip install 'ringattn[transformers]')") from exc
+    raise ImportError(
+        "ringattn.adapters.transformers needs transformers>=5 (pip install 'ringattn[transformers]')"
+    ) from exc
 
 from .attention import attention_forward, register  # noqa: E402  (after the check above)
 from .batch import shard_batch  # noqa: E402
@@ -64,6 +67,13 @@ from .loss import gather_logits, reduce_loss  # noqa: E402
 from .model import prepare_model  # noqa: E402
 
 __all__ = [
-    "DEFAULT_NAME", "CONTEXT_KWARG", "RingAttnContext", "register", "prepare_model", "shard_batch",
-    "attention_forward", "reduce_loss", "gather_logits",
+    "DEFAULT_NAME",
+    "CONTEXT_KWARG",
+    "RingAttnContext",
+    "register",
+    "prepare_model",
+    "shard_batch",
+    "attention_forward",
+    "reduce_loss",
+    "gather_logits",
 ]

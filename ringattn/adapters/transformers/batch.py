@@ -1,4 +1,5 @@
 """Batch sharding: a packed batch -> this CP rank's ``model(**inputs)`` (see :mod:`ringattn.adapters.transformers`)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,10 @@ def _as_2d(name: str, x, shape=None) -> torch.Tensor:
     if x.dtype.is_floating_point or x.dtype == torch.bool:
         raise ValueError(f"{name}: expected an integer tensor, got dtype {x.dtype}")
     if shape is not None and tuple(x.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape} (as input_ids), got {tuple(x.shape)}; pass one value per "
-                         "token of input_ids")
+        raise ValueError(
+            f"{name}: expected shape {shape} (as input_ids), got {tuple(x.shape)}; pass one value per "
+            "token of input_ids"
+        )
     return x.detach().to("cpu", torch.int64)
 
 
@@ -41,16 +44,21 @@ def _documents(batch, ids: torch.Tensor, eod_id, pos) -> torch.Tensor:
     if cu is not None:  # DataCollatorWithFlattening(return_flash_attn_kwargs=True)
         cu = torch.as_tensor(cu).detach().to("cpu", torch.int64).reshape(-1)
         if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total:
-            raise ValueError(f"cu_seq_lens_q: expected boundaries from 0 to {total} (the batch's tokens), got "
-                             f"{cu.tolist()[:4]}...{cu.tolist()[-2:]}")
+            raise ValueError(
+                f"cu_seq_lens_q: expected boundaries from 0 to {total} (the batch's tokens), got "
+                f"{cu.tolist()[:4]}...{cu.tolist()[-2:]}"
+            )
         if bool((cu[1:] <= cu[:-1]).any()):
-            raise ValueError("cu_seq_lens_q: expected strictly increasing boundaries; pass the collator's "
-                             "cu_seq_lens_q unchanged")
+            raise ValueError(
+                "cu_seq_lens_q: expected strictly increasing boundaries; pass the collator's cu_seq_lens_q unchanged"
+            )
         missing = sorted(set(range(s, total, s)) - set(cu.tolist()))
         if missing:
-            raise ValueError(f"cu_seq_lens_q: every sample boundary must be a document boundary; missing {missing[:4]}; "
-                             "end every sample's last document at the sample end (DataCollatorWithFlattening makes "
-                             "one sample, [1, T])")
+            raise ValueError(
+                f"cu_seq_lens_q: every sample boundary must be a document boundary; missing {missing[:4]}; "
+                "end every sample's last document at the sample end (DataCollatorWithFlattening makes "
+                "one sample, [1, T])"
+            )
         return cu
     if pos is not None:
         # a document starts wherever the position ids do not grow by one: transformers' own rule for packed
@@ -72,11 +80,20 @@ def _digest(*tensors: torch.Tensor) -> int:
     return int.from_bytes(h.digest(), "little") & ((1 << 62) - 1)
 
 
-def shard_batch(batch: Mapping[str, Any], group: dist.ProcessGroup | CPGroups | None = None, *,
-                eod_id: int | None = None, strategy: str = "zigzag", pad_to_multiple_of: int | None = None,
-                pad_token_id: int = 0, num_items_in_batch: int | torch.Tensor | None = None, comm: str | None = None,
-                backend: str | None = None, device: torch.device | str | None = None,
-                **layout_kwargs: Any) -> dict[str, Any]:
+def shard_batch(
+    batch: Mapping[str, Any],
+    group: dist.ProcessGroup | CPGroups | None = None,
+    *,
+    eod_id: int | None = None,
+    strategy: str = "zigzag",
+    pad_to_multiple_of: int | None = None,
+    pad_token_id: int = 0,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    comm: str | None = None,
+    backend: str | None = None,
+    device: torch.device | str | None = None,
+    **layout_kwargs: Any,
+) -> dict[str, Any]:
     """This CP rank's ``model(**inputs)`` arguments for a packed batch; every CP rank passes the same batch.
 
     batch: ``input_ids`` ``[b, s]`` (``[1, T]`` from ``DataCollatorWithFlattening``) and optionally
@@ -112,13 +129,16 @@ def shard_batch(batch: Mapping[str, Any], group: dist.ProcessGroup | CPGroups | 
     if not isinstance(batch, dict) and not hasattr(batch, "keys"):
         raise ValueError(f"batch: expected a dict of tensors, got {type(batch).__name__}")
     if "input_ids" not in batch or batch["input_ids"] is None:
-        raise ValueError("batch: expected input_ids (inputs_embeds are not supported); pass the collator's batch "
-                         "with input_ids")
+        raise ValueError(
+            "batch: expected input_ids (inputs_embeds are not supported); pass the collator's batch with input_ids"
+        )
     group, groups, rank, cp = resolve_group(group)
     ulysses = groups.ulysses_size if groups is not None else 1
     if layout_kwargs.get("ulysses_size", ulysses) != ulysses:
-        raise ValueError(f"ulysses_size: shard_batch takes the Ulysses split from the group (here {ulysses}), got "
-                         f"ulysses_size={layout_kwargs['ulysses_size']!r}; pass group=ringattn.new_cp_groups(U, cp_group)")
+        raise ValueError(
+            f"ulysses_size: shard_batch takes the Ulysses split from the group (here {ulysses}), got "
+            f"ulysses_size={layout_kwargs['ulysses_size']!r}; pass group=ringattn.new_cp_groups(U, cp_group)"
+        )
     layout_kwargs["ulysses_size"] = ulysses
     ids, cu, pos = _read(batch, eod_id)
     b, s = ids.shape
@@ -129,33 +149,62 @@ def shard_batch(batch: Mapping[str, Any], group: dist.ProcessGroup | CPGroups | 
     if pad_to_multiple_of is not None:
         multiple = pad_to_multiple_of
     else:  # the layout's own rule (one source of truth: DocLayout.required_multiple)
-        multiple = DocLayout.required_multiple(cp, strategy=strategy, chunks_per_rank=layout_kwargs.get("chunks_per_rank"),
-                                               ulysses_size=ulysses, num_samples=b)
+        multiple = DocLayout.required_multiple(
+            cp,
+            strategy=strategy,
+            chunks_per_rank=layout_kwargs.get("chunks_per_rank"),
+            ulysses_size=ulysses,
+            num_samples=b,
+        )
     positive_int("pad_to_multiple_of", multiple)
     padded = -(-s // multiple) * multiple
-    ids_p, pos_p, labels_p, shift_p = (_pad(x, padded, value, filler) for x, value, filler in (
-        (ids, pad_token_id, None), (pos, 0, torch.arange(padded - s, dtype=pos.dtype)), (labels, IGNORE_INDEX, None),
-        (shift, IGNORE_INDEX, None)))
+    ids_p, pos_p, labels_p, shift_p = (
+        _pad(x, padded, value, filler)
+        for x, value, filler in (
+            (ids, pad_token_id, None),
+            (pos, 0, torch.arange(padded - s, dtype=pos.dtype)),
+            (labels, IGNORE_INDEX, None),
+            (shift, IGNORE_INDEX, None),
+        )
+    )
     try:
-        layout = DocLayout.from_cu_seqlens(_padded_documents(cu, b, s, padded), cp, sample_len=padded,
-                                           strategy=strategy, **layout_kwargs)
+        layout = DocLayout.from_cu_seqlens(
+            _padded_documents(cu, b, s, padded), cp, sample_len=padded, strategy=strategy, **layout_kwargs
+        )
     except ValueError as exc:
         if pad_to_multiple_of is None:
             raise
-        need = DocLayout.required_multiple(cp, strategy=strategy, chunks_per_rank=layout_kwargs.get("chunks_per_rank"),
-                                           ulysses_size=ulysses, num_samples=b)
-        raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} pads the samples to {padded} tokens, which the "
-                         f"layout refuses ({exc}); pass pad_to_multiple_of=None (shard_batch then pads to the layout's "
-                         f"own multiple, {need}) or a multiple of {need}") from None
+        need = DocLayout.required_multiple(
+            cp,
+            strategy=strategy,
+            chunks_per_rank=layout_kwargs.get("chunks_per_rank"),
+            ulysses_size=ulysses,
+            num_samples=b,
+        )
+        raise ValueError(
+            f"pad_to_multiple_of={pad_to_multiple_of} pads the samples to {padded} tokens, which the "
+            f"layout refuses ({exc}); pass pad_to_multiple_of=None (shard_batch then pads to the layout's "
+            f"own multiple, {need}) or a multiple of {need}"
+        ) from None
     idx = layout.local_indices(rank)
 
     def local(x):
         return x.reshape(-1)[idx].unsqueeze(0).to(device)
 
     local_pos = local(pos_p)
-    ctx = RingAttnContext(layout=layout, group=group, rank=rank, position_ids=local_pos, batch_shape=(b, s),
-                          padded_len=padded, batch_digest=_digest(ids_p, pos_p, shift_p),
-                          max_doc_len=int((cu[1:] - cu[:-1]).max()), comm=comm, backend=backend, groups=groups)
+    ctx = RingAttnContext(
+        layout=layout,
+        group=group,
+        rank=rank,
+        position_ids=local_pos,
+        batch_shape=(b, s),
+        padded_len=padded,
+        batch_digest=_digest(ids_p, pos_p, shift_p),
+        max_doc_len=int((cu[1:] - cu[:-1]).max()),
+        comm=comm,
+        backend=backend,
+        groups=groups,
+    )
     return {
         "input_ids": local(ids_p),
         "position_ids": local_pos,
@@ -177,9 +226,11 @@ def _read(batch: Mapping[str, Any], eod_id: int | None) -> tuple[torch.Tensor, t
     if mask is not None:
         mask = torch.as_tensor(mask)
         if mask.dim() != 2 or tuple(mask.shape) != (b, s) or not bool((mask != 0).all()):
-            raise ValueError("attention_mask: ringattn takes documents, not padding masks; expected none or all ones "
-                             f"[b, s] (use DataCollatorWithFlattening, or pass eod_id), got shape {tuple(mask.shape)}"
-                             + ("" if mask.dim() != 2 else " with padded positions"))
+            raise ValueError(
+                "attention_mask: ringattn takes documents, not padding masks; expected none or all ones "
+                f"[b, s] (use DataCollatorWithFlattening, or pass eod_id), got shape {tuple(mask.shape)}"
+                + ("" if mask.dim() != 2 else " with padded positions")
+            )
     pos_in = batch.get("position_ids")
     pos_in = None if pos_in is None else _as_2d("position_ids", pos_in, (b, s))
     cu = _documents(batch, ids, eod_id, pos_in)
@@ -215,8 +266,11 @@ def _pad(x: torch.Tensor, padded: int, value: int, filler: torch.Tensor | None =
 def _padded_documents(cu: torch.Tensor, b: int, s: int, padded: int) -> list[int]:
     """The documents of ``b`` samples of ``s`` tokens padded to ``padded``: one filler document per sample's padding."""
     fill = padded - s
-    return sorted({int(x) // s * padded + int(x) % s for x in cu[:-1]}
-                  | ({j * padded + s for j in range(b)} if fill else set()) | {b * padded})
+    return sorted(
+        {int(x) // s * padded + int(x) % s for x in cu[:-1]}
+        | ({j * padded + s for j in range(b)} if fill else set())
+        | {b * padded}
+    )
 
 
 def _num_items(num_items_in_batch, ctx: RingAttnContext, device) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """The batch context: what :func:`~ringattn.adapters.transformers.shard_batch` hands to the attention function."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,8 +11,17 @@ from ..._memo import IdentityMemo
 from ...groups import CPGroups
 from ...layout import DocLayout
 
-__all__ = ["DEFAULT_NAME", "CONTEXT_KWARG", "REFUSAL_KWARG", "PREPARED_KWARG", "IGNORE_INDEX", "RingAttnContext", "mask_refusal",
-           "ATTENDED", "NOT_RINGATTN"]
+__all__ = [
+    "DEFAULT_NAME",
+    "CONTEXT_KWARG",
+    "REFUSAL_KWARG",
+    "PREPARED_KWARG",
+    "IGNORE_INDEX",
+    "RingAttnContext",
+    "mask_refusal",
+    "ATTENDED",
+    "NOT_RINGATTN",
+]
 
 DEFAULT_NAME = "ringattn"
 #: the model-call keyword under which :func:`shard_batch` passes the :class:`RingAttnContext`
@@ -24,9 +34,11 @@ IGNORE_INDEX = -100  # ForCausalLMLoss's default ignore_index, DataCollatorWithF
 #: per context: how many times ringattn's attention function ran on it (see :func:`attended_check`)
 ATTENDED: IdentityMemo[list] = IdentityMemo("attention calls per batch context")
 #: the remedy for a batch context that reached an attention other than ringattn's
-NOT_RINGATTN = ("call ringattn.adapters.transformers.prepare_model(model) before training on shard_batch's output; if "
-                "you switched the model to another attention (e.g. sdpa for generation), switch back with "
-                "model.set_attn_implementation('ringattn') before the next training step")
+NOT_RINGATTN = (
+    "call ringattn.adapters.transformers.prepare_model(model) before training on shard_batch's output; if "
+    "you switched the model to another attention (e.g. sdpa for generation), switch back with "
+    "model.set_attn_implementation('ringattn') before the next training step"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,8 +89,10 @@ class RingAttnContext:
 
 def mask_refusal(mask) -> str:
     what = f"a {mask.dim()}-D" if isinstance(mask, torch.Tensor) else f"a {type(mask).__name__}"
-    return (f"attention_mask: ringattn takes the documents from the context and builds no mask; got {what} mask "
-            "(pass attention_mask=None, as shard_batch does)")
+    return (
+        f"attention_mask: ringattn takes the documents from the context and builds no mask; got {what} mask "
+        "(pass attention_mask=None, as shard_batch does)"
+    )
 
 
 def attended(ctx: RingAttnContext) -> int:
@@ -103,8 +117,10 @@ class _AttendedCheck(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if attended(ctx.batch_context) == 0:
-            raise ValueError("ringattn_context: this step's shard_batch output went through an attention that is not "
-                             f"ringattn's (the model computed attention within this CP rank's shard only): {NOT_RINGATTN}")
+            raise ValueError(
+                "ringattn_context: this step's shard_batch output went through an attention that is not "
+                f"ringattn's (the model computed attention within this CP rank's shard only): {NOT_RINGATTN}"
+            )
         return None, None
 
 

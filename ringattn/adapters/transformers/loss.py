@@ -1,4 +1,5 @@
 """Loss and outputs under CP: the batch loss for logging, per-token outputs in the batch's order."""
+
 from __future__ import annotations
 
 import torch
@@ -10,8 +11,9 @@ from .context import NOT_RINGATTN, RingAttnContext, attended
 __all__ = ["reduce_loss", "gather_logits"]
 
 
-def reduce_loss(loss: torch.Tensor,
-                group: dist.ProcessGroup | CPGroups | RingAttnContext | None = None) -> torch.Tensor:
+def reduce_loss(
+    loss: torch.Tensor, group: dist.ProcessGroup | CPGroups | RingAttnContext | None = None
+) -> torch.Tensor:
     """The batch loss for logging: the sum of the CP ranks' losses (detached).
 
     With :func:`shard_batch`'s ``num_items_in_batch`` each rank's loss is its share of the batch
@@ -39,8 +41,10 @@ def gather_logits(x: torch.Tensor, context: RingAttnContext) -> torch.Tensor:
     """
     layout, n = context.layout, context.local_tokens
     if not attended(context):
-        raise ValueError(f"context: no ringattn attention ran on this batch, so these outputs attended only within "
-                         f"this CP rank's shard: {NOT_RINGATTN}")
+        raise ValueError(
+            f"context: no ringattn attention ran on this batch, so these outputs attended only within "
+            f"this CP rank's shard: {NOT_RINGATTN}"
+        )
     if x.shape[:2] != (1, n):
         raise ValueError(f"x: expected [1, {n}, ...] (this rank's tokens), got {tuple(x.shape)}")
     x = x[0]
@@ -55,6 +59,6 @@ def gather_logits(x: torch.Tensor, context: RingAttnContext) -> torch.Tensor:
         parts = [torch.empty_like(buf) for _ in sizes]
         dist.all_gather(parts, buf.contiguous(), group=context.group)
         for r, part in enumerate(parts):
-            full[layout.local_indices(r, x.device)] = part[:sizes[r]]
+            full[layout.local_indices(r, x.device)] = part[: sizes[r]]
     b, s = context.batch_shape
     return full.view((b, context.padded_len) + rest)[:, :s]

@@ -1,4 +1,5 @@
 """Preparing a model: its own config, ringattn as its attention, a pre-hook for batch-context calls."""
+
 from __future__ import annotations
 
 import copy
@@ -10,8 +11,15 @@ from transformers import PreTrainedModel
 
 from ..._memo import IdentityMemo
 from .attention import register
-from .context import (CONTEXT_KWARG, DEFAULT_NAME, NOT_RINGATTN, PREPARED_KWARG, REFUSAL_KWARG, RingAttnContext,
-                      mask_refusal)
+from .context import (
+    CONTEXT_KWARG,
+    DEFAULT_NAME,
+    NOT_RINGATTN,
+    PREPARED_KWARG,
+    REFUSAL_KWARG,
+    RingAttnContext,
+    mask_refusal,
+)
 
 __all__ = ["prepare_model", "HOOKS"]
 
@@ -44,7 +52,8 @@ def _check_loss_function(model) -> None:
         raise ValueError(
             f"loss_function: {getattr(fn, '__name__', fn)} takes no shift_labels; under context parallelism the labels "
             "must be shifted over the whole batch before sharding: give the model a loss function that takes "
-            "shift_labels (transformers' ForCausalLMLoss does)")
+            "shift_labels (transformers' ForCausalLMLoss does)"
+        )
 
 
 def prepare_model(model: PreTrainedModel, name: str = DEFAULT_NAME) -> PreTrainedModel:
@@ -65,9 +74,11 @@ def prepare_model(model: PreTrainedModel, name: str = DEFAULT_NAME) -> PreTraine
     _own_config(model)
     model.set_attn_implementation(name)
     if model.config._attn_implementation != name:
-        raise ValueError(f"attn_implementation: {type(model).__name__} did not take {name!r} (its attention layers "
-                         "must call ALL_ATTENTION_FUNCTIONS.get_interface); ringattn supports models whose attention "
-                         "goes through transformers' AttentionInterface (Llama, Qwen2/3, Mistral, Gemma 3, gpt-oss, ...)")
+        raise ValueError(
+            f"attn_implementation: {type(model).__name__} did not take {name!r} (its attention layers "
+            "must call ALL_ATTENTION_FUNCTIONS.get_interface); ringattn supports models whose attention "
+            "goes through transformers' AttentionInterface (Llama, Qwen2/3, Mistral, Gemma 3, gpt-oss, ...)"
+        )
     entry = HOOKS.get(model, lambda: [None, None])
     if entry[1] != name:
         if entry[0] is not None:
@@ -90,8 +101,10 @@ def _pre_forward(module, args, kwargs, name: str = DEFAULT_NAME):
         return None  # the attention function refuses the call without a context
     current = getattr(module.config, "_attn_implementation", None)
     if current != name:
-        raise ValueError(f"attn_implementation: the model runs {current!r} attention, not ringattn's {name!r}, so it "
-                         f"would attend only within this CP rank's shard: {NOT_RINGATTN}")
+        raise ValueError(
+            f"attn_implementation: the model runs {current!r} attention, not ringattn's {name!r}, so it "
+            f"would attend only within this CP rank's shard: {NOT_RINGATTN}"
+        )
     if len(args) > 1:
         raise ValueError("ringattn: pass the model inputs as keywords (model(**shard_batch(...)))")
     refusal = None
@@ -104,8 +117,10 @@ def _pre_forward(module, args, kwargs, name: str = DEFAULT_NAME):
     pos = kwargs.get("position_ids")
     n = ctx.local_tokens
     if pos is not None and (not isinstance(pos, torch.Tensor) or pos.shape[-1] != n):
-        refusal = refusal or (f"position_ids: expected this CP rank's {n} reset position ids (shard_batch's), got "
-                              f"shape {tuple(getattr(pos, 'shape', ()))}")
+        refusal = refusal or (
+            f"position_ids: expected this CP rank's {n} reset position ids (shard_batch's), got "
+            f"shape {tuple(getattr(pos, 'shape', ()))}"
+        )
         pos = None
     if pos is None:  # never the model's default arange: the context's reset position ids
         ref = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
