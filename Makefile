@@ -6,7 +6,7 @@ TORCH := torch==2.13.0
 NPROC ?= 4
 DEMO_ARGS ?=
 
-.PHONY: demo test venv clean gpu-check mutants
+.PHONY: demo test lint format venv clean gpu-check mutants
 
 $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,15 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# ruff (configured in pyproject.toml): lint and formatting, as CI runs them before the tests
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 # one-line semantic mutations of the library, each against its targeted tests (tests/mutants.py, docs/mutants.md)
 mutants: venv

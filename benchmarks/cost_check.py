@@ -65,7 +65,8 @@ def main() -> None:
         prof = model.profile
         print(
             f"CP={cp} gloo, Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}, comm={args.comm}, "
-            f"sample_len={args.sample_len}, {args.rounds} rounds; profile {prof.name}: {prof.flops / 1e12:.4g} TFLOP/s, "
+            f"sample_len={args.sample_len}, {args.rounds} rounds; profile {prof.name}: "
+            f"{prof.flops / 1e12:.4g} TFLOP/s, "
             f"{prof.p2p_bandwidth / 1e9:.4g} GB/s, latency {prof.latency * 1e3:.3g} ms/step"
         )
         print(f"{'workload':<26} {'strategy':<22} {'predicted ms':>12} {'measured ms':>11} {'pred/meas':>9}")

@@ -72,7 +72,8 @@ def main() -> None:
                 ring = max(a + b for a, b in zip(st.ring_fwd_bytes, st.ring_bwd_bytes)) / 2**20
                 med = statistics.median(times_of[u])
                 print(
-                    f"{wl['name']:<26} {f'{u}x{cp // u}':>6} {a2a:>8.2f} {ring:>8.2f} {max(st.total_bytes) / 2**20:>9.2f} "
+                    f"{wl['name']:<26} {f'{u}x{cp // u}':>6} {a2a:>8.2f} {ring:>8.2f} "
+                    f"{max(st.total_bytes) / 2**20:>9.2f} "
                     f"{med * 1e3:>8.1f} {med / base:>7.3f}"
                 )
     dist.destroy_process_group()

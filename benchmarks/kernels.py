@@ -24,8 +24,8 @@ import torch
 from ringattn import DocLayout, build_plan
 from ringattn.comm.executor import backward_step, forward_step, plan_exec
 from ringattn.cost import CostModel
-from ringattn.kernels import VarlenCall, get_backend
 from ringattn.inspect import load_profile
+from ringattn.kernels import VarlenCall, get_backend
 from ringattn.workloads import load_workload, rescale_cu_seqlens, workload_names
 
 

@@ -761,7 +761,8 @@ def print_table(outcomes: list[Outcome], batch: Batch, out) -> None:
         if oc.kv_expected is not None:
             kv += " (= plan)" if list(oc.kv_tokens) == list(oc.kv_expected) else f" (plan: {oc.kv_expected}!)"
         p(
-            f"{oc.peer:<20} {fmt_err(oc, 'out'):>7} {fmt_err(oc, 'dq'):>7} {fmt_err(oc, 'dk'):>7} {fmt_err(oc, 'dv'):>7} "
+            f"{oc.peer:<20} {fmt_err(oc, 'out'):>7} {fmt_err(oc, 'dq'):>7} {fmt_err(oc, 'dk'):>7} "
+            f"{fmt_err(oc, 'dv'):>7} "
             f"{ms(f)} {ratio(f, bf)} {ms(fb)} {ratio(fb, bb)} {oc.warmup_s:9.2f} {oc.setup_s * 1e3:8.1f} "
             f"{oc.fwd_bytes / 2**20:5.2f}/{oc.bwd_bytes / 2**20:5.2f}  {kv}"
         )

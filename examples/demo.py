@@ -24,9 +24,9 @@ import torch.nn.functional as F
 import ringattn
 from ringattn import DocLayout, eod_metadata
 from ringattn.cost import CostModel
+from ringattn.inspect import load_profile
 from ringattn.layout import STRATEGIES
 from ringattn.plan import build_plan
-from ringattn.inspect import load_profile
 from ringattn.workloads import load_workload, rescale_cu_seqlens
 
 EOD = 0

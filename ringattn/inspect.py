@@ -59,7 +59,8 @@ def rank_table(plan: Plan) -> str:
         steps = sum(1 for n in st.kv_recv_per_step[r] if n)
         lines.append(
             f"{r:>4} {st.tokens[r]:>8} {st.work[r]:>13} {st.work[r] / mean:>9.3f} {st.pairs_computed[r]:>6} "
-            f"{st.pairs_skipped[r]:>7} {st.kv_recv_tokens[r]:>9} {st.kv_recv_tokens[r] / st.tokens[r]:>7.3f} {steps:>10}"
+            f"{st.pairs_skipped[r]:>7} {st.kv_recv_tokens[r]:>9} {st.kv_recv_tokens[r] / st.tokens[r]:>7.3f} "
+            f"{steps:>10}"
         )
     return "\n".join(lines)
 
@@ -69,7 +70,8 @@ def summary_line(plan: Plan) -> str:
     per_step_max = [max(col) for col in zip(*st.kv_recv_per_step)]
     return (
         f"{plan.comm:>6}: steps {st.num_steps}, imbalance {st.imbalance:.3f}, KV recv total {sum(st.kv_recv_tokens)} "
-        f"tokens, max/rank {max(st.kv_recv_tokens)} ({max(r / t for r, t in zip(st.kv_recv_tokens, st.tokens)):.3f}x local), "
+        f"tokens, max/rank {max(st.kv_recv_tokens)} "
+        f"({max(r / t for r, t in zip(st.kv_recv_tokens, st.tokens)):.3f}x local), "
         f"critical path {sum(per_step_max)} tokens"
     )
 
@@ -205,7 +207,8 @@ def compare_table(
         lines.append(
             f"{label:<22} {st.imbalance:>6.3f} {max(st.kv_recv_tokens):>11} "
             f"{max(r / t for r, t in zip(st.kv_recv_tokens, st.tokens)):>7.3f} {sum(st.kv_recv_tokens) / cp:>12.0f} "
-            f"{st.num_steps:>5} {pred.compute_s[b] * 1e3:>10.3f} {pred.comm_s[b] * 1e3:>8.3f} {pred.step_s * 1e3:>8.3f} "
+            f"{st.num_steps:>5} {pred.compute_s[b] * 1e3:>10.3f} {pred.comm_s[b] * 1e3:>8.3f} "
+            f"{pred.step_s * 1e3:>8.3f} "
             f"{pred.efficiency:>10.3f}"
         )
     return "\n".join(lines)
@@ -386,7 +389,8 @@ def main(argv=None) -> None:
         prof = model.profile
         print(
             f"{wl['name']}: {len(wl['cu_seqlens']) - 1} docs, {wl['cu_seqlens'][-1]} tokens, CP={args.cp}, "
-            f"comm={args.comm}; profile {prof.name}: {prof.flops / 1e12:g} TFLOP/s, {prof.p2p_bandwidth / 1e9:g} GB/s P2P, "
+            f"comm={args.comm}; profile {prof.name}: {prof.flops / 1e12:g} TFLOP/s, "
+            f"{prof.p2p_bandwidth / 1e9:g} GB/s P2P, "
             f"{prof.all_to_all_bandwidth / 1e9:g} GB/s all-to-all, latency {prof.latency * 1e6:g} us"
             + (f", {prof.node_size} CP ranks per node" if prof.node_size else "")
             + f"; Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype}"

@@ -82,7 +82,8 @@ def _sample_len_rules(strategy: Strategy, ring: int, ulysses_size: int, num_samp
             Rule(
                 ring * u // math.gcd(u, num_samples),
                 lambda s: (
-                    f"ulysses_size: each ring rank's {num_samples * s // ring} tokens (total {num_samples * s} / ring_size "
+                    f"ulysses_size: each ring rank's {num_samples * s // ring} tokens "
+                    f"(total {num_samples * s} / ring_size "
                     f"{ring}) must split into ulysses_size={u} equal parts"
                 ),
             )
@@ -239,7 +240,8 @@ class DocLayout:
             d = bisect.bisect_right(cu, b) - 1
             raise ValueError(
                 f"cu_seqlens: sample boundaries must be document boundaries; missing {missing[:4]}: document {d} "
-                f"([{cu[d]}, {cu[d + 1]})) crosses the boundary of samples {b // sample_len - 1} and {b // sample_len} at token {b} (sample_len="
+                f"([{cu[d]}, {cu[d + 1]})) crosses the boundary of samples {b // sample_len - 1} and "
+                f"{b // sample_len} at token {b} (sample_len="
                 f"{sample_len}); end it there, splitting it into [{cu[d]}, {b}) and [{b}, {cu[d + 1]}) (a document "
                 "cannot span two samples)"
             )

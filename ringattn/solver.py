@@ -12,6 +12,7 @@ __all__ = ["MIN_CHUNK", "SPLITS", "BALANCED_CHUNKS", "auto_layout", "candidates"
 
 
 def auto_layout(cu: Sequence[int], cp: int, sample_len: int, cost: CostModel, ulysses_size: int = 1) -> DocLayout:
-    """The layout of ``cp`` ring ranks that ``strategy="auto"`` solves (:func:`ringattn.sharding.auto.auto_assignment`)."""
+    """The layout of ``cp`` ring ranks that ``strategy="auto"`` solves
+    (:func:`ringattn.sharding.auto.auto_assignment`)."""
     dealt = auto_assignment(cu, cp, sample_len, cost, ulysses_size)
     return DocLayout(tuple(cu), cp, sample_len, "auto", dealt.pieces, auto_choice=dealt.choice)

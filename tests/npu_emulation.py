@@ -26,7 +26,8 @@ below by the short names in brackets):
              and ``aclnnRingAttentionUpdateV2_en.md`` (参数说明 / Parameters, 约束说明 / Constraints, and the
              first-phase API's error table: null pointers, dtypes, shapes, ``actualSeqQlenOptional`` format,
              ``inputSoftmaxLayoutOptional`` — no value checks).
-* [rau-kernel] the same repository's kernels, ``attention/ring_attention_update/op_kernel/ring_attention_update_kernel.h``
+* [rau-kernel] the same repository's kernels,
+  ``attention/ring_attention_update/op_kernel/ring_attention_update_kernel.h``
              (SBH), ``ring_attention_update_tnd.h`` (TND) and ``arch35/ring_attention_update_regbase_common.h``:
              ``SoftmaxCompute`` is ``Max``, ``Sub``, ``Exp``, ``Mul``, ``Add``, ``Div`` on fp32, element-wise.
 * [fa-tiling] cannmirror/ops-transformer (CANN 9.0.0 / 9.1.0)
@@ -129,7 +130,8 @@ def _segments(name: str, seq, total: int) -> list[tuple[int, int]]:
 
     [fa-doc] actual_seq_qlen: ``List[int]`` of cumulative lengths without a leading 0 ("S长度列表为 2 2 2 2 2，
     则 actual_seq_qlen 传 2 4 6 8 10"); zero-length segments are allowed ("支持actual_seq_qlen中某个Batch上的S长度为0");
-    trailing zeros mark batches that are not computed ("TND格式下，支持尾部部分Batch不参与计算 ... 尾部传入对应个数个0").
+    trailing zeros mark batches that are not computed
+    ("TND格式下，支持尾部部分Batch不参与计算 ... 尾部传入对应个数个0").
     """
     if not isinstance(seq, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seq):
         raise TypeError(

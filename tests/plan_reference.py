@@ -8,7 +8,7 @@ construction over every (reader, origin) pair.
 from __future__ import annotations
 
 from ringattn.layout import DocLayout, doc_segments
-from ringattn.plan.types import COMM_SHAPES, DEFAULT_COMM, Plan, PlanStats, RankPlan, Range, Segment, Step, Transfer
+from ringattn.plan.types import COMM_SHAPES, DEFAULT_COMM, Plan, PlanStats, Range, RankPlan, Segment, Step, Transfer
 
 __all__ = ["reference_plan"]
 

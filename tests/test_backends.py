@@ -9,7 +9,8 @@ import torch
 
 from ringattn.kernels import VarlenCall, get_backend
 
-from . import flash_standin, npu_emulation as emu
+from . import flash_standin
+from . import npu_emulation as emu
 from .cases import Case, assemble, global_tensors, run_cases
 from .dist import run_ranks, unwrap
 from .reference import dense_with_grads
@@ -219,7 +220,7 @@ def test_npu_capabilities_are_detected_once():
 
             def counting(op, key):
                 def wrapped(*a, **kw):
-                    calls[key] += 1
+                    calls[key] += 1  # noqa: B023 - this iteration's counter, used before the next one
                     return op(*a, **kw)
 
                 return wrapped
@@ -615,7 +616,8 @@ def test_cuda_backend_refuses_flash_attn_before_2_6(monkeypatch):
 def test_cuda_backend_routes_what_flash_cannot_take_to_math(why, monkeypatch):
     """fp32, head dims above 256 and GPUs below compute capability 8.0 (flash_api.cpp: "FlashAttention only
     supports Ampere GPUs or newer") run on the math kernel with a warning, never into a flash kernel."""
-    from ringattn.kernels import cuda, math as mk
+    from ringattn.kernels import cuda
+    from ringattn.kernels import math as mk
 
     def no_flash(*args, **kwargs):
         raise AssertionError("a flash kernel was called")
@@ -639,7 +641,8 @@ def test_cuda_backend_routes_what_flash_cannot_take_to_math(why, monkeypatch):
 
 def test_cuda_head_dim_padding_is_exact():
     """Zero-padding the head dim to a multiple of 8 (what the CUDA backend does for flash) changes nothing."""
-    from ringattn.kernels import cuda, math as mk
+    from ringattn.kernels import cuda
+    from ringattn.kernels import math as mk
 
     g = torch.Generator().manual_seed(5)
     call = VarlenCall((0, 4, 9), (0, 4, 9), True)

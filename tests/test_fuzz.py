@@ -21,12 +21,9 @@ Ulysses x ring split.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 
 from ringattn.kernels import npu as _npu
 

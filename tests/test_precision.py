@@ -86,7 +86,8 @@ def test_bf16_cp_result_is_the_fp32_cp_result_rounded_once(rank_pools):
 def _spy_backend(name: str, fp32_out: bool, round_partials: bool, record: list):
     """Register backend ``name``: the math kernel, returning its partials in q's dtype when ``round_partials``
     (what a device kernel does), with or without ``BACKWARD_TAKES_FP32_OUT``; every call appends to ``record``."""
-    from ringattn.kernels import BACKENDS, math as mk
+    from ringattn.kernels import BACKENDS
+    from ringattn.kernels import math as mk
 
     def forward(q, k, v, call, scale):
         out, lse = mk.forward(q, k, v, call, scale)

@@ -4,7 +4,8 @@ Exactness: ``RingAttnTrainer`` / ``RingAttnSFTTrainer`` (TRL packing, padding-fr
 and Ulysses 2 x ring 2, with gradient accumulation 1 and 2, train tiny random-init Llama and Qwen3 models for 3
 AdamW steps; the reference is the plain ``Trainer`` / ``SFTTrainer`` in one process on the same global batches
 (transformers' ``sdpa`` attention, no ringattn). The logged losses, the first step's synchronised gradients, the
-final weights and the eval loss agree to float32 rounding (1e-5). Refusals raise the same ValueError on every rank. The two examples run on the pools.
+final weights and the eval loss agree to float32 rounding (1e-5). Refusals raise the same ValueError on every rank.
+The two examples run on the pools.
 """
 
 from __future__ import annotations

@@ -115,7 +115,8 @@ def train(args, log=print) -> list[tuple[float, float]]:
             split = f", Ulysses {layout.ulysses_size} x ring {layout.ring_size}" if layout.ulysses_size > 1 else ""
             log(
                 f"step {step}: loss {total:.6f} | CP=1 loss {ref_loss.item():.6f}  ({len(docs)} documents, "
-                f"{batch['input_ids'].shape[1]} tokens padded to {layout.total_tokens}, {layout.local_tokens(rank)} per rank"
+                f"{batch['input_ids'].shape[1]} tokens padded to {layout.total_tokens}, "
+                f"{layout.local_tokens(rank)} per rank"
                 f"{split})"
             )
     return losses

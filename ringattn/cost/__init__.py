@@ -57,8 +57,15 @@ not depend on how many peers it talks to); calibrate a full-mesh node (HCCS) wit
 over the ranks you will use as Ulysses group (``--calibrate --node-size``).
 """
 
-from .model import A2A_PER_LAYER, EXCHANGES_PER_STEP, FWD_BWD_FACTOR  # noqa: F401  (the model's constants)
-from .model import CostModel, Prediction, default_cost_model, flops_per_entry
+from .model import (  # noqa: F401  (the model's constants)
+    A2A_PER_LAYER,
+    EXCHANGES_PER_STEP,
+    FWD_BWD_FACTOR,
+    CostModel,
+    Prediction,
+    default_cost_model,
+    flops_per_entry,
+)
 from .profiles import DEFAULT_PROFILE, PRESETS, HardwareProfile, preset
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""The cost model: prices a layout's forward + backward attention from its plan's exact counts (see :mod:`ringattn.cost`)."""
+"""The cost model: prices a layout's forward + backward attention from its plan's exact counts (see
+:mod:`ringattn.cost`)."""
 
 from __future__ import annotations
 
@@ -163,7 +164,7 @@ class CostModel:
             return prof.p2p_bandwidth
         return prof.all_to_all_bandwidth
 
-    def ring_model(self, ulysses_size: int = 1, cp_size: int | None = None) -> "CostModel":
+    def ring_model(self, ulysses_size: int = 1, cp_size: int | None = None) -> CostModel:
         """The model of the ring that every Ulysses rank runs in a ``ulysses_size x (cp_size /
         ulysses_size)`` split: ``Hq/U`` query heads, the KV heads each rank carries after split
         or replication (:func:`ringattn.plan.ulysses_heads`), and the ring's link

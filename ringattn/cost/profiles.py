@@ -72,7 +72,7 @@ class HardwareProfile:
             f.write("\n")
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "profile") -> "HardwareProfile":
+    def from_dict(cls, data: dict, where: str = "profile") -> HardwareProfile:
         if not isinstance(data, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
@@ -85,7 +85,7 @@ class HardwareProfile:
         return cls(**data)
 
     @classmethod
-    def load(cls, path) -> "HardwareProfile":
+    def load(cls, path) -> HardwareProfile:
         """A profile from a JSON file (as ``python -m ringattn.cost --calibrate`` writes)."""
         try:
             with open(path) as f:

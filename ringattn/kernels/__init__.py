@@ -14,7 +14,8 @@ Contract (THD layout, GQA native: k/v may have fewer heads than q, ``Hq % Hkv ==
   flash_attn's convention that every segment of the call shares: aligned to each segment's bottom-right
   corner, query row ``r`` of a segment with ``sq`` queries and ``sk`` keys sees the key columns
   ``[r + sk - sq - left, r + sk - sq + right]`` (``left, right >= 0``; causal segments get ``(W - 1, 0)``;
-  every query row still sees at least one key). The executor builds each call once per plan and reuses it on every training step,
+  every query row still sees at least one key). The executor builds each call once per plan and reuses it on
+  every training step,
   so a backend derives what it needs from it *once* with :meth:`VarlenCall.cached` (device
   ``cu_seqlens``, statistics-layout indices, chunkings) instead of on every call: no host work per
   segment and no host-to-device copy on the hot path.
@@ -55,9 +56,10 @@ True
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["BACKENDS", "VarlenCall", "get_backend"]
 

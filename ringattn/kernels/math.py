@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-
 #: backward may be given the merged output in fp32 (it computes in fp32 anyway)
 BACKWARD_TAKES_FP32_OUT = True
 #: honours ``VarlenCall.window`` (sliding windows)

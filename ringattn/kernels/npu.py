@@ -286,7 +286,7 @@ def forward(q, k, v, call, scale):
         (out, smax, ssum), token_major = _try_tnd(
             caps,
             "tnd_forward",
-            lambda **kw: npu.npu_fusion_attention(
+            lambda ch=ch, **kw: npu.npu_fusion_attention(
                 q[ch.q0 : ch.q1],
                 k[ch.k0 : ch.k1],
                 v[ch.k0 : ch.k1],

@@ -30,7 +30,7 @@ import numpy as np
 
 from .._memo import IdentityMemo
 from ..ranges import PieceLayout
-from .types import COMM_SHAPES, DEFAULT_COMM, Plan, PlanStats, RankPlan, Range, Segment, Step, Transfer
+from .types import COMM_SHAPES, DEFAULT_COMM, Plan, PlanStats, Range, RankPlan, Segment, Step, Transfer
 from .window import WindowIndex, build_rank_windowed, effective_window
 
 __all__ = ["build_plan", "rank_plan", "direct_accounting", "pieces_accounting", "Accounting", "PLANS"]

@@ -233,7 +233,8 @@ class PlanStats:
         return (
             f"PlanStats(comm={self.comm!r}{window}, cp={self.cp_size}, steps={self.num_steps}, "
             f"imbalance={self.imbalance:.3f}, "
-            f"work={list(self.work)}, kv_recv_tokens={list(self.kv_recv_tokens)}, pairs_skipped={list(self.pairs_skipped)})"
+            f"work={list(self.work)}, kv_recv_tokens={list(self.kv_recv_tokens)}, "
+            f"pairs_skipped={list(self.pairs_skipped)})"
         )
 
 

@@ -1,4 +1,5 @@
-"""The attention function transformers calls: ``[b, H, s, d]`` in, :func:`ringattn.ring_eod_attention` over the batch context."""
+"""The attention function transformers calls: ``[b, H, s, d]`` in, :func:`ringattn.ring_eod_attention` over the
+batch context."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def _refusal(ctx: RingAttnContext, module: nn.Module, query, key, value, attenti
     sinks, position_bias) and the model call's extra keywords, as transformers passed them.
     """
     config = getattr(module, "config", None)
-    dropout, sliding_window, softcap = call.get("dropout"), call.get("sliding_window"), call.get("softcap")
+    dropout, softcap = call.get("dropout"), call.get("softcap")
     is_causal = call.get("is_causal")
     if call.get(REFUSAL_KWARG):
         return call[REFUSAL_KWARG]

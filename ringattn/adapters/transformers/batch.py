@@ -121,7 +121,8 @@ def shard_batch(
     the plain ring when ``U == 1``); None: the world group if torch.distributed is initialised,
     else CP size 1. Shards by the CP rank (``cp_rank = ring_rank * U + ulysses_rank``).
     ``strategy`` and ``**layout_kwargs`` go to :meth:`DocLayout.from_cu_seqlens` (its
-    ``ulysses_size`` comes from the groups); ``comm`` and ``backend`` to :func:`ring_eod_attention`. Returns ``input_ids``, ``position_ids``,
+    ``ulysses_size`` comes from the groups); ``comm`` and ``backend`` to :func:`ring_eod_attention`. Returns
+    ``input_ids``, ``position_ids``,
     ``labels``, ``shift_labels`` as ``[1, n_local]`` (this rank's tokens of every sample, in the
     layout's local order, on ``device``), ``num_items_in_batch``, ``use_cache=False`` and
     ``ringattn_context``. Raises ``ValueError`` (no communication) for malformed batches.
@@ -240,7 +241,8 @@ def _read(batch: Mapping[str, Any], eod_id: int | None) -> tuple[torch.Tensor, t
 
 
 def _labels(batch: Mapping[str, Any], ids: torch.Tensor, cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(labels, shift_labels)``: the batch's, or shifted over the whole batch here (no prediction crosses a document)."""
+    """``(labels, shift_labels)``: the batch's, or shifted over the whole batch here (no prediction crosses a
+    document)."""
     shape = tuple(ids.shape)
     labels = batch.get("labels")
     labels = ids if labels is None else _as_2d("labels", labels, shape)
