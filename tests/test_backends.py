@@ -378,10 +378,17 @@ def _cuda_worker(rank, cp, cases):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("cp", [2, 3, 4])
 def test_cuda_multi_rank_on_one_gpu(cp):
-    """2-4 processes share GPU 0 through a gloo group with host staging (NCCL refuses this)."""
+    """2-4 processes share GPU 0 through a gloo group with host staging (NCCL refuses this); windows and sinks too."""
     base = [c for c in layout_cases(cp) if c.comm == "direct"]
     fp16 = [Case(**{**c.__dict__, "dtype": "float16", "name": c.name + " fp16"}) for c in base if c.dtype == "bfloat16"]
-    cases = [Case(**{**c.__dict__, "backend": "cuda"}) for c in base + fp16]
+    # sliding windows and sinks on the real flash kernels (a window cutting documents, and a window of 1)
+    windowed = [
+        Case(**{**c.__dict__, "window": w, "sinks": True, "name": f"{c.name} window {w} sinks"})
+        for c in base
+        if c.dtype == "bfloat16"
+        for w in (1, 5)
+    ]
+    cases = [Case(**{**c.__dict__, "backend": "cuda"}) for c in base + fp16 + windowed]
     per_rank = unwrap(run_ranks(cp, _cuda_worker, cases, timeout_s=300))
     single = unwrap(run_ranks(1, _cuda_worker, cases, timeout_s=300))[0]  # the same backend on one device, CP=1
     for i, case in enumerate(cases):
