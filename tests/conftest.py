@@ -67,5 +67,7 @@ def rank_pools():
         return pools[cp]
 
     yield get
+    for pool in pools.values():  # all pools wind down at once
+        pool.stop()
     for pool in pools.values():
         pool.close()

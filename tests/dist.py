@@ -125,6 +125,7 @@ class RankPool:
     def __init__(self, cp: int, timeout_s: float = 60.0):
         ctx = mp.get_context("spawn")
         self.cp = cp
+        self.stopped = False
         self.inboxes = [ctx.Queue() for _ in range(cp)]
         self.outbox = ctx.Queue()
         port = _free_port()
@@ -145,9 +146,15 @@ class RankPool:
             results[rank] = res
         return results
 
+    def stop(self) -> None:
+        """Ask every rank to leave (returns at once; :meth:`close` waits)."""
+        if not self.stopped:
+            self.stopped = True
+            for box in self.inboxes:
+                box.put(None)
+
     def close(self) -> None:
-        for box in self.inboxes:
-            box.put(None)
+        self.stop()
         for p in self.procs:
             p.join(timeout=30)
             if p.is_alive():

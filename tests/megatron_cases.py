@@ -293,6 +293,16 @@ def hybrid_runs(rank, world, names):
             ps.destroy_model_parallel()
 
 
-def loss_and_grads_per_strategy(rank, cp, args):
-    """:func:`loss_and_grads` for each of ``args["strategies"]`` in this process (same weights)."""
-    return [loss_and_grads(rank, cp, {**args, "strategy": s}) for s in args["strategies"]]
+def loss_and_grads_cases(rank, cp, cases):
+    """:func:`loss_and_grads` for each of ``cases`` (name -> args) in this process, each model built from the same
+    seed: name -> ``("ok", result)`` or ``("error", traceback)``, so a failure names its case (one spawn per CP size
+    instead of one per case: megatron-core takes seconds to import)."""
+    import traceback
+
+    out = {}
+    for name, args in cases.items():
+        try:
+            out[name] = ("ok", loss_and_grads(rank, cp, args))
+        except Exception as exc:
+            out[name] = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    return out

@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("megatron.core", reason="megatron-core not installed (pip install 'ringattn[megatron]')")
 
 from .dist import run_ranks, unwrap  # noqa: E402
-from .megatron_cases import hybrid_runs, loss_and_grads, loss_and_grads_per_strategy  # noqa: E402
+from .megatron_cases import hybrid_runs, loss_and_grads_cases  # noqa: E402
 
 
 def compare(a, b, rtol=1e-5, atol=1e-6):
@@ -20,47 +20,72 @@ def compare(a, b, rtol=1e-5, atol=1e-6):
         assert err <= atol + rtol * gb.abs().max().item(), f"{name}: max abs difference {err:.3e}"
 
 
+SOFTMAX_TYPES = ("learnable", "off-by-one")
+#: a causal window of 5 keys on every layer (TransformerConfig.window_size) with megatron's softmax_type sinks
+WINDOWED = {st: {"window": 5, "softmax_type": st} for st in SOFTMAX_TYPES}
+CP1_CASES = {
+    "sbhd": {"format": "sbhd"},
+    "sbhd 1 sample": {"format": "sbhd", "samples": 1},
+    **{f"window {st}": args for st, args in WINDOWED.items()},
+    # megatron-core's own attention last: the CPU patches it needs stay in the process
+    "dense": {"spec": "dense"},
+    **{f"dense window {st}": {**args, "spec": "dense"} for st, args in WINDOWED.items()},
+}
+CP2_CASES = {
+    **{f"sbhd {s}": {"format": "sbhd", "strategy": s} for s in ("zigzag", "balanced", "auto")},
+    "thd 1 sample": {"format": "thd", "samples": 1},
+    **{f"window {st} {s}": {**args, "strategy": s} for st, args in WINDOWED.items() for s in ("zigzag", "balanced")},
+}
+
+
+def _ok(runs, name):
+    status, value = runs[name]
+    assert status == "ok", f"{name}: {value}"
+    return value
+
+
 @pytest.fixture(scope="module")
-def cp1_sbhd():
-    return unwrap(run_ranks(1, loss_and_grads, {"format": "sbhd"}))[0]
+def cp1():
+    """Every CP=1 run in one process (megatron-core takes seconds to import): name -> (loss, grads)."""
+    return unwrap(run_ranks(1, loss_and_grads_cases, CP1_CASES))[0]
 
 
-def test_cp2_equals_cp1_sbhd(cp1_sbhd):
+@pytest.fixture(scope="module")
+def cp2():
+    """Every CP=2 run in one pair of processes: per rank, name -> (loss, grads) (CP-summed, so equal on both)."""
+    return unwrap(run_ranks(2, loss_and_grads_cases, CP2_CASES))
+
+
+def test_cp2_equals_cp1_sbhd(cp1, cp2):
     """get_batch with the zigzag, balanced and auto layouts: same loss and gradients as CP=1."""
-    strategies = ("zigzag", "balanced", "auto")
-    results = unwrap(run_ranks(2, loss_and_grads_per_strategy, {"format": "sbhd", "strategies": strategies}))
-    for per_rank in results:  # every CP rank holds the same global loss and summed gradients
-        for res in per_rank:
-            compare(res, cp1_sbhd)
+    for runs in cp2:  # every CP rank holds the same global loss and summed gradients
+        for strategy in ("zigzag", "balanced", "auto"):
+            compare(_ok(runs, f"sbhd {strategy}"), _ok(cp1, "sbhd"))
 
 
-def test_cp2_thd_equals_cp1_sbhd():
-    cp1 = unwrap(run_ranks(1, loss_and_grads, {"format": "sbhd", "samples": 1}))[0]
-    results = unwrap(run_ranks(2, loss_and_grads, {"format": "thd", "samples": 1}))
-    for res in results:
-        compare(res, cp1)
+def test_cp2_thd_equals_cp1_sbhd(cp1, cp2):
+    for runs in cp2:
+        compare(_ok(runs, "thd 1 sample"), _ok(cp1, "sbhd 1 sample"))
 
 
-def test_cp_off_equals_dense_document_masked_attention(cp1_sbhd):
-    dense = unwrap(run_ranks(1, loss_and_grads, {"spec": "dense"}))[0]
-    compare(cp1_sbhd, dense)
+def test_cp_off_equals_dense_document_masked_attention(cp1):
+    compare(_ok(cp1, "sbhd"), _ok(cp1, "dense"))
 
 
-@pytest.mark.parametrize("softmax_type", ["learnable", "off-by-one"])
-def test_window_and_sinks_equal_dense_document_masked_attention(softmax_type):
+@pytest.mark.parametrize("softmax_type", SOFTMAX_TYPES)
+def test_window_and_sinks_equal_dense_document_masked_attention(softmax_type, cp1, cp2):
     """TransformerConfig.window_size (a causal window of 5 keys on every layer) and softmax_type sinks: CP=2
     (zigzag, balanced) and CP off equal megatron-core's own attention with the documents and the window in its mask
     and its own softmax_offset (the learnable sinks' gradient included)."""
-    args = {"window": 5, "softmax_type": softmax_type}
-    dense = unwrap(run_ranks(1, loss_and_grads, {**args, "spec": "dense"}))[0]
-    compare(unwrap(run_ranks(1, loss_and_grads, args))[0], dense)
+    dense = _ok(cp1, f"dense window {softmax_type}")
+    compare(_ok(cp1, f"window {softmax_type}"), dense)
     if softmax_type == "learnable":
         assert any(name.endswith("core_attention.softmax_offset") for name in dense[1])
-    plain = unwrap(run_ranks(1, loss_and_grads, {"spec": "dense"}))[0]
+    plain = _ok(cp1, "dense")
     assert abs(plain[0] - dense[0]) > 1e-4, "not vacuous: the window and the sinks change the reference's loss"
-    for strategy in ("zigzag", "balanced"):
-        for res in unwrap(run_ranks(2, loss_and_grads, {**args, "strategy": strategy})):
-            compare(res, dense)
+    for runs in cp2:
+        for strategy in ("zigzag", "balanced"):
+            compare(_ok(runs, f"window {softmax_type} {strategy}"), dense)
 
 
 def test_layer_window_follows_megatron_config():

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("transformers", reason="transformers not installed (pip install 'ringattn[transformers]')")
 
 from . import transformers_cases as tc  # noqa: E402
-from .dist import run_ranks, unwrap  # noqa: E402
+from .dist import unwrap  # noqa: E402
 from .test_transformers import TOL, assert_close  # noqa: E402
 
 KINDS = ("mistral", "gemma3", "gpt_oss")
@@ -45,9 +45,9 @@ def test_windowed_and_sink_models_match_unpacked_documents(cp, setups, rank_pool
         assert_close(got, setups[case["kind"]][2], f"CP={cp} {case['kind']} {case['strategy']}")
 
 
-def test_windowed_and_sink_models_under_ulysses_2_x_ring_2(setups):
+def test_windowed_and_sink_models_under_ulysses_2_x_ring_2(setups, rank_pools):
     cases = _cases(setups, ulysses=2)
-    results = unwrap(run_ranks(4, tc.run_cases, cases, timeout_s=240))[0]
+    results = unwrap(rank_pools(4).run(tc.run_cases, cases))[0]
     for case, got in zip(cases, results):
         assert_close(got, setups[case["kind"]][2], f"2x2 {case['kind']}")
 

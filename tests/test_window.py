@@ -18,7 +18,7 @@ import torch
 import ringattn
 from ringattn import DocLayout, build_plan, rank_plan
 
-from .dist import run_ranks, unwrap
+from .dist import unwrap
 
 CU = [0, 7, 40, 41, 70, 96]  # documents crossing chunk edges at CP 2-4 (96 = 2*4*12 = 4*4*6)
 LONGEST = 33
@@ -126,10 +126,10 @@ def _run_cases(rank, cp, cases):
     return [_run_case(rank, cp, c) for c in cases]
 
 
-def test_window_and_sinks_under_ulysses_2_x_ring_2():
+def test_window_and_sinks_under_ulysses_2_x_ring_2(rank_pools):
     """Hybrid CP: the all-to-all scatters heads (and the sinks with them), the windowed ring plan runs on the ring."""
     cases = _cases(4, ulysses=2)
-    per_case = list(zip(*unwrap(run_ranks(4, _run_cases, cases, timeout_s=120))))
+    per_case = list(zip(*unwrap(rank_pools(4).run(_run_cases, cases))))
     for case, results in zip(cases, per_case):
         _check(case, results, 1e-5)
 

@@ -25,7 +25,7 @@ from ringattn.kernels import VarlenCall
 
 from . import flash_standin
 from .cases import CUDA_STANDINS
-from .dist import run_ranks, unwrap
+from .dist import unwrap
 from .plan_sim import kernel_calls
 from .reference import doc_window_mask
 from .rounding import device_bounds, half_ulp
@@ -441,9 +441,9 @@ def test_cuda_windows_and_sinks_through_the_standins(rank_pools, cp):
         _check(case, cp, results)
 
 
-def test_cuda_windows_and_sinks_under_ulysses_2_x_ring_2():
+def test_cuda_windows_and_sinks_under_ulysses_2_x_ring_2(rank_pools):
     cases = _cases(4, ulysses=2)
     assert {c[10] for c in cases} == set(CUDA_STANDINS)
-    per_case = list(zip(*unwrap(run_ranks(4, _run_all, cases, timeout_s=120))))
+    per_case = list(zip(*unwrap(rank_pools(4).run(_run_all, cases))))
     for case, results in zip(cases, per_case):
         _check(case, 4, results)
