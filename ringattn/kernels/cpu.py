@@ -63,23 +63,26 @@ def _band(rows: int, cols: int, shift: int, window, dtype, device) -> torch.Tens
     return torch.zeros(rows, cols, dtype=dtype, device=device).masked_fill(~keep, float("-inf"))[None, None]
 
 
+def _blocks(call, dtype, device):
+    """``(q0, q1, k0, k1, causal, mask)`` per op call: every segment (no mask), or under a window every tile with its
+    band as the additive mask (tiles of a segment share keys, so dK/dV add up)."""
+    if call.window is None:
+        cu_q, cu_k = call.cu_q, call.cu_k
+        for i in range(call.num_segments):
+            yield cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1], call.causal, None
+        return
+    for q0, q1, k0, k1, shift in call.cached(("cpu tiles",), lambda: _tiles(call)):
+        yield q0, q1, k0, k1, False, _band(q1 - q0, k1 - k0, shift, call.window, dtype, device)
+
+
 def forward(q, k, v, call, scale):
     q, k, v = _compute(q, k, v)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-    cu_q, cu_k = call.cu_q, call.cu_k
-    if call.window is not None:
-        for q0, q1, k0, k1, shift in call.cached(("cpu tiles",), lambda: _tiles(call)):
-            mask = _band(q1 - q0, k1 - k0, shift, call.window, q.dtype, q.device)
-            o, l = _fwd(_bhld(q[q0:q1]), _bhld(k[k0:k1]), _bhld(v[k0:k1]), 0.0, False, attn_mask=mask, scale=scale)
-            out[q0:q1] = o[0].transpose(0, 1)
-            lse[q0:q1] = l[0].transpose(0, 1)
-        return out, lse
-    for i in range(call.num_segments):
-        qs, qe, ks, ke = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
-        o, l = _fwd(_bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]), 0.0, call.causal, scale=scale)
-        out[qs:qe] = o[0].transpose(0, 1)
-        lse[qs:qe] = l[0].transpose(0, 1)
+    for q0, q1, k0, k1, causal, mask in _blocks(call, q.dtype, q.device):
+        o, l = _fwd(_bhld(q[q0:q1]), _bhld(k[k0:k1]), _bhld(v[k0:k1]), 0.0, causal, attn_mask=mask, scale=scale)
+        out[q0:q1] = o[0].transpose(0, 1)
+        lse[q0:q1] = l[0].transpose(0, 1)
     return out, lse
 
 
@@ -88,40 +91,20 @@ def backward(dout, q, k, v, out, lse, call, scale):
     dq = torch.empty_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
-    cu_q, cu_k, causal = call.cu_q, call.cu_k, call.causal
-    if call.window is not None:
-        for q0, q1, k0, k1, shift in call.cached(("cpu tiles",), lambda: _tiles(call)):
-            mask = _band(q1 - q0, k1 - k0, shift, call.window, q.dtype, q.device)
-            g_q, g_k, g_v = _bwd(
-                _bhld(dout[q0:q1]),
-                _bhld(q[q0:q1]),
-                _bhld(k[k0:k1]),
-                _bhld(v[k0:k1]),
-                _bhld(out[q0:q1]),
-                lse[q0:q1].t().unsqueeze(0),
-                0.0,
-                False,
-                attn_mask=mask,
-                scale=scale,
-            )
-            dq[q0:q1] = g_q[0].transpose(0, 1)
-            dk[k0:k1] += g_k[0].transpose(0, 1)
-            dv[k0:k1] += g_v[0].transpose(0, 1)
-        return dq, dk, dv
-    for i in range(call.num_segments):
-        qs, qe, ks, ke = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
+    for q0, q1, k0, k1, causal, mask in _blocks(call, q.dtype, q.device):
         g_q, g_k, g_v = _bwd(
-            _bhld(dout[qs:qe]),
-            _bhld(q[qs:qe]),
-            _bhld(k[ks:ke]),
-            _bhld(v[ks:ke]),
-            _bhld(out[qs:qe]),
-            lse[qs:qe].t().unsqueeze(0),
+            _bhld(dout[q0:q1]),
+            _bhld(q[q0:q1]),
+            _bhld(k[k0:k1]),
+            _bhld(v[k0:k1]),
+            _bhld(out[q0:q1]),
+            lse[q0:q1].t().unsqueeze(0),
             0.0,
             causal,
+            attn_mask=mask,
             scale=scale,
         )
-        dq[qs:qe] = g_q[0].transpose(0, 1)
-        dk[ks:ke] = g_k[0].transpose(0, 1)
-        dv[ks:ke] = g_v[0].transpose(0, 1)
+        dq[q0:q1] = g_q[0].transpose(0, 1)
+        dk[k0:k1] += g_k[0].transpose(0, 1)
+        dv[k0:k1] += g_v[0].transpose(0, 1)
     return dq, dk, dv
