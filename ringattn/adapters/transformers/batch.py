@@ -147,16 +147,14 @@ def shard_batch(
     if num_items_in_batch is None:
         num_items_in_batch = (shift != IGNORE_INDEX).sum()
 
+    # the layout's own rule (one source of truth: DocLayout.required_multiple)
+    rule = dict(
+        strategy=strategy, chunks_per_rank=layout_kwargs.get("chunks_per_rank"), ulysses_size=ulysses, num_samples=b
+    )
     if pad_to_multiple_of is not None:
         multiple = pad_to_multiple_of
-    else:  # the layout's own rule (one source of truth: DocLayout.required_multiple)
-        multiple = DocLayout.required_multiple(
-            cp,
-            strategy=strategy,
-            chunks_per_rank=layout_kwargs.get("chunks_per_rank"),
-            ulysses_size=ulysses,
-            num_samples=b,
-        )
+    else:
+        multiple = DocLayout.required_multiple(cp, **rule)
     positive_int("pad_to_multiple_of", multiple)
     padded = -(-s // multiple) * multiple
     ids_p, pos_p, labels_p, shift_p = (
@@ -175,13 +173,7 @@ def shard_batch(
     except ValueError as exc:
         if pad_to_multiple_of is None:
             raise
-        need = DocLayout.required_multiple(
-            cp,
-            strategy=strategy,
-            chunks_per_rank=layout_kwargs.get("chunks_per_rank"),
-            ulysses_size=ulysses,
-            num_samples=b,
-        )
+        need = DocLayout.required_multiple(cp, **rule)
         raise ValueError(
             f"pad_to_multiple_of={pad_to_multiple_of} pads the samples to {padded} tokens, which the "
             f"layout refuses ({exc}); pass pad_to_multiple_of=None (shard_batch then pads to the layout's "
