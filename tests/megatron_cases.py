@@ -16,6 +16,15 @@ import torch
 EOD = 0
 VOCAB = 96
 SEQ = 32
+#: the tiny GPT's TransformerConfig fields every run shares (GQA: 4 query heads, 2 groups; CPU init, no dropout)
+TINY = dict(
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    use_cpu_initialization=True,
+    attention_dropout=0.0,
+)
 
 
 class _HostBuffer:
@@ -67,12 +76,7 @@ def build_model(
         torch.cuda.current_device = lambda: "cpu"  # DotProductAttention puts softmax_offset there
     torch.manual_seed(seed)
     cfg = TransformerConfig(
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_query_groups=2,
-        use_cpu_initialization=True,
-        attention_dropout=0.0,
+        **TINY,
         hidden_dropout=0.0,
         context_parallel_size=cp,
         params_dtype=torch.float32,
@@ -216,15 +220,7 @@ def _bad_megatron_configs():
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(1, 1, context_parallel_size=4, hierarchical_context_parallel_sizes=[2, 2])
-    base = dict(
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_query_groups=2,
-        use_cpu_initialization=True,
-        attention_dropout=0.0,
-        context_parallel_size=4,
-    )
+    base = dict(TINY, context_parallel_size=4)
     rank = dist.get_rank()
     cols = [dist.new_group(r) for r in ([0, 2], [1, 3])]  # created on every rank, in the same order
     rows = [dist.new_group(r) for r in ([0, 1], [2, 3])]

@@ -53,14 +53,21 @@ def _global(seed: int, total: int, hq: int, hkv: int, d: int, sinks: bool):
 
 def _run_case(rank, cp, case):
     """This rank's out and grads (q, k, v, sinks partial) for one case; every rank builds the same globals."""
-    cu, hq, hkv, d, window, use_sinks, comm, strategy, ulysses, dtype, backend, seed = case
+    cu, hq, hkv, d, _, use_sinks, *_, backend, seed = case
+    return run_on_rank(rank, cp, case, _global(seed, cu[-1], hq, hkv, d, use_sinks), backend)
+
+
+def run_on_rank(rank, cp, case, tensors, backend):
+    """``(local indices, out, dq, dk, dv, dsinks partial)`` in float64 of this rank for ``case`` on the global
+    float64 ``tensors`` ``(q, k, v, dout, sinks or None)`` (the same on every rank)."""
+    cu, _, _, _, window, _, comm, strategy, ulysses, dtype, *_ = case
     layout = DocLayout.from_cu_seqlens(cu, cp, strategy=strategy, ulysses_size=ulysses)
     group = ringattn.new_cp_groups(ulysses) if ulysses > 1 else None
-    q, k, v, dout, sinks = _global(seed, cu[-1], hq, hkv, d, use_sinks)
+    q, k, v, dout, sinks = tensors
     idx = layout.local_indices(rank)
     dt = getattr(torch, dtype)
     ql, kl, vl = (x[idx].to(dt).requires_grad_() for x in (q, k, v))
-    sl = sinks.float().requires_grad_() if use_sinks else None
+    sl = None if sinks is None else sinks.float().requires_grad_()
     out = ringattn.ring_eod_attention(ql, kl, vl, layout, group, window=window, sinks=sl, comm=comm, backend=backend)
     out.backward(dout[idx].to(dt))
     return (

@@ -19,7 +19,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ringattn
 from ringattn import DocLayout, build_plan
 from ringattn.kernels import VarlenCall
 
@@ -29,24 +28,32 @@ from .dist import unwrap
 from .plan_sim import kernel_calls
 from .reference import doc_window_mask
 from .rounding import device_bounds, half_ulp
-from .test_window import CU, LONGEST, WINDOWS, window_reference
+from .test_window import CU, LONGEST, WINDOWS, run_on_rank, window_reference
 
 PROVIDERS = ["2.6.3", "2.7.4.post1", "2.8.3", None]  # None: no flash_attn, torch's aten flash ops
 PROVIDER_IDS = ["fa2.6.3", "fa2.7.4", "fa2.8.3", "aten"]
 
 
 # ---------------------------------------------------------------------------------------------- the stand-ins
+def _window_kwargs(provider, window) -> dict:
+    """The window as each provider spells it: aten (``provider`` None) takes ``window_size_left/right`` only when
+    given, flash_attn >= 2.7 ``window_size_left/right``, older tags one ``window_size`` pair; (-1, -1) is none."""
+    if provider is None:
+        return {} if window is None else {"window_size_left": window[0], "window_size_right": window[1]}
+    left, right = (-1, -1) if window is None else window
+    return (
+        {"window_size_left": left, "window_size_right": right} if provider >= "2.7" else {"window_size": (left, right)}
+    )
+
+
 def _fwd(provider, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window):
     """The stand-in's varlen forward called by keyword, as each provider spells it: ``(out, lse [H, Tq])``."""
     cq, ck = (torch.tensor(c, dtype=torch.int32) for c in (cu_q, cu_k))
     if provider is None:
         fwd, _ = flash_standin.aten_flash_ops()
-        kw = {} if window is None else {"window_size_left": window[0], "window_size_right": window[1]}
-        res = fwd(q, k, v, cq, ck, max_q, max_k, 0.0, causal, False, scale=scale, **kw)
+        res = fwd(q, k, v, cq, ck, max_q, max_k, 0.0, causal, False, scale=scale, **_window_kwargs(provider, window))
         return res[0], res[1]
     _, iface = flash_standin.flash_attn_module(provider)
-    left, right = (-1, -1) if window is None else window
-    kw = {"window_size_left": left, "window_size_right": right} if provider >= "2.7" else {"window_size": (left, right)}
     res = iface._flash_attn_varlen_forward(
         q=q,
         k=k,
@@ -61,7 +68,7 @@ def _fwd(provider, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window):
         softcap=0.0,
         alibi_slopes=None,
         return_softmax=False,
-        **kw,
+        **_window_kwargs(provider, window),
     )
     return res[0], res[1] if provider >= "2.7" else res[5]
 
@@ -70,7 +77,6 @@ def _bwd(provider, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, cau
     cq, ck = (torch.tensor(c, dtype=torch.int32) for c in (cu_q, cu_k))
     if provider is None:
         _, bwd = flash_standin.aten_flash_ops()
-        kw = {} if window is None else {"window_size_left": window[0], "window_size_right": window[1]}
         return bwd(
             dout,
             q,
@@ -87,11 +93,9 @@ def _bwd(provider, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, cau
             torch.zeros(2, dtype=torch.int64),
             torch.empty(0),
             scale=scale,
-            **kw,
+            **_window_kwargs(provider, window),
         )
     _, iface = flash_standin.flash_attn_module(provider)
-    left, right = (-1, -1) if window is None else window
-    kw = {"window_size_left": left, "window_size_right": right} if provider >= "2.7" else {"window_size": (left, right)}
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     iface._flash_attn_varlen_backward(
         dout=dout,
@@ -113,7 +117,7 @@ def _bwd(provider, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, cau
         softcap=0.0,
         alibi_slopes=None,
         deterministic=False,
-        **kw,
+        **_window_kwargs(provider, window),
     )
     return dq, dk, dv
 
@@ -343,25 +347,9 @@ def _globals(case):
 
 
 def _run(rank, cp, case):
-    cu, hq, hkv, d, window, use_sinks, comm, strategy, ulysses, dtype, provider, seed = case
-    layout = DocLayout.from_cu_seqlens(cu, cp, strategy=strategy, ulysses_size=ulysses)
-    group = ringattn.new_cp_groups(ulysses) if ulysses > 1 else None
-    q, k, v, dout, sinks = _globals(case)
-    idx = layout.local_indices(rank)
-    dt = getattr(torch, dtype)
-    ql, kl, vl = (x[idx].to(dt).requires_grad_() for x in (q, k, v))
-    sl = sinks.float().requires_grad_() if use_sinks else None
+    *_, provider, _seed = case
     with flash_standin.installed(CUDA_STANDINS[provider]):
-        out = ringattn.ring_eod_attention(ql, kl, vl, layout, group, window=window, sinks=sl, comm=comm, backend="cuda")
-        out.backward(dout[idx].to(dt))
-    return (
-        idx,
-        out.detach().double(),
-        ql.grad.double(),
-        kl.grad.double(),
-        vl.grad.double(),
-        None if sl is None else sl.grad.double(),
-    )
+        return run_on_rank(rank, cp, case, _globals(case), "cuda")
 
 
 def _run_all(rank, cp, cases):
